@@ -1,0 +1,3 @@
+"""ckptd: the daemon, the store and the command line."""
+
+__version__ = "0.1.0"

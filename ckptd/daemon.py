@@ -1,0 +1,585 @@
+"""The daemon: one per home, the only writer of the store and the checkpoints.
+
+Threads, each with the same shape (initialize / loop until ``stop`` is set /
+shutdown in ``finally``):
+
+* the acceptor (main thread): accepts connections, checks the peer's uid;
+* one reader per connection: decodes frames, validates them, queues work;
+* the writer: group-commits queued events into SQLite, then acks;
+* the spool watcher: notices spool files handed over by clients (watchdog,
+  with a periodic scan as fallback) and queues their ingestion;
+* the liveness sweeper: marks runs whose process vanished ``interrupted``.
+
+Signal handlers only set flags. SIGTERM drains the queue, commits, and exits;
+a second SIGTERM exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import logging
+import os
+import queue
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckptd_client import paths, protocol
+from ckptd_client.errors import CkptdError
+from ckptd_client.run import valid_run_id
+from ckptd_client.spool import PARTIAL_SUFFIX, SUFFIX, fsync_dir, read_records, try_lock
+
+from . import __version__, notify, validate
+from .store import Store
+
+log = logging.getLogger("ckptd.daemon")
+
+#: Queue bound: when the writer falls behind, reader threads block, the
+#: kernel socket buffers fill and clients spill to their spool. Memory stays bounded.
+QUEUE_MAX = 200_000
+#: Most events in one transaction (bounds the time a commit holds the lock).
+BATCH_MAX = 50_000
+
+
+class DaemonAlreadyRunning(CkptdError):
+    """Another daemon holds this home's lock."""
+
+
+@dataclass(eq=False)
+class Conn:
+    """One client connection; ``send`` is safe from any thread."""
+
+    sock: socket.socket
+    pid: int
+    run: str | None = None
+    attempt: int = 0
+    src: str = "c"
+    closed: bool = False
+    acked: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def send(self, msg: dict[str, Any]) -> bool:
+        data = protocol.encode(msg)
+        with self.lock:
+            if self.closed:
+                return False
+            try:
+                self.sock.sendall(data)
+                return True
+            except OSError:
+                self.close_locked()
+                return False
+
+    def close(self) -> None:
+        with self.lock:
+            self.close_locked()
+
+    def close_locked(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.close()
+
+
+@dataclass
+class _Event:
+    conn: Conn | None
+    run: str
+    attempt: int
+    src: str
+    msg: dict[str, Any]
+
+
+@dataclass
+class _Flush:
+    conn: Conn
+    seq: int
+
+
+@dataclass
+class _Call:
+    fn: Callable[[Store], Any]
+    future: Future[Any]
+
+
+#: RPC handlers: op -> fn(daemon, args, conn) -> result. Feature modules add theirs.
+RPC_HANDLERS: dict[str, Callable[[Daemon, dict[str, Any], Conn], Any]] = {}
+#: Handlers for non-sequenced message types (e.g. checkpoints): t -> fn(daemon, msg, conn).
+MESSAGE_HANDLERS: dict[str, Callable[[Daemon, dict[str, Any], Conn], None]] = {}
+#: Called once the daemon is up (store open, socket bound): fn(daemon).
+STARTUP_HOOKS: list[Callable[[Daemon], None]] = []
+#: Called in the liveness sweeper each period: fn(daemon).
+PERIODIC_HOOKS: list[Callable[[Daemon], None]] = []
+
+
+def rpc(op: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        RPC_HANDLERS[op] = fn
+        return fn
+
+    return deco
+
+
+class Daemon:
+    def __init__(self, home: Path, *, sweep_interval: float = 2.0,
+                 max_frame: int = protocol.MAX_FRAME) -> None:
+        self.home = home
+        self.socket_path = paths.socket_path(home)
+        self.stop = threading.Event()
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_MAX)
+        self.sweep_interval = sweep_interval
+        self.max_frame = max_frame
+        self.conns: set[Conn] = set()
+        self.conns_lock = threading.Lock()
+        self.store: Store | None = None
+        self._lock_fd = -1
+        self._listener: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self._spool_kick = threading.Event()
+        self._signals = 0
+        self.started = time.time()
+
+    # ----------------------------------------------------------- lifecycle
+
+    def acquire_lock(self) -> None:
+        """One daemon per home: an flock held for the daemon's lifetime."""
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.home / paths.LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                other = os.pread(fd, 32, 0).decode().strip() or "?"
+            finally:
+                os.close(fd)
+            raise DaemonAlreadyRunning(
+                f"another ckptd daemon (pid {other}) is already running for {self.home}; "
+                "use `ckptd status` or `ckptd stop`"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def bind(self) -> None:
+        """Listen on the socket inside a 0700 directory, the socket itself 0600."""
+        sock_dir = self.socket_path.parent
+        sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = os.stat(sock_dir)
+        if st.st_uid != os.getuid():
+            raise CkptdError(f"bind {sock_dir}: directory is owned by uid {st.st_uid}, not you")
+        os.chmod(sock_dir, 0o700)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)  # stale: we hold the home's lock
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            s.bind(os.fspath(self.socket_path))
+        finally:
+            os.umask(old)
+        os.chmod(self.socket_path, 0o600)
+        s.listen(128)
+        s.settimeout(0.2)
+        self._listener = s
+
+    def serve(self) -> None:
+        """Run until stopped; the caller has installed signal handlers."""
+        self.acquire_lock()
+        self.store = Store(paths.db_path(self.home))
+        paths.spool_dir(self.home).mkdir(parents=True, exist_ok=True, mode=0o700)
+        for hook in STARTUP_HOOKS:
+            hook(self)
+        self.bind()
+        self._start_thread(self._writer_loop, "writer")
+        self._start_thread(self._spool_loop, "spool")
+        self._start_thread(self._sweep_loop, "sweeper")
+        self._spool_kick.set()
+        log.info("ckptd %s serving %s on %s (pid %d)", __version__, self.home,
+                 self.socket_path, os.getpid())
+        notify.ready()
+        try:
+            self._accept_loop()
+        finally:
+            self.shutdown()
+
+    def _start_thread(self, target: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def request_stop(self, signum: int = 0, frame: Any = None) -> None:
+        """Signal handler: set flags only. A second signal exits at once."""
+        self._signals += 1
+        if self._signals > 1:
+            os._exit(1)
+        self.stop.set()
+
+    def shutdown(self) -> None:
+        notify.stopping()
+        if self._listener is not None:
+            self._listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+        self.stop.set()
+        # The writer drains what the readers already queued, then exits.
+        for t in self._threads:
+            t.join(timeout=60)
+        with self.conns_lock:
+            conns = list(self.conns)
+        for c in conns:
+            c.close()
+        if self.store is not None:
+            self.store.close()
+        log.info("ckptd stopped")
+
+    # ------------------------------------------------------------- accept
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        last_ping = 0.0
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if now - last_ping > 1.0:
+                notify.watchdog()
+                last_ping = now
+            try:
+                sock, _ = self._listener.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                if self.stop.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            pid, uid, _gid = struct.unpack(
+                "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            if uid != os.getuid():
+                log.warning("refused a connection from uid %d (pid %d)", uid, pid)
+                with contextlib.suppress(OSError):
+                    sock.settimeout(1)
+                    sock.sendall(protocol.encode(
+                        {"t": protocol.ERROR, "error": "permission denied: not the owner"}))
+                sock.close()
+                continue
+            sock.setblocking(True)
+            sock.settimeout(None)
+            conn = Conn(sock=sock, pid=pid)
+            with self.conns_lock:
+                self.conns.add(conn)
+            threading.Thread(target=self._conn_loop, args=(conn,), name=f"conn-{pid}",
+                             daemon=True).start()
+
+    # ------------------------------------------------------- connections
+
+    def _conn_loop(self, conn: Conn) -> None:
+        reader = protocol.FrameReader(self.max_frame)
+        try:
+            while not self.stop.is_set():
+                try:
+                    data = conn.sock.recv(1 << 18)
+                except OSError:
+                    break
+                if not data:
+                    break
+                try:
+                    for msg in reader.feed(data):
+                        self._dispatch(conn, msg)
+                except (protocol.ProtocolError, validate.Invalid) as exc:
+                    log.warning("bad frame from pid %d: %s", conn.pid, exc)
+                    conn.send({"t": protocol.ERROR, "error": str(exc)})
+                    break
+        finally:
+            conn.close()
+            with self.conns_lock:
+                self.conns.discard(conn)
+
+    def _dispatch(self, conn: Conn, msg: dict[str, Any]) -> None:
+        kind = msg["t"]
+        if kind in protocol.SEQUENCED:
+            if conn.run is None:
+                raise validate.Invalid(f"{kind} before hello")
+            validate.event(msg)
+            self.queue.put(_Event(conn, conn.run, conn.attempt, conn.src, msg))
+        elif kind == protocol.HELLO:
+            validate.hello(msg)
+            conn.run, conn.attempt, conn.src = msg["run"], msg["attempt"], msg["src"]
+        elif kind == protocol.FLUSH:
+            seq = msg.get("seq")
+            if not isinstance(seq, int) or isinstance(seq, bool):
+                raise validate.Invalid("flush needs an integer seq")
+            self.queue.put(_Flush(conn, seq))
+        elif kind == protocol.PING:
+            conn.send({"t": protocol.PONG, "pid": os.getpid(), "version": __version__})
+        elif kind == protocol.RPC:
+            self._rpc(conn, msg)
+        elif kind in MESSAGE_HANDLERS:
+            MESSAGE_HANDLERS[kind](self, msg, conn)
+        else:
+            raise validate.Invalid(f"unknown message type {kind!r}")
+
+    def _rpc(self, conn: Conn, msg: dict[str, Any]) -> None:
+        op, args = msg.get("op"), msg.get("args") or {}
+        handler = RPC_HANDLERS.get(op) if isinstance(op, str) else None
+        if handler is None or not isinstance(args, dict):
+            raise validate.Invalid(f"unknown operation {op!r}")
+        try:
+            result = handler(self, args, conn)
+        except CkptdError as exc:
+            conn.send({"t": protocol.REPLY, "ok": False, "error": str(exc),
+                       "kind": type(exc).__name__})
+            return
+        except Exception as exc:  # noqa: BLE001 - an RPC bug must not kill the daemon
+            log.exception("rpc %s failed", op)
+            conn.send({"t": protocol.REPLY, "ok": False, "error": f"internal error: {exc}"})
+            return
+        conn.send({"t": protocol.REPLY, "ok": True, "result": result})
+
+    def call_writer(self, fn: Callable[[Store], Any], timeout: float | None = 120) -> Any:
+        """Run ``fn(store)`` inside the writer's next transaction and return its result.
+
+        Every write that is not an event (liveness verdicts, checkpoint rows)
+        goes through here, so the writer thread stays the only SQLite writer.
+        """
+        fut: Future[Any] = Future()
+        self.queue.put(_Call(fn, fut))
+        return fut.result(timeout=timeout)
+
+    # ------------------------------------------------------------- writer
+
+    def _writer_loop(self) -> None:
+        assert self.store is not None
+        store = self.store
+        while True:
+            try:
+                first = self.queue.get(timeout=0.1)
+            except queue.Empty:
+                if self.stop.is_set():
+                    return
+                continue
+            batch = [first]
+            # Group commit: take everything already queued (up to a bound);
+            # under load, batches grow while the previous commit fsyncs.
+            while len(batch) < BATCH_MAX:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._commit(store, batch)
+
+    def _commit(self, store: Store, batch: list[Any]) -> None:
+        events: list[tuple[str, int, str, dict[str, Any]]] = []
+        acks: dict[Conn, int] = {}
+        flushes: list[_Flush] = []
+        calls: list[tuple[_Call, Any, BaseException | None]] = []
+        after_commit: list[Callable[[], None]] = []
+        seen_runs: set[tuple[str, int]] = set()
+        try:
+            with store.transaction():
+                for item in batch:
+                    if isinstance(item, _Event):
+                        if (item.run, item.attempt) not in seen_runs:
+                            store.ensure_run(item.run, item.attempt)
+                            seen_runs.add((item.run, item.attempt))
+                        events.append((item.run, item.attempt, item.src, item.msg))
+                        if item.conn is not None:
+                            acks[item.conn] = max(acks.get(item.conn, 0), item.msg["seq"])
+                    elif isinstance(item, _Flush):
+                        flushes.append(item)
+                    elif isinstance(item, _Call):
+                        if events:
+                            store.apply(events)
+                            events = []
+                        try:
+                            calls.append((item, item.fn(store), None))
+                        except Exception as exc:  # noqa: BLE001 - reported to the caller
+                            calls.append((item, None, exc))
+                if events:
+                    store.apply(events)
+                if flushes:
+                    # a flush also covers the spool files its client just handed over
+                    after_commit.extend(self._ingest_spools(store))
+        except Exception as exc:  # noqa: BLE001 - disk full, I/O error: report, keep serving
+            log.error("commit of %d items failed: %s", len(batch), exc)
+            for item in batch:
+                if isinstance(item, _Call) and not item.future.done():
+                    item.future.set_exception(exc)
+            for conn in {i.conn for i in batch if isinstance(i, (_Event, _Flush)) and i.conn}:
+                # unacked events stay with their clients, which spool them
+                conn.send({"t": protocol.ERROR, "error": f"store commit failed: {exc}"})
+                conn.close()
+            return
+        # CRASH WINDOW: committed but not yet acked. Clients still hold these
+        # events and resend them after a reconnect; the inserts are idempotent.
+        for fn in after_commit:
+            fn()
+        for conn, seq in acks.items():
+            if seq > conn.acked:
+                conn.acked = seq
+            conn.send({"t": protocol.ACK, "seq": conn.acked})
+        for f in flushes:
+            f.conn.send({"t": protocol.FLUSHED, "seq": f.seq})
+        for call, result, exc in calls:
+            if exc is not None:
+                call.future.set_exception(exc)
+            else:
+                call.future.set_result(result)
+
+    # --------------------------------------------------------------- spool
+
+    def _ingest_spools(self, store: Store) -> list[Callable[[], None]]:
+        """Apply every spool file no writer holds; return their deletions.
+
+        Deletion happens only after the transaction commits (the caller
+        runs the returned callables then), so a crash in between leaves the
+        file to be ingested again: harmless, inserts are idempotent.
+        """
+        spool = paths.spool_dir(self.home)
+        cleanups: list[Callable[[], None]] = []
+        try:
+            names = sorted(os.listdir(spool))
+        except FileNotFoundError:
+            return cleanups
+        for name in names:
+            path = spool / name
+            if name.endswith(PARTIAL_SUFFIX):
+                fd = try_lock(path)
+                if fd is not None:  # a writer died between create and rename: empty
+                    os.unlink(path)
+                    os.close(fd)
+                continue
+            if not name.endswith(SUFFIX):
+                continue
+            fd = try_lock(path)
+            if fd is None:
+                continue  # still being written
+            events = []
+            for msg in read_records(path):
+                try:
+                    validate.spooled(msg)
+                except validate.Invalid as exc:
+                    log.warning("skipping bad spool record in %s: %s", path, exc)
+                    continue
+                events.append((msg.pop("run"), msg.pop("a"), msg.pop("src"), msg))
+            for run, attempt in {(e[0], e[1]) for e in events}:
+                store.ensure_run(run, attempt)
+            store.apply(events)
+            log.info("ingested %d events from %s", len(events), name)
+
+            def cleanup(path: Path = path, fd: int = fd) -> None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                os.close(fd)
+
+            cleanups.append(cleanup)
+        if cleanups:
+            cleanups.append(lambda: fsync_dir(spool))
+        return cleanups
+
+    def ingest_spools_now(self) -> None:
+        def work(store: Store) -> list[Callable[[], None]]:
+            return self._ingest_spools(store)
+
+        for fn in self.call_writer(work):
+            fn()
+
+    def _spool_loop(self) -> None:
+        """Ingest spool files as clients hand them over (watchdog), or every few seconds."""
+        observer = None
+        try:
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers import Observer
+
+            kick = self._spool_kick
+
+            class Handler(FileSystemEventHandler):
+                def on_any_event(self, event: Any) -> None:
+                    kick.set()
+
+            observer = Observer()
+            observer.schedule(Handler(), os.fspath(paths.spool_dir(self.home)))
+            observer.start()
+        except Exception as exc:  # noqa: BLE001 - fall back to polling
+            log.warning("spool watcher unavailable (%s); polling", exc)
+            observer = None
+        try:
+            while not self.stop.is_set():
+                self._spool_kick.wait(2.0)
+                if self.stop.is_set():
+                    break
+                self._spool_kick.clear()
+                time.sleep(0.05)  # let a burst of file events settle
+                try:
+                    self.ingest_spools_now()
+                except Exception as exc:  # noqa: BLE001
+                    log.error("spool ingestion failed: %s", exc)
+        finally:
+            if observer is not None:
+                observer.stop()
+                observer.join(timeout=5)
+
+    # ------------------------------------------------------------ liveness
+
+    def _sweep_loop(self) -> None:
+        while not self.stop.wait(self.sweep_interval):
+            for hook in [self._check_liveness, *PERIODIC_HOOKS]:
+                try:
+                    hook(self) if hook is not self._check_liveness else hook()
+                except Exception:  # noqa: BLE001
+                    log.exception("periodic task failed")
+
+    def _check_liveness(self) -> None:
+        from . import liveness
+
+        liveness.sweep(self)
+
+    def connected_runs(self) -> set[tuple[str, int]]:
+        with self.conns_lock:
+            return {(c.run, c.attempt) for c in self.conns if c.run and not c.closed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m ckptd.daemon`` (what auto-start runs)."""
+    parser = argparse.ArgumentParser(prog="ckptd-daemon")
+    parser.add_argument("--home", default=None)
+    args = parser.parse_args(argv)
+    return run_foreground(paths.home_dir(args.home))
+
+
+def run_foreground(home: Path) -> int:
+    logging.basicConfig(
+        level=os.environ.get("CKPTD_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from . import features  # noqa: F401 - registers RPC handlers and hooks
+
+    daemon = Daemon(home)
+    signal.signal(signal.SIGTERM, daemon.request_stop)
+    signal.signal(signal.SIGINT, daemon.request_stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        daemon.serve()
+    except DaemonAlreadyRunning as exc:
+        print(f"ckptd: {exc}", file=sys.stderr)
+        return 0 if os.environ.get("CKPTD_AUTOSTARTED") else 1
+    except CkptdError as exc:
+        print(f"ckptd: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["Daemon", "Conn", "rpc", "valid_run_id"]

@@ -1,0 +1,79 @@
+"""Deciding that a run's process is gone, so no run stays ``running`` forever.
+
+A run is alive while a connection of its current attempt is open, or its
+supervisor (``ckptd run``) lives, or its training process lives: same pid,
+same start time (a recycled pid is not the same process), same boot.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import psutil
+from ckptd_client.run import boot_id
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+    from .store import Store
+
+log = logging.getLogger("ckptd.liveness")
+
+#: Called after runs were marked interrupted: fn(daemon, [run rows]). Auto-resume hooks in here.
+INTERRUPTED_HOOKS: list[Callable[[Daemon, list[dict[str, Any]]], None]] = []
+
+
+def process_alive(pid: int | None, started: float | None) -> bool:
+    """True if ``pid`` runs and is the process that started at ``started``."""
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or abs(proc.create_time() - started) < 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+        return False
+
+
+def verdict(run: dict[str, Any], connected: set[tuple[str, int]], current_boot: str) -> str | None:
+    """Why the run is gone, or None while it may still be alive."""
+    if run.get("boot_id") and run["boot_id"] != current_boot:
+        return "the machine rebooted (boot id changed) while it ran"
+    if (run["id"], run["attempt"]) in connected:
+        return None
+    if run.get("supervisor_pid") and process_alive(run["supervisor_pid"],
+                                                   run.get("supervisor_started")):
+        return None
+    if run.get("pid") is None:
+        return None  # not registered by a process yet (supervisor starting it)
+    if process_alive(run["pid"], run.get("pid_started")):
+        return None
+    return f"process {run['pid']} vanished without finishing (killed, OOM or crash)"
+
+
+def sweep(daemon: Daemon) -> list[dict[str, Any]]:
+    """Mark every run whose process is gone ``interrupted``; return those rows."""
+    connected = daemon.connected_runs()
+    current_boot = boot_id()
+
+    def work(store: Store) -> list[dict[str, Any]]:
+        marked = []
+        now = time.time()
+        for run in store.running_runs():
+            reason = verdict(run, connected, current_boot)
+            if reason is None:
+                continue
+            store.mark_run(run["id"], run["attempt"], status="interrupted", ended=now,
+                           reason=reason)
+            log.info("run %s attempt %d interrupted: %s", run["id"], run["attempt"], reason)
+            marked.append(dict(run, status="interrupted", reason=reason))
+        return marked
+
+    marked = daemon.call_writer(work)
+    if marked:
+        for hook in INTERRUPTED_HOOKS:
+            hook(daemon, marked)
+    return marked

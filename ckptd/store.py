@@ -1,0 +1,298 @@
+"""The SQLite store: the only module that writes ``<home>/ckptd.db``.
+
+Durability settings, and why:
+
+* ``journal_mode=WAL``: readers (``ckptd tail -f``, ``ls``) never block the
+  writer and never take its lock.
+* ``synchronous=FULL``: the WAL is fsynced at every commit. ``NORMAL`` skips
+  that fsync and loses acknowledged commits on power loss, which would break
+  promise 1 (the daemon acks only after a commit).
+
+Idempotency: every event row has the key ``(run_id, attempt, src, seq)`` and
+is inserted with ``INSERT OR IGNORE``. An event's side effects on the ``runs``
+table are applied only when its row was new, so a replay (resend, spool
+ingested twice) changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+from ckptd_client import protocol
+from ckptd_client.errors import CkptdError
+
+SCHEMA_VERSION = 1
+
+
+class SchemaTooNew(CkptdError):
+    """The store was written by a newer ckptd; we refuse rather than corrupt it."""
+
+
+class StoreError(CkptdError):
+    """The store cannot be opened or written (disk full, permissions, corruption)."""
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def check_version(path: Path) -> int:
+    """Read the schema version without writing; refuse a store from the future."""
+    if not path.exists():
+        return 0
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"open {path}: not a readable ckptd store ({exc})") from None
+    finally:
+        conn.close()
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNew(
+            f"open {path}: store has schema version {version}, newer than this ckptd "
+            f"understands ({SCHEMA_VERSION}); upgrade ckptd (pip install -U ckptd)"
+        )
+    return version
+
+
+def _create_v1(db: sqlite_utils.Database) -> None:
+    db["runs"].create(
+        {
+            "id": str, "name": str, "project": str, "status": str, "attempt": int,
+            "step": int, "started": float, "ended": float, "updated": float,
+            "command": str, "cwd": str, "env": str, "provenance": str, "config": str,
+            "seed": int, "pid": int, "pid_started": float, "boot_id": str, "host": str,
+            "supervisor_pid": int, "supervisor_started": float,
+            "exit_code": int, "signal": int, "traceback": str, "reason": str,
+            "auto_resume": int, "max_restarts": int, "restarts": int, "retention": str,
+        },
+        pk="id",
+        not_null={"status", "attempt"},
+        defaults={"status": "running", "attempt": 1, "restarts": 0, "auto_resume": 0},
+    )
+    db["attempts"].create(
+        {
+            "run_id": str, "attempt": int, "started": float, "ended": float, "pid": int,
+            "status": str, "exit_code": int, "signal": int, "restored_step": int,
+        },
+        pk=("run_id", "attempt"),
+    )
+    db["events"].create(
+        {
+            "run_id": str, "attempt": int, "src": str, "seq": int, "time": float,
+            "kind": str, "level": str, "step": int, "message": str, "fields": str,
+            "superseded": int,
+        },
+        pk=("run_id", "attempt", "src", "seq"),
+        defaults={"superseded": 0},
+    )
+    db["metrics"].create(
+        {
+            "run_id": str, "attempt": int, "src": str, "seq": int, "key": str,
+            "step": int, "value": float, "time": float, "superseded": int,
+        },
+        pk=("run_id", "attempt", "src", "seq", "key"),
+        defaults={"superseded": 0},
+    )
+    db["checkpoints"].create(
+        {
+            "run_id": str, "step": int, "attempt": int, "status": str, "path": str,
+            "bytes": int, "hash": str, "metrics": str, "blocked_s": float,
+            "persist_s": float, "created": float, "reason": str,
+        },
+        pk=("run_id", "step"),
+    )
+    db["events"].create_index(["run_id", "time"])
+    db["metrics"].create_index(["run_id", "key", "step"])
+    db["metrics"].create_index(["run_id", "step"])
+    db["runs"].create_index(["name"])
+
+
+MIGRATIONS = {1: _create_v1}
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+class Store:
+    """Owner of the write connection. Used by the daemon's writer thread only."""
+
+    def __init__(self, path: Path) -> None:
+        check_version(path)
+        self.path = path
+        try:
+            self.conn = _connect(path)
+            self.db = sqlite_utils.Database(self.conn)
+            mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise StoreError(f"open {path}: cannot switch to WAL (journal_mode={mode})")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise StoreError(f"open {path}: {exc}") from None
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew(f"open {self.path}: schema version {version} > {SCHEMA_VERSION}")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self.db.atomic():
+                MIGRATIONS[target](self.db)
+                self.conn.execute(f"PRAGMA user_version={target}")
+
+    def close(self) -> None:
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error:
+            pass
+        self.conn.close()
+
+    # -------------------------------------------------------------- events
+
+    def apply(self, events: Iterable[tuple[str, int, str, dict[str, Any]]]) -> None:
+        """Apply events ``(run_id, attempt, src, msg)``; the caller commits.
+
+        Call inside :meth:`transaction`. Unknown or malformed fields were
+        already rejected by the daemon's validation.
+        """
+        conn = self.conn
+        metrics: list[tuple[Any, ...]] = []
+        steps: dict[str, int] = {}
+        for run_id, attempt, src, msg in events:
+            kind = msg["t"]
+            seq = msg["seq"]
+            t = msg.get("time") or time.time()
+            if kind == protocol.LOG:
+                step = msg["step"]
+                for key, value in msg["m"].items():
+                    if isinstance(value, float) and math.isnan(value):
+                        value = None  # SQLite stores NaN as NULL; documented in schema.md
+                    metrics.append((run_id, attempt, src, seq, key, step, value, t))
+                if step > steps.get(run_id, -1):
+                    steps[run_id] = step
+                continue
+            fields = msg.get("fields")
+            if kind == protocol.REGISTER:
+                message, level = "run registered", "info"
+            elif kind == protocol.STATUS:
+                message, level = f"attempt {attempt} {msg.get('status')}", "info"
+            elif kind == protocol.CONSOLE:
+                message, level = msg.get("text", ""), msg.get("stream", "stdout")
+            else:
+                message, level = msg.get("msg", ""), msg.get("level", "info")
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO events (run_id, attempt, src, seq, time, kind, level,"
+                " step, message, fields) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (run_id, attempt, src, seq, t, kind, level, msg.get("step"), message,
+                 _dumps(fields)),
+            )
+            if cur.rowcount != 1:
+                continue  # a replay: its side effects were applied the first time
+            if kind == protocol.REGISTER:
+                self._register(run_id, attempt, msg, t)
+            elif kind == protocol.STATUS:
+                self._status(run_id, attempt, msg, t)
+        if metrics:
+            conn.executemany(
+                "INSERT OR IGNORE INTO metrics (run_id, attempt, src, seq, key, step, value,"
+                " time) VALUES (?,?,?,?,?,?,?,?)",
+                metrics,
+            )
+        for run_id, step in steps.items():
+            conn.execute(
+                "UPDATE runs SET step = ?, updated = ? WHERE id = ? AND"
+                " (step IS NULL OR step < ?)",
+                (step, time.time(), run_id, step),
+            )
+
+    def ensure_run(self, run_id: str, attempt: int) -> None:
+        """Make sure a run row exists for events that arrive before (or without)
+        their registration, e.g. a spool whose first lines were torn."""
+        now = time.time()
+        self.conn.execute(
+            "INSERT OR IGNORE INTO runs (id, name, status, attempt, started, updated)"
+            " VALUES (?,?,?,?,?,?)",
+            (run_id, run_id, "running", attempt, now, now),
+        )
+
+    def _register(self, run_id: str, attempt: int, msg: dict[str, Any], t: float) -> None:
+        row = self.conn.execute("SELECT attempt FROM runs WHERE id = ?", (run_id,)).fetchone()
+        fields: dict[str, Any] = {
+            "pid": msg.get("pid"), "pid_started": msg.get("pid_started"),
+            "boot_id": msg.get("boot_id"), "host": msg.get("host"), "updated": t,
+        }
+        for key in ("project", "seed"):
+            if msg.get(key) is not None:
+                fields[key] = msg[key]
+        if msg.get("name"):
+            fields["name"] = msg["name"]
+        if msg.get("config"):
+            fields["config"] = _dumps(msg["config"])
+        if msg.get("retention") is not None:
+            fields["retention"] = _dumps(msg["retention"])
+        if not msg.get("joined"):
+            fields.update(command=_dumps(msg.get("command")), cwd=msg.get("cwd"),
+                          env=_dumps(msg.get("env")), provenance=_dumps(msg.get("provenance")))
+        if row is None:
+            fields.update(id=run_id, status="running", attempt=attempt, started=t)
+            fields.setdefault("name", run_id)
+            self.db["runs"].insert(fields)
+        elif attempt >= row[0]:
+            fields.update(status="running", attempt=attempt, ended=None, exit_code=None,
+                          signal=None, traceback=None, reason=None)
+            self.db["runs"].update(run_id, fields)
+        self.conn.execute(
+            "INSERT INTO attempts (run_id, attempt, started, pid, status) VALUES (?,?,?,?,?)"
+            " ON CONFLICT(run_id, attempt) DO UPDATE SET pid = excluded.pid",
+            (run_id, attempt, t, msg.get("pid"), "running"),
+        )
+
+    def _status(self, run_id: str, attempt: int, msg: dict[str, Any], t: float) -> None:
+        status = msg.get("status")
+        self.conn.execute(
+            "UPDATE attempts SET status = ?, ended = ?, exit_code = ? WHERE run_id = ?"
+            " AND attempt = ?",
+            (status, t, msg.get("exit_code"), run_id, attempt),
+        )
+        # Only the newest attempt decides the run's state: a late spool from an
+        # older attempt must not overwrite the state of the one running now.
+        self.conn.execute(
+            "UPDATE runs SET status = ?, ended = ?, exit_code = ?, traceback = ?, updated = ?"
+            " WHERE id = ? AND attempt = ?",
+            (status, t, msg.get("exit_code"), msg.get("traceback"), t, run_id, attempt),
+        )
+
+    def mark_run(self, run_id: str, attempt: int | None = None, **fields: Any) -> None:
+        """Update a run's columns (liveness verdicts, supervisor facts)."""
+        fields["updated"] = time.time()
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        sql = f"UPDATE runs SET {sets} WHERE id = ?"
+        args: list[Any] = [*fields.values(), run_id]
+        if attempt is not None:
+            sql += " AND attempt = ?"
+            args.append(attempt)
+        self.conn.execute(sql, args)
+        if "status" in fields and attempt is not None:
+            self.conn.execute(
+                "UPDATE attempts SET status = ?, ended = COALESCE(ended, ?) WHERE run_id = ?"
+                " AND attempt = ? AND status = 'running'",
+                (fields["status"], fields.get("ended"), run_id, attempt),
+            )
+
+    def running_runs(self) -> list[dict[str, Any]]:
+        cur = self.conn.execute("SELECT * FROM runs WHERE status = 'running'")
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+    def transaction(self) -> Any:
+        return self.db.atomic()

@@ -1,0 +1,116 @@
+"""Validation of every frame the daemon accepts.
+
+Anything a client sends is untrusted: a message that does not have exactly
+the types below is refused before it reaches the store, so a hostile or buggy
+peer can close its own connection and nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ckptd_client import protocol
+from ckptd_client.run import LEVELS, valid_run_id
+
+STATUSES = ("running", "finished", "failed", "interrupted")
+MAX_TEXT = 1 << 20
+MAX_METRICS = 10_000
+
+
+class Invalid(ValueError):
+    """A well-formed frame whose content is not acceptable."""
+
+
+def _int(msg: dict[str, Any], key: str, *, minimum: int | None = None,
+         optional: bool = False) -> None:
+    v = msg.get(key)
+    if v is None and optional:
+        return
+    if not isinstance(v, int) or isinstance(v, bool) or not -(2**63) <= v < 2**63:
+        raise Invalid(f"{msg.get('t')}: {key} must be an integer")
+    if minimum is not None and v < minimum:
+        raise Invalid(f"{msg.get('t')}: {key} must be >= {minimum}")
+
+
+def _str(msg: dict[str, Any], key: str, *, optional: bool = False,
+         limit: int = MAX_TEXT) -> None:
+    v = msg.get(key)
+    if v is None and optional:
+        return
+    if not isinstance(v, str) or len(v) > limit or "\0" in v:
+        raise Invalid(f"{msg.get('t')}: {key} must be a string without NUL of at most "
+                      f"{limit} characters")
+
+
+def _num(msg: dict[str, Any], key: str, *, optional: bool = False) -> None:
+    v = msg.get(key)
+    if v is None and optional:
+        return
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise Invalid(f"{msg.get('t')}: {key} must be a number")
+
+
+def hello(msg: dict[str, Any]) -> None:
+    _str(msg, "run", limit=128)
+    if not valid_run_id(msg["run"]):
+        raise Invalid(f"hello: {msg['run']!r} is not a valid run id")
+    _int(msg, "attempt", minimum=1)
+    if msg.get("src") not in ("c", "s"):
+        raise Invalid("hello: src must be 'c' or 's'")
+
+
+def event(msg: dict[str, Any]) -> None:
+    """Check one sequenced event's fields against its type."""
+    kind = msg["t"]
+    _int(msg, "seq", minimum=1)
+    _num(msg, "time", optional=True)
+    if kind == protocol.LOG:
+        _int(msg, "step", minimum=0)
+        m = msg.get("m")
+        if not isinstance(m, dict) or len(m) > MAX_METRICS:
+            raise Invalid("log: m must be an object of at most 10000 metrics")
+        for key, value in m.items():
+            if not key or len(key) > 256 or "\0" in key:
+                raise Invalid(f"log: bad metric key {key[:40]!r}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise Invalid(f"log: metric {key!r} is not a number")
+            if isinstance(value, int) and not -(2**63) <= value < 2**63:
+                raise Invalid(f"log: metric {key!r} does not fit 64 bits")
+    elif kind == protocol.EVENT:
+        _str(msg, "msg")
+        if msg.get("level") not in LEVELS:
+            raise Invalid("event: unknown level")
+        _int(msg, "step", optional=True)
+        if msg.get("fields") is not None and not isinstance(msg["fields"], dict):
+            raise Invalid("event: fields must be an object")
+    elif kind == protocol.CONSOLE:
+        _str(msg, "text")
+        if msg.get("stream") not in ("stdout", "stderr"):
+            raise Invalid("console: stream must be stdout or stderr")
+    elif kind == protocol.STATUS:
+        if msg.get("status") not in STATUSES:
+            raise Invalid("status: unknown status")
+        _int(msg, "exit_code", optional=True)
+        _str(msg, "traceback", optional=True)
+    elif kind == protocol.REGISTER:
+        for key in ("name", "project", "cwd", "boot_id", "host"):
+            _str(msg, key, optional=True, limit=4096)
+        _int(msg, "seed", optional=True)
+        _int(msg, "pid", optional=True)
+        _num(msg, "pid_started", optional=True)
+        cmd = msg.get("command")
+        if cmd is not None and not (isinstance(cmd, list) and all(isinstance(a, str)
+                                                                  for a in cmd)):
+            raise Invalid("register: command must be a list of strings")
+        for key in ("env", "config", "provenance"):
+            if msg.get(key) is not None and not isinstance(msg[key], dict):
+                raise Invalid(f"register: {key} must be an object")
+
+
+def spooled(msg: dict[str, Any]) -> None:
+    """A spool record: an event plus the identity the connection would carry."""
+    if msg.get("t") not in protocol.SEQUENCED:
+        raise Invalid(f"spool: {msg.get('t')!r} is not an event")
+    hello({"t": "hello", "run": msg.get("run"), "attempt": msg.get("a"),
+           "src": msg.get("src")})
+    event(msg)

@@ -1,0 +1,606 @@
+"""The training-side half of ckptd: ``init()`` and the ``Run`` it returns.
+
+Delivery rules (SPEC promises 1 and 4), in the order ``_emit`` applies them:
+
+1. Every event gets the next sequence number of ``(run, attempt, src)``; the
+   daemon inserts idempotently on it, so sending an event twice is harmless.
+2. Connected and the socket has room: the whole frame goes to the kernel with
+   one non-blocking ``send``; the event stays in ``_pending`` until the daemon
+   acks its commit. A ``kill -9`` of the trainer now loses nothing (the
+   daemon still reads what the kernel holds).
+3. Otherwise (daemon down, slow, or mid-reconnect) the event is appended to
+   the spool file with one ``write``. The training loop never waits on the
+   daemon.
+4. When the connection breaks, ``_pending`` is moved to the spool at once, so
+   a daemon crash followed by a trainer crash still loses nothing.
+5. ``flush()`` hands the spool to the daemon and waits for its commit; with no
+   daemon, it fsyncs the spool instead. Either way, returning means durable.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import os
+import re
+import select
+import socket
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from . import paths, protocol, transport
+from .errors import CkptdError, DaemonUnavailable
+from .spool import SpoolWriter, encode_record
+
+#: Unacked events kept in memory before they are moved to the spool.
+MAX_PENDING = 200_000
+#: Events kept in memory when neither the daemon nor the disk takes them.
+MAX_BACKLOG = 1_000_000
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+SECRET_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.I)
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def valid_run_id(run_id: str) -> bool:
+    """Run ids become directory names: no separators, no ``..``, no NUL."""
+    return bool(RUN_ID_RE.match(run_id)) and ".." not in run_id
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(3).hex()
+
+
+def process_start_time(pid: int | None = None) -> float | None:
+    """Process start as seconds since the epoch, the way psutil computes it,
+    so the daemon can tell a live process from a recycled pid."""
+    try:
+        with open(f"/proc/{pid or os.getpid()}/stat", "rb") as f:
+            stat = f.read()
+        ticks = int(stat.rsplit(b")", 1)[1].split()[19])
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def boot_id() -> str:
+    override = os.environ.get("CKPTD_TEST_BOOT_ID")
+    if override:
+        return override
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+class Run:
+    """One attempt of a run, as seen from the training process.
+
+    Thread-safe: ``log`` may be called from any thread. Nothing here raises
+    on an I/O problem; problems are reported once on stderr and the events
+    are kept (spool, then memory) until they can be delivered.
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        run_id: str,
+        attempt: int = 1,
+        *,
+        name: str | None = None,
+        src: str = "c",
+        autostart: bool = True,
+    ) -> None:
+        self.home = home
+        self.id = run_id
+        self.name = name or run_id
+        self.attempt = attempt
+        self.resumed = attempt > 1
+        self.src = src
+        self._autostart = autostart
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._step = -1
+        self._pending: collections.deque[tuple[int, dict[str, Any], bytes]] = collections.deque()
+        self._backlog: collections.deque[dict[str, Any]] = collections.deque()
+        self._sock: socket.socket | None = None
+        self._busy = False  # a partial frame is being completed; do not interleave
+        self._spool: SpoolWriter | None = None
+        self._spool_dir = paths.spool_dir(home)
+        self._closed = False
+        self._finished = False
+        self._warned: set[str] = set()
+        self._flushed_seq = 0
+        self._flush_cv = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._link = threading.Thread(target=self._link_loop, name="ckptd-link", daemon=True)
+        self._hooks_installed = False
+        self._checkpointer: Any = None
+
+    # ------------------------------------------------------------------ public
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Record numeric metrics at ``step`` (the next step when left out).
+
+        :raises TypeError: a value is not a number; nothing of the call is logged.
+        """
+        if not isinstance(metrics, dict):
+            raise TypeError(f"log() takes a dict of metrics, not {type(metrics).__name__}")
+        values = {k: protocol.check_metric(k, v) for k, v in metrics.items()}
+        with self._lock:
+            if step is None:
+                step = self._step + 1
+            elif not isinstance(step, int) or isinstance(step, bool):
+                raise TypeError(f"step must be an int, not {type(step).__name__}")
+            self._step = max(self._step, step)
+            self._emit_locked({"t": protocol.LOG, "step": step, "time": time.time(), "m": values})
+
+    def event(self, message: str, level: str = "info", **fields: Any) -> None:
+        """Record a log line with structured fields (shown by ``ckptd tail``)."""
+        level = str(level).lower()
+        if level not in LEVELS:
+            raise ValueError(f"level {level!r} is not one of {', '.join(LEVELS)}")
+        msg = {"t": protocol.EVENT, "time": time.time(), "level": level, "msg": str(message)}
+        if fields:
+            msg["fields"] = {str(k): _plain(v) for k, v in fields.items()}
+        with self._lock:
+            msg["step"] = self._step if self._step >= 0 else None
+            self._emit_locked(msg)
+
+    def logging_handler(self, level: int = logging.INFO) -> logging.Handler:
+        """A ``logging.Handler`` that records each log record as a run event."""
+        return _RunHandler(self, level)
+
+    def flush(self, timeout: float | None = 30.0) -> None:
+        """Return once every earlier event would survive power loss.
+
+        Waits for the daemon's commit; if the daemon cannot confirm within
+        ``timeout`` the unconfirmed events are fsynced to the spool instead,
+        which is just as durable. Raises ``CkptdError`` only when neither the
+        daemon nor the disk can take them.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            target = self._seq
+            spool, self._spool = self._spool, None
+        if spool is not None:
+            # hand the spool to the daemon before asking it to flush, so the
+            # daemon's flush ingests it
+            self._close_spool(spool)
+        if self._wait_daemon_flush(target, deadline):
+            return
+        with self._lock:
+            self._spill_locked()
+            spool, self._spool = self._spool, None
+            backlog = len(self._backlog)
+        if spool is not None:
+            self._close_spool(spool)
+        if backlog:
+            raise CkptdError(
+                f"flush: {backlog} events could be neither delivered to the daemon nor "
+                f"written to {self._spool_dir}; is the disk full?"
+            )
+
+    def finish(self, status: str = "finished", exit_code: int | None = 0,
+               timeout: float | None = 30.0, traceback_text: str | None = None) -> None:
+        """Mark the attempt ended and make everything durable (idempotent)."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._checkpointer is not None:
+            self._checkpointer.close(timeout=timeout)
+        msg: dict[str, Any] = {"t": protocol.STATUS, "time": time.time(), "status": status,
+                               "exit_code": exit_code}
+        if traceback_text:
+            msg["traceback"] = traceback_text
+        with self._lock:
+            self._emit_locked(msg)
+        try:
+            self.flush(timeout=timeout)
+        except CkptdError as exc:
+            self._warn("finish", str(exc))
+        self.close()
+
+    def close(self) -> None:
+        """Stop the background thread and release the socket and spool."""
+        self._closed = True
+        self._stop.set()
+        self._wake.set()
+        if self._link.is_alive() and threading.current_thread() is not self._link:
+            self._link.join(timeout=5)
+        with self._lock:
+            if self._sock is not None:
+                self._spill_locked()  # anything unacked is kept on disk
+                self._drop_locked()
+            spool, self._spool = self._spool, None
+        if spool is not None:
+            self._close_spool(spool)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.finish()
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.finish(status="interrupted", exit_code=None)
+        else:
+            text = "".join(traceback.format_exception(exc_type, exc, tb))
+            self.finish(status="failed", exit_code=1, traceback_text=text)
+
+    # ------------------------------------------------------------- internals
+
+    def _start(self, register: dict[str, Any]) -> None:
+        """Connect (starting a daemon when allowed), register, start the link thread."""
+        try:
+            sock = transport.connect_or_start(self.home, autostart=self._autostart)
+        except CkptdError as exc:
+            self._warn("connect", f"{exc}; events go to the spool until a daemon appears")
+            sock = None
+        with self._lock:
+            if sock is not None:
+                self._attach_locked(sock)
+            self._emit_locked(dict(register, t=protocol.REGISTER, time=time.time()))
+        self._link.start()
+
+    def _attach_locked(self, sock: socket.socket) -> bool:
+        hello = protocol.encode({"t": protocol.HELLO, "run": self.id, "attempt": self.attempt,
+                                 "src": self.src, "pid": os.getpid()})
+        try:
+            sock.settimeout(5)
+            sock.sendall(hello)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            return False
+        self._sock = sock
+        return True
+
+    def _emit_locked(self, msg: dict[str, Any]) -> None:
+        """Deliver one event: socket if it takes the whole frame now, else spool."""
+        self._seq += 1
+        msg["seq"] = self._seq
+        sock = self._sock
+        if sock is not None and not self._busy:
+            frame = protocol.encode(msg)
+            try:
+                n = sock.send(frame)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self._spill_locked()
+                self._drop_locked()
+                n = -1
+            if n == len(frame):
+                self._pending.append((self._seq, msg, frame))
+                if len(self._pending) > MAX_PENDING:
+                    self._spill_locked()
+                return
+            if n > 0:
+                # The kernel took part of the frame: the rest must follow
+                # before any other frame, so a helper finishes it while
+                # events go to the spool.
+                self._busy = True
+                threading.Thread(target=self._finish_frame, args=(sock, frame[n:]),
+                                 daemon=True).start()
+        self._spool_locked([msg])
+
+    def _spool_locked(self, msgs: list[dict[str, Any]]) -> None:
+        if not msgs:
+            return
+        try:
+            if self._spool is None:
+                self._spool = SpoolWriter(self._spool_dir, self.id, self.attempt, self.src)
+            tag = {"run": self.id, "a": self.attempt, "src": self.src}
+            self._spool.append(b"".join(encode_record({**m, **tag}) for m in msgs))
+        except OSError as exc:
+            self._warn("spool", f"cannot write the spool in {self._spool_dir}: {exc}; "
+                       "keeping events in memory")
+            self._backlog.extend(msgs)
+            while len(self._backlog) > MAX_BACKLOG:
+                self._backlog.popleft()
+                self._warn("backlog", "memory backlog full; dropping the oldest events")
+            return
+        if self._backlog:
+            # the disk takes writes again: move the memory backlog there too
+            backlog, self._backlog = list(self._backlog), collections.deque()
+            self._spool_locked(backlog)
+
+    def _spill_locked(self) -> None:
+        """Move unacked events to the spool (connection lost, or memory bound hit)."""
+        if self._pending:
+            msgs = [m for _, m, _ in self._pending]
+            self._pending.clear()
+            self._spool_locked(msgs)
+        elif self._backlog:
+            self._spool_locked([])
+
+    def _drop_locked(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+        self._sock = None
+        self._busy = False
+        self._flush_cv.notify_all()
+        self._wake.set()
+
+    def _close_spool(self, spool: SpoolWriter) -> None:
+        try:
+            spool.close(sync=True)
+        except OSError as exc:
+            self._warn("spool-sync", f"cannot sync spool {spool.path}: {exc}")
+
+    def _finish_frame(self, sock: socket.socket, rest: bytes) -> None:
+        ok = _send_all(sock, rest, timeout=30.0)
+        with self._lock:
+            if self._sock is sock:
+                if ok:
+                    self._busy = False
+                    self._flush_cv.notify_all()
+                else:
+                    self._spill_locked()
+                    self._drop_locked()
+
+    def _wait_daemon_flush(self, target: int, deadline: float | None) -> bool:
+        with self._lock:
+            while self._busy and self._sock is not None:
+                if not self._flush_cv.wait(_remaining(deadline, 1.0)) and _expired(deadline):
+                    return False
+            if self._sock is None:
+                return False
+            sock = self._sock
+            frame = protocol.encode({"t": protocol.FLUSH, "seq": target})
+            self._busy = True
+        ok = _send_all(sock, frame, timeout=_remaining(deadline, 30.0))
+        with self._lock:
+            if self._sock is sock:
+                self._busy = False
+                self._flush_cv.notify_all()
+            if not ok:
+                return False
+            while self._flushed_seq < target and self._sock is sock:
+                if not self._flush_cv.wait(_remaining(deadline, 1.0)) and _expired(deadline):
+                    return False
+            return self._flushed_seq >= target
+
+    def _link_loop(self) -> None:
+        """Read acks; reconnect (and hand over the spool) after a lost connection."""
+        reader = protocol.FrameReader()
+        delay = 0.05
+        while not self._stop.is_set():
+            with self._lock:
+                sock = self._sock
+            if sock is None:
+                if self._closed:
+                    return
+                self._wake.wait(delay)
+                self._wake.clear()
+                if self._stop.is_set():
+                    return
+                try:
+                    new = transport.connect_or_start(self.home, autostart=self._autostart,
+                                                     wait=5.0)
+                except CkptdError:
+                    delay = min(delay * 2, 2.0)
+                    continue
+                delay = 0.05
+                reader = protocol.FrameReader()
+                with self._lock:
+                    attached = self._attach_locked(new)
+                    spool, self._spool = self._spool, None
+                if attached and spool is not None:
+                    self._close_spool(spool)  # the daemon ingests it now
+                continue
+            try:
+                ready, _, _ = select.select([sock], [], [], 0.5)
+                if not ready:
+                    continue
+                data = sock.recv(65536)
+            except (OSError, ValueError):
+                data = b""
+            try:
+                msgs = reader.feed(data) if data else None
+            except protocol.ProtocolError:
+                msgs = None
+            with self._lock:
+                if msgs is None:
+                    if self._sock is sock:
+                        self._spill_locked()
+                        self._drop_locked()
+                    continue
+                for msg in msgs:
+                    self._handle_reply_locked(msg)
+
+    def _handle_reply_locked(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("t")
+        if kind == protocol.ACK:
+            seq = msg.get("seq", 0)
+            while self._pending and self._pending[0][0] <= seq:
+                self._pending.popleft()
+        elif kind == protocol.FLUSHED:
+            self._flushed_seq = max(self._flushed_seq, int(msg.get("seq", 0)))
+            self._flush_cv.notify_all()
+        elif kind == protocol.ERROR:
+            self._warn("daemon", f"daemon reported: {msg.get('error')}")
+        elif self._checkpointer is not None:
+            self._checkpointer.on_reply(msg)
+
+    def _warn(self, key: str, text: str) -> None:
+        """One line on stderr per kind of problem; never an exception."""
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        try:
+            sys.stderr.write(f"ckptd: {text}\n")
+        except Exception:
+            pass
+
+    def _install_hooks(self) -> None:
+        """Mark the run failed on an uncaught exception; finish at normal exit."""
+        if self._hooks_installed:
+            return
+        self._hooks_installed = True
+        previous = sys.excepthook
+
+        def hook(exc_type: Any, exc: Any, tb: Any) -> None:
+            try:
+                if not issubclass(exc_type, KeyboardInterrupt):
+                    text = "".join(traceback.format_exception(exc_type, exc, tb))
+                    self.finish(status="failed", exit_code=1, timeout=10, traceback_text=text)
+                else:
+                    self.finish(status="interrupted", exit_code=None, timeout=10)
+            finally:
+                previous(exc_type, exc, tb)
+
+        sys.excepthook = hook
+        atexit.register(self._at_exit)
+
+    def _at_exit(self) -> None:
+        if not self._finished:
+            self.finish(timeout=10)
+
+
+class _RunHandler(logging.Handler):
+    def __init__(self, run: Run, level: int) -> None:
+        super().__init__(level)
+        self._run = run
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = record.levelname.lower()
+            if level not in LEVELS:
+                level = "info"
+            self._run.event(record.getMessage(), level=level, logger=record.name)
+        except Exception:
+            self.handleError(record)
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    item = getattr(value, "item", None)
+    if item is not None and getattr(value, "ndim", 1) == 0:
+        try:
+            return item()
+        except Exception:
+            pass
+    return str(value)
+
+
+def _remaining(deadline: float | None, cap: float) -> float:
+    if deadline is None:
+        return cap
+    return max(0.0, min(cap, deadline - time.monotonic()))
+
+
+def _expired(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _send_all(sock: socket.socket, data: bytes, timeout: float) -> bool:
+    """Send ``data`` on a non-blocking socket within ``timeout``."""
+    view = memoryview(data)
+    deadline = time.monotonic() + timeout
+    while view:
+        try:
+            n = sock.send(view)
+            view = view[n:]
+            continue
+        except BlockingIOError:
+            pass
+        except OSError:
+            return False
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            select.select([], [sock], [], min(left, 0.5))
+        except (OSError, ValueError):
+            return False
+    return True
+
+
+def init(
+    project: str | None = None,
+    name: str | None = None,
+    config: dict[str, Any] | None = None,
+    seed: int | None = None,
+    resume: str = "auto",
+    home: str | os.PathLike[str] | None = None,
+    retention: Any = None,
+    autostart: bool = True,
+) -> Run:
+    """Start (or join, or resume) a run and return it.
+
+    Inside a process launched by ``ckptd run`` / ``ckptd resume`` the run id
+    and attempt come from ``CKPTD_RUN_ID`` / ``CKPTD_ATTEMPT``: the process
+    joins that run. Otherwise a new run is registered with everything
+    ``ckptd resume`` needs to relaunch it.
+    """
+    home_path = paths.home_dir(home)
+    env_id = os.environ.get("CKPTD_RUN_ID") if resume != "never" else None
+    if env_id:
+        if not valid_run_id(env_id):
+            raise CkptdError(f"CKPTD_RUN_ID={env_id!r} is not a valid run id")
+        run_id = env_id
+        try:
+            attempt = int(os.environ.get("CKPTD_ATTEMPT", "1"))
+        except ValueError:
+            raise CkptdError("CKPTD_ATTEMPT must be an integer") from None
+    else:
+        run_id, attempt = new_run_id(), 1
+    if name is not None and (not isinstance(name, str) or not name.strip()
+                             or "\0" in name or len(name) > 200):
+        raise CkptdError(f"run name {name!r} must be a non-empty string of at most 200 chars")
+    if config is not None and not isinstance(config, dict):
+        raise TypeError("config must be a dict")
+    if seed is not None:
+        from .rng import seed_everything
+
+        seed_everything(seed)
+    run = Run(home_path, run_id, attempt, name=name, autostart=autostart)
+    register: dict[str, Any] = {
+        "name": name,
+        "project": project,
+        "config": {str(k): _plain(v) for k, v in (config or {}).items()},
+        "seed": seed,
+        "pid": os.getpid(),
+        "pid_started": process_start_time(),
+        "boot_id": boot_id(),
+        "host": socket.gethostname(),
+        "joined": bool(env_id),
+    }
+    if not env_id:
+        register.update(
+            command=[sys.executable, *sys.argv] if sys.argv and sys.argv[0] else None,
+            cwd=os.getcwd(),
+            env=dict(os.environ),
+            provenance=_provenance(seed),
+        )
+    if retention is not None:
+        register["retention"] = retention.to_dict() if hasattr(retention, "to_dict") else retention
+    run._start(register)
+    run._install_hooks()
+    return run
+
+
+def _provenance(seed: int | None) -> dict[str, Any]:
+    """What a person needs to trust that a resumed run is the same program."""
+    from .provenance import collect
+
+    info = collect()
+    info["seed"] = seed
+    return info
+
+
+__all__ = ["Run", "init", "CkptdError", "DaemonUnavailable"]

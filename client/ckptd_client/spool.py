@@ -1,0 +1,118 @@
+"""The client's on-disk spool: where events go while the daemon is unreachable.
+
+Layout: ``<home>/spool/<run>.<attempt>.<pid>.<n>.spool``, one record a line::
+
+    <crc32 of json, 8 hex digits> <json message>\\n
+
+A writer holds an exclusive ``flock`` on its file for as long as it may still
+append. The daemon ingests only files it can lock, so it never reads a file
+that is still growing, and a writer killed with ``kill -9`` releases its lock
+with its process. A torn last line (power loss mid-append) fails its checksum
+and is skipped; every line before it is intact.
+
+Files are created as ``*.partial``, locked, then renamed to ``*.spool``: the
+daemon never sees an unlocked file between creation and locking.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+SUFFIX = ".spool"
+PARTIAL_SUFFIX = ".partial"
+
+_counter = itertools.count()
+
+
+def encode_record(msg: dict[str, Any]) -> bytes:
+    body = json.dumps(msg, separators=(",", ":")).encode()
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory entry (a create, rename or unlink in ``path``) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SpoolWriter:
+    """One spool file, open and locked while the daemon cannot be reached."""
+
+    def __init__(self, directory: Path, run_id: str, attempt: int, src: str = "c") -> None:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        stem = f"{run_id}.{attempt}.{src}.{os.getpid()}.{next(_counter)}.{os.urandom(3).hex()}"
+        partial = directory / (stem + PARTIAL_SUFFIX)
+        self.path = directory / (stem + SUFFIX)
+        self._dir = directory
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(partial, self.path)
+        self._fd = fd
+        self.records = 0
+
+    def append(self, data: bytes) -> None:
+        """Append encoded records. ``os.write`` puts them in the kernel: a
+        ``kill -9`` of the trainer after this returns loses nothing."""
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self.records += 1
+
+    def sync(self) -> None:
+        """Make every appended record survive power loss (file and its name)."""
+        os.fsync(self._fd)
+        fsync_dir(self._dir)
+
+    def close(self, sync: bool = True) -> None:
+        """Release the file to the daemon. Syncing first means a handed-over
+        spool file is durable before anyone may rely on it."""
+        if self._fd < 0:
+            return
+        try:
+            if sync:
+                self.sync()
+        finally:
+            os.close(self._fd)  # releases the flock
+            self._fd = -1
+
+
+def read_records(path: Path) -> Iterator[dict[str, Any]]:
+    """Yield the intact records of a spool file, skipping corrupt lines."""
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n") or len(line) < 10:
+                continue  # torn tail
+            crc, _, body = line[:-1].partition(b" ")
+            try:
+                if int(crc, 16) != zlib.crc32(body):
+                    continue
+                msg = json.loads(body)
+            except ValueError:
+                continue
+            if isinstance(msg, dict) and isinstance(msg.get("t"), str):
+                yield msg
+
+
+def try_lock(path: Path) -> int | None:
+    """Open and lock ``path`` if no writer holds it; the caller closes the fd."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd

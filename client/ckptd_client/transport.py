@@ -1,0 +1,129 @@
+"""Finding, starting and talking to the daemon of a home.
+
+The client must not import the daemon (it may run in a different Python, and
+importing it would load sqlite-utils into every training script), so the
+daemon is started as a command: ``python -m ckptd.daemon --home HOME``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import paths, protocol
+from .errors import CkptdError, DaemonUnavailable
+
+
+def connect(sock_path: Path, timeout: float = 2.0) -> socket.socket:
+    """Connect to the daemon's socket, refusing one that another user owns."""
+    try:
+        st = os.stat(sock_path)
+    except FileNotFoundError:
+        raise DaemonUnavailable(f"no daemon socket at {sock_path}") from None
+    if st.st_uid != os.getuid():
+        raise CkptdError(
+            f"socket {sock_path} is owned by uid {st.st_uid}, not you (uid {os.getuid()}); "
+            "refusing to talk to it. Set CKPTD_SOCKET or CKPTD_HOME to your own."
+        )
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(os.fspath(sock_path))
+    except OSError as exc:
+        s.close()
+        raise DaemonUnavailable(f"no daemon answering on {sock_path}: {exc.strerror}") from None
+    return s
+
+
+def start_daemon(home: Path) -> subprocess.Popen[bytes]:
+    """Start a daemon for ``home`` in the background, detached from us.
+
+    Its own session (so a Ctrl-C in the terminal or the death of this
+    process does not reach it), no inherited stdio (so a test runner or an
+    SSH session waiting on our pipes is never held open by it), output to
+    ``<home>/daemon.log``. Two processes racing here is harmless: the second
+    daemon finds the home's lock taken and exits.
+    """
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(home / paths.DAEMON_LOG, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ckptd.daemon", "--home", os.fspath(home)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+            cwd="/",
+            env={**os.environ, "CKPTD_AUTOSTARTED": "1"},
+        )
+
+
+def autostart_enabled() -> bool:
+    return os.environ.get("CKPTD_NO_AUTOSTART", "") in ("", "0")
+
+
+def connect_or_start(home: Path, autostart: bool = True, wait: float = 15.0) -> socket.socket:
+    """Connect to the home's daemon, starting one if allowed and needed."""
+    sock_path = paths.socket_path(home)
+    try:
+        return connect(sock_path)
+    except DaemonUnavailable:
+        if not (autostart and autostart_enabled()):
+            raise
+    proc = start_daemon(home)
+    deadline = time.monotonic() + wait
+    delay = 0.02
+    while True:
+        try:
+            return connect(sock_path)
+        except DaemonUnavailable:
+            if time.monotonic() > deadline:
+                raise DaemonUnavailable(
+                    f"started a daemon for {home} but it did not answer within {wait:.0f} s; "
+                    f"see {home / paths.DAEMON_LOG}"
+                ) from None
+            code = proc.poll()
+            if code not in (None, 0):
+                # exit 0 means it lost the race for the lock to another daemon; keep waiting
+                raise DaemonUnavailable(
+                    f"the daemon for {home} exited with status {code}; "
+                    f"see {home / paths.DAEMON_LOG}"
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+
+def call(
+    home: Path, op: str, args: dict[str, Any] | None = None, *, autostart: bool = True,
+    timeout: float | None = 60.0,
+) -> Any:
+    """One request/reply with the daemon (what CLI commands that change state use)."""
+    s = connect_or_start(home, autostart=autostart)
+    try:
+        s.settimeout(timeout)
+        s.sendall(protocol.encode({"t": protocol.RPC, "op": op, "args": args or {}}))
+        reply = protocol.recv_message(s, protocol.FrameReader())
+    except TimeoutError:
+        raise CkptdError(f"{op}: the daemon did not answer within {timeout:.0f} s") from None
+    except OSError as exc:
+        raise DaemonUnavailable(f"{op}: lost the daemon connection: {exc}") from None
+    finally:
+        s.close()
+    if reply is None:
+        raise DaemonUnavailable(f"{op}: the daemon closed the connection without answering")
+    if reply.get("t") == protocol.ERROR:
+        raise CkptdError(f"{op}: {reply.get('error')}")
+    if not reply.get("ok"):
+        kind = reply.get("kind", "")
+        from . import errors
+
+        cls = getattr(errors, kind, CkptdError)
+        if not (isinstance(cls, type) and issubclass(cls, CkptdError)):
+            cls = CkptdError
+        raise cls(str(reply.get("error")))
+    return reply.get("result")
