@@ -231,6 +231,7 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
         self.stop.set()
+        self._spool_kick.set()
         # The writer drains what the readers already queued, then exits.
         for t in self._threads:
             t.join(timeout=60)
@@ -531,16 +532,13 @@ class Daemon:
 
     def _sweep_loop(self) -> None:
         while not self.stop.wait(self.sweep_interval):
-            for hook in [self._check_liveness, *PERIODIC_HOOKS]:
+            from . import liveness
+
+            for hook in [liveness.sweep, *PERIODIC_HOOKS]:
                 try:
-                    hook(self) if hook is not self._check_liveness else hook()
-                except Exception:  # noqa: BLE001
+                    hook(self)
+                except Exception:  # noqa: BLE001 - one failing task must not stop the others
                     log.exception("periodic task failed")
-
-    def _check_liveness(self) -> None:
-        from . import liveness
-
-        liveness.sweep(self)
 
     def connected_runs(self) -> set[tuple[str, int]]:
         with self.conns_lock:
@@ -579,7 +577,11 @@ def run_foreground(home: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the copy of this module that feature modules register into, not
+    # the separate ``__main__`` copy that ``python -m`` executes.
+    from ckptd import daemon as _daemon
+
+    sys.exit(_daemon.main())
 
 
 __all__ = ["Daemon", "Conn", "rpc", "valid_run_id"]

@@ -89,11 +89,15 @@ def connect_or_start(home: Path, autostart: bool = True, wait: float = 15.0) -> 
                 ) from None
             code = proc.poll()
             if code not in (None, 0):
-                # exit 0 means it lost the race for the lock to another daemon; keep waiting
                 raise DaemonUnavailable(
                     f"the daemon for {home} exited with status {code}; "
                     f"see {home / paths.DAEMON_LOG}"
                 ) from None
+            if code == 0:
+                # It found the home's lock taken: another daemon is starting
+                # (or one is still shutting down). Try again after a moment.
+                time.sleep(delay)
+                proc = start_daemon(home)
             time.sleep(delay)
             delay = min(delay * 2, 0.2)
 

@@ -1,0 +1,366 @@
+"""The ``ckptd`` command line: parse, make one library or daemon call, print.
+
+No SQL and no file moves here. Errors a user can cause become one line on
+stderr and a non-zero exit (``main`` maps ``CkptdError`` subclasses to exit
+codes in one place); output works without a TTY, honours ``NO_COLOR``, and
+a closed pipe (``ckptd tail -f | head``) ends the command quietly.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import typer
+from ckptd_client import paths, transport
+from ckptd_client.errors import CkptdError, DaemonUnavailable
+
+from . import __version__, query
+from .follow import follow
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Crash-resilient experiment logger and checkpointing daemon.")
+STATE: dict[str, Any] = {"home": None}
+
+
+@app.callback()
+def _root(home: Path | None = typer.Option(None, "--home", help="data home (default: "
+                                           "$CKPTD_HOME or $XDG_DATA_HOME/ckptd)")) -> None:
+    STATE["home"] = paths.home_dir(home)
+
+
+def home() -> Path:
+    return STATE["home"] or paths.home_dir(None)
+
+
+# ------------------------------------------------------------------ output
+
+def color_enabled() -> bool:
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR") and \
+        os.environ.get("TERM") != "dumb"
+
+
+COLORS = {"warning": "33", "error": "31", "critical": "31;1", "stderr": "31", "metric": "36",
+          "status": "35", "debug": "2"}
+
+
+def paint(text: str, level: str) -> str:
+    code = COLORS.get(level)
+    return f"\x1b[{code}m{text}\x1b[0m" if code and color_enabled() else text
+
+
+def fmt_time(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def fmt_num(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            return str(v)
+        return f"{v:.6g}"
+    return str(v)
+
+
+def format_line(line: query.Line) -> str:
+    stamp = dt.datetime.fromtimestamp(line.time).strftime("%H:%M:%S.%f")[:-3]
+    if line.kind == "log":
+        body = "  ".join(f"{k}={fmt_num(v)}" for k, v in (line.fields or {}).items())
+        return paint(f"{stamp} step {line.step}  {body}", "metric")
+    if line.kind == "console":
+        return paint(f"{stamp} | {line.message}", line.level)
+    if line.kind == "status":
+        return paint(f"{stamp} -- {line.message}", "status")
+    extra = ""
+    if line.fields:
+        extra = "  " + " ".join(f"{k}={v}" for k, v in line.fields.items())
+    return paint(f"{stamp} {line.level.upper():<7} {line.message}{extra}", line.level)
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    cells = [[str(r.get(c, "")) if r.get(c) is not None else "-" for c in columns] for r in rows]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
+    echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def echo(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def emit_json(value: Any) -> None:
+    echo(json.dumps(value, indent=2, default=str))
+
+
+# ----------------------------------------------------------------- daemon
+
+@app.command()
+def daemon() -> None:
+    """Run the daemon in the foreground (what systemd runs)."""
+    from .daemon import run_foreground
+
+    raise typer.Exit(run_foreground(home()))
+
+
+@app.command()
+def start() -> None:
+    """Start the daemon in the background if none is running for this home."""
+    s = transport.connect_or_start(home())
+    s.close()
+    info = transport.call(home(), "status", autostart=False)
+    echo(f"ckptd daemon running (pid {info['pid']}) for {info['home']}")
+
+
+@app.command()
+def stop(timeout: float = typer.Option(60.0, help="seconds to wait for a clean stop")) -> None:
+    """Stop the daemon: it commits everything queued, then exits."""
+    try:
+        info = transport.call(home(), "stop", autostart=False)
+    except DaemonUnavailable:
+        echo("ckptd daemon is not running")
+        return
+    sock = paths.socket_path(home())
+    deadline = time.monotonic() + timeout
+    while sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if sock.exists():
+        raise CkptdError(f"stop: daemon pid {info['stopping']} did not exit within {timeout} s")
+    echo(f"ckptd daemon stopped (pid {info['stopping']})")
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Say whether the daemon for this home is running (exit 3 when not)."""
+    try:
+        info = transport.call(home(), "status", autostart=False, timeout=10)
+    except DaemonUnavailable:
+        info = {"running": False, "pid": None, "home": os.fspath(home()),
+                "socket": os.fspath(paths.socket_path(home())), "version": __version__}
+    if as_json:
+        emit_json({k: info.get(k) for k in ("running", "pid", "home", "socket", "version")})
+    elif info["running"]:
+        echo(f"running  pid {info['pid']}  home {info['home']}  socket {info['socket']}")
+    else:
+        echo(f"not running  home {info['home']}")
+    if not info["running"]:
+        raise typer.Exit(3)
+
+
+# ------------------------------------------------------------------- runs
+
+@app.command("ls")
+def ls(status: str | None = typer.Option(None, "--status", help="only runs in this state"),
+       as_json: bool = typer.Option(False, "--json")) -> None:
+    """List runs, oldest first."""
+    if status and status not in ("running", "finished", "failed", "interrupted"):
+        raise CkptdError(f"unknown status {status!r}; use running, finished, failed or "
+                         "interrupted")
+    try:
+        reader = query.Reader(home())
+    except query.NotFound:
+        if as_json:
+            emit_json([])
+        else:
+            echo("no runs yet")
+        return
+    with reader:
+        rows = reader.list_runs(status)
+    if as_json:
+        emit_json(rows)
+        return
+    for r in rows:
+        r["started"] = fmt_time(r["started"])
+        r["ended"] = fmt_time(r["ended"])
+    table(rows, ["id", "name", "status", "attempt", "step", "started", "ended"])
+
+
+@app.command()
+def show(run: str | None = typer.Argument(None, help="run id, unique prefix or name"),
+         as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show one run: command, provenance, attempts, checkpoints."""
+    with query.Reader(home()) as reader:
+        info = reader.show(run)
+    if as_json:
+        emit_json(info)
+        return
+    for key in ("id", "name", "status", "attempt", "step", "project", "seed", "cwd", "reason",
+                "exit_code", "auto_resume", "restarts"):
+        echo(f"{key + ':':<12} {info.get(key) if info.get(key) is not None else '-'}")
+    echo(f"{'started:':<12} {fmt_time(info['started'])}")
+    echo(f"{'ended:':<12} {fmt_time(info['ended'])}")
+    if info.get("command"):
+        echo(f"{'command:':<12} {' '.join(info['command'])}")
+    if info.get("retention"):
+        echo(f"{'retention:':<12} {json.dumps(info['retention'])}")
+    prov = info.get("provenance") or {}
+    if prov:
+        echo("provenance:")
+        for k, v in prov.items():
+            if k != "git_diff":
+                echo(f"  {k}: {v}")
+    if info["attempts"]:
+        echo("attempts:")
+        for a in info["attempts"]:
+            echo(f"  #{a['attempt']} {a['status']}  started {fmt_time(a['started'])}"
+                 f"  ended {fmt_time(a['ended'])}"
+                 + (f"  resumed from step {a['restored_step']}"
+                    if a.get("restored_step") is not None else ""))
+    if info["checkpoints"]:
+        echo("checkpoints:")
+        for c in info["checkpoints"]:
+            echo(f"  step {c['step']}  {c['status']}  {c['bytes'] or 0} bytes")
+    if info.get("traceback"):
+        echo("traceback:")
+        echo(info["traceback"].rstrip())
+
+
+@app.command()
+def tail(
+    run: str | None = typer.Argument(None, help="run id, prefix or name (default: newest)"),
+    follow_: bool = typer.Option(False, "-f", "--follow", help="keep printing new lines"),
+    n: int = typer.Option(20, "-n", help="how many lines to print first"),
+    metrics: bool = typer.Option(False, "--metrics", help="include logged metrics"),
+    grep: str | None = typer.Option(None, "--grep", help="only lines matching this regex"),
+    all_attempts: bool = typer.Option(False, "--all-attempts",
+                                      help="include lines superseded by a resume"),
+) -> None:
+    """Print a run's events and console output (with --metrics, its metrics too)."""
+    try:
+        pattern = re.compile(grep) if grep else None
+    except re.error as exc:
+        raise CkptdError(f"--grep {grep!r} is not a valid regular expression: {exc}") from None
+    if n < 0:
+        raise CkptdError("-n must be >= 0")
+    with query.Reader(home()) as reader:
+        info = reader.resolve(run)
+        lines, cursor = reader.lines(info["id"], with_metrics=metrics,
+                                     all_attempts=all_attempts, last=None)
+        if pattern:
+            lines = [ln for ln in lines if pattern.search(format_line(ln))]
+        for line in lines[-n:] if n else []:
+            echo(format_line(line))
+        sys.stdout.flush()
+        if not follow_:
+            return
+        try:
+            for line in follow(reader, info["id"], cursor, with_metrics=metrics,
+                               all_attempts=all_attempts, out_fd=sys.stdout.fileno()):
+                text = format_line(line)
+                if pattern and not pattern.search(text):
+                    continue
+                echo(text)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            return
+
+
+@app.command("metrics")
+def metrics_cmd(
+    run: str = typer.Argument(..., help="run id, prefix or name"),
+    key: str | None = typer.Option(None, "--key", help="only this metric"),
+    fmt: str = typer.Option("table", "--format", help="table, csv or jsonl"),
+    all_attempts: bool = typer.Option(False, "--all-attempts",
+                                      help="include values superseded by a resume"),
+) -> None:
+    """Print a run's metrics: the effective timeline unless --all-attempts."""
+    if fmt not in ("table", "csv", "jsonl"):
+        raise CkptdError(f"--format {fmt!r} is not one of table, csv, jsonl")
+    with query.Reader(home()) as reader:
+        info = reader.resolve(run)
+        rows = reader.metrics(info["id"], key, all_attempts)
+    if fmt == "jsonl":
+        for line in query.iter_jsonl(rows):
+            echo(line)
+    elif fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else
+                                ["step", "key", "value", "attempt", "time"])
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        steps: dict[int, dict[str, Any]] = {}
+        keys: list[str] = []
+        for r in rows:
+            steps.setdefault(r["step"], {"step": r["step"]})[r["key"]] = fmt_num(r["value"])
+            if r["key"] not in keys:
+                keys.append(r["key"])
+        table(list(steps.values()), ["step", *keys])
+
+
+@app.command()
+def demo(steps: int = typer.Option(300, help="training steps")) -> None:
+    """Train a small model with ckptd end to end and show where to look."""
+    from .demo import run_demo
+
+    run_demo(home(), steps=steps, out=echo)
+
+
+def _register_subcommands() -> None:
+    """Feature modules add their commands here (checkpoints, supervision, service)."""
+    import importlib
+
+    for name in ("cli_ckpt", "cli_runs", "cli_service"):
+        try:
+            module = importlib.import_module(f"ckptd.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"ckptd.{name}":
+                raise
+            continue
+        module.register(app)
+
+
+_register_subcommands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one line and an exit code for every user error."""
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="ckptd", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        code = 130
+    except KeyboardInterrupt:
+        code = 130
+    except BrokenPipeError:
+        code = 0
+    except CkptdError as exc:
+        print(f"ckptd: error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except OSError as exc:
+        if exc.errno == 28:
+            print(f"ckptd: error: disk full: {exc}", file=sys.stderr)
+        else:
+            print(f"ckptd: error: {exc}", file=sys.stderr)
+        code = 1
+    if not _stdout_ok():
+        # a closed pipe (`| head`) must end quietly: no "Exception ignored" at exit
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        code = 0 if code in (0, 1) else code
+    sys.exit(code)
+
+
+def _stdout_ok() -> bool:
+    try:
+        sys.stdout.flush()
+        return True
+    except (BrokenPipeError, ValueError):
+        return False

@@ -1,0 +1,93 @@
+"""Following a run as it writes (``ckptd tail -f``) without busy polling.
+
+The daemon's commits touch ``ckptd.db-wal``; a watchdog observer on the home
+wakes the follower on each change. Where inotify is unavailable (some network
+filesystems, exhausted watches) it falls back to polling every 200 ms.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .query import Cursor, Line, Reader
+
+#: Longest wait between checks even when watchdog reports nothing (a safety
+#: net for missed events); the fallback poll interval when watchdog is absent.
+SAFETY_INTERVAL = 1.0
+POLL_INTERVAL = 0.2
+
+
+class _Waker:
+    def __init__(self, home: Path) -> None:
+        self.event = threading.Event()
+        self.interval = POLL_INTERVAL
+        self._observer: Any = None
+        try:
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers import Observer
+
+            event = self.event
+
+            class Handler(FileSystemEventHandler):
+                def on_modified(self, ev: Any) -> None:
+                    if os.path.basename(ev.src_path).startswith("ckptd.db"):
+                        event.set()
+
+                on_created = on_modified
+                on_closed = on_modified
+
+            observer = Observer()
+            observer.schedule(Handler(), os.fspath(home))
+            observer.start()
+            self._observer = observer
+            self.interval = SAFETY_INTERVAL
+        except Exception:  # noqa: BLE001 - no inotify: poll instead
+            self._observer = None
+
+    def wait(self) -> None:
+        self.event.wait(self.interval)
+        self.event.clear()
+
+    def close(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=2)
+
+
+def output_closed(fd: int) -> bool:
+    """True once the reader of our stdout pipe went away (``| head`` exited).
+
+    ``tail -f`` with nothing new to print would otherwise only learn of it at
+    its next write, which may never come on a quiet run.
+    """
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLERR)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def follow(reader: Reader, run_id: str, cursor: Cursor, *, with_metrics: bool,
+           all_attempts: bool, until_done: bool = False,
+           stop: threading.Event | None = None, out_fd: int | None = None) -> Iterator[Line]:
+    """Yield new lines of ``run_id`` as they are committed, forever (or until
+    the run ends, with ``until_done``, or ``out_fd``'s reader goes away)."""
+    waker = _Waker(reader.home)
+    try:
+        while stop is None or not stop.is_set():
+            if out_fd is not None and output_closed(out_fd):
+                return
+            lines, cursor = reader.lines(run_id, with_metrics=with_metrics,
+                                         all_attempts=all_attempts, after=cursor)
+            yield from lines
+            if until_done and not lines and reader.run_status(run_id) != "running":
+                return
+            waker.wait()
+    finally:
+        waker.close()

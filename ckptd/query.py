@@ -1,0 +1,240 @@
+"""Read-only queries over the store: what ``ls``, ``show``, ``tail`` and ``metrics`` print.
+
+Readers open the database with ``mode=ro``: in WAL mode they see the last
+committed state without ever taking the writer's lock, so following a run
+never slows the daemon down.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckptd_client import paths
+from ckptd_client.errors import CkptdError, NotFound
+
+from .store import check_version
+
+SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
+
+
+class Reader:
+    """A read-only view of a home's store."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        db = paths.db_path(home)
+        if not db.exists():
+            raise NotFound(
+                f"no ckptd store in {home}; run a training script that calls "
+                "ckptd_client.init() or `ckptd demo` first (or pass --home)"
+            )
+        check_version(db)
+        self.conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA busy_timeout=30000")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.conn.execute(sql, args).fetchall()]
+
+    # ----------------------------------------------------------------- runs
+
+    def resolve(self, ref: str | None) -> dict[str, Any]:
+        """A run by id, unique id prefix, or name (newest of that name); newest if None."""
+        if ref is None:
+            rows = self.rows("SELECT * FROM runs ORDER BY started DESC, rowid DESC LIMIT 1")
+            if not rows:
+                raise NotFound(f"no runs yet in {self.home}")
+            return rows[0]
+        rows = self.rows("SELECT * FROM runs WHERE id = ?", (ref,))
+        if rows:
+            return rows[0]
+        escaped = ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = self.rows("SELECT * FROM runs WHERE id LIKE ? ESCAPE '\\'", (escaped + "%",))
+        if len(rows) == 1:
+            return rows[0]
+        if len(rows) > 1:
+            ids = ", ".join(r["id"] for r in rows[:5])
+            raise NotFound(f"run prefix {ref!r} is ambiguous: {ids}; give more characters")
+        rows = self.rows("SELECT * FROM runs WHERE name = ? ORDER BY started DESC", (ref,))
+        if rows:
+            return rows[0]
+        raise NotFound(f"no run {ref!r} in {self.home}; `ckptd ls` lists the runs")
+
+    def list_runs(self, status: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM runs"
+        args: tuple[Any, ...] = ()
+        if status:
+            sql += " WHERE status = ?"
+            args = (status,)
+        return [summary(r) for r in self.rows(sql + " ORDER BY started, rowid", args)]
+
+    def show(self, ref: str | None) -> dict[str, Any]:
+        run = self.resolve(ref)
+        out = summary(run)
+        out.update(
+            project=run.get("project"),
+            command=_loads(run.get("command")),
+            cwd=run.get("cwd"),
+            env=redact(_loads(run.get("env")) or {}),
+            provenance=_loads(run.get("provenance")),
+            config=_loads(run.get("config")),
+            seed=run.get("seed"),
+            pid=run.get("pid"),
+            exit_code=run.get("exit_code"),
+            signal=run.get("signal"),
+            reason=run.get("reason"),
+            traceback=run.get("traceback"),
+            auto_resume=bool(run.get("auto_resume")),
+            restarts=run.get("restarts") or 0,
+            retention=_loads(run.get("retention")),
+            attempts=self.rows(
+                "SELECT attempt, started, ended, status, exit_code, restored_step FROM attempts"
+                " WHERE run_id = ? ORDER BY attempt", (run["id"],)),
+            checkpoints=self.checkpoints(run["id"]),
+        )
+        return out
+
+    def checkpoints(self, run_id: str) -> list[dict[str, Any]]:
+        rows = self.rows(
+            "SELECT step, status, bytes, hash, metrics, blocked_s, persist_s, created, attempt,"
+            " path, reason FROM checkpoints WHERE run_id = ? ORDER BY step", (run_id,))
+        for r in rows:
+            r["metrics"] = _loads(r["metrics"]) or {}
+        return rows
+
+    # -------------------------------------------------------------- metrics
+
+    def metrics(self, run_id: str, key: str | None = None,
+                all_attempts: bool = False) -> list[dict[str, Any]]:
+        """The effective timeline: superseded values (logged by an attempt after
+        the step a later attempt resumed from) are left out unless asked for."""
+        sql = ("SELECT step, key, value, attempt, time, superseded FROM metrics"
+               " WHERE run_id = ? AND src = 'c'")
+        args: list[Any] = [run_id]
+        if key is not None:
+            sql += " AND key = ?"
+            args.append(key)
+        if not all_attempts:
+            sql += " AND superseded = 0"
+        sql += " ORDER BY step, attempt, seq, key"
+        rows = self.rows(sql, tuple(args))
+        for r in rows:
+            if r["value"] is None:
+                r["value"] = float("nan")
+            if not all_attempts:
+                del r["superseded"]
+        return rows
+
+    # ----------------------------------------------------------------- tail
+
+    def lines(self, run_id: str, *, with_metrics: bool, all_attempts: bool,
+              after: Cursor | None = None, last: int | None = None) -> tuple[list[Line], Cursor]:
+        """Events, console output and (optionally) metrics, merged by time.
+
+        ``after`` continues from an earlier call (``tail -f``); rowids only
+        grow, so nothing is shown twice or skipped.
+        """
+        cursor = after or Cursor()
+        sup = "" if all_attempts else " AND superseded = 0"
+        ev = self.rows(
+            "SELECT rowid AS rid, attempt, time, kind, level, step, message, fields FROM events"
+            f" WHERE run_id = ? AND rowid > ?{sup} AND kind != 'register'"
+            + (" ORDER BY rowid DESC LIMIT ?" if last else " ORDER BY rowid"),
+            (run_id, cursor.event, *((last,) if last else ())),
+        )
+        out = [Line(r["time"], r["attempt"], r["kind"], r["level"], r["step"], r["message"],
+                    _loads(r["fields"])) for r in ev]
+        new_event = max([cursor.event, *(r["rid"] for r in ev)])
+        new_metric = cursor.metric
+        if with_metrics:
+            mrows = self.rows(
+                "SELECT rowid AS rid, attempt, seq, step, key, value, time FROM metrics"
+                f" WHERE run_id = ? AND rowid > ? AND src = 'c'{sup}"
+                + (" ORDER BY rowid DESC LIMIT ?" if last else " ORDER BY rowid"),
+                (run_id, cursor.metric, *((last * 16,) if last else ())),
+            )
+            grouped: dict[tuple[int, int], Line] = {}
+            for r in sorted(mrows, key=lambda r: r["rid"]):
+                line = grouped.get((r["attempt"], r["seq"]))
+                if line is None:
+                    line = grouped[(r["attempt"], r["seq"])] = Line(
+                        r["time"], r["attempt"], "log", "metric", r["step"], "", {})
+                assert line.fields is not None
+                line.fields[r["key"]] = r["value"] if r["value"] is not None else float("nan")
+            out.extend(grouped.values())
+            new_metric = max([cursor.metric, *(r["rid"] for r in mrows)])
+        out.sort(key=lambda line: line.time)
+        if last:
+            out = out[-last:]
+        return out, Cursor(new_event, new_metric)
+
+    def run_status(self, run_id: str) -> str:
+        row = self.conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return row[0] if row else "unknown"
+
+
+@dataclass
+class Cursor:
+    event: int = 0
+    metric: int = 0
+
+
+@dataclass
+class Line:
+    time: float
+    attempt: int
+    kind: str
+    level: str
+    step: int | None
+    message: str
+    fields: dict[str, Any] | None
+
+
+def summary(run: dict[str, Any]) -> dict[str, Any]:
+    """The stable ``ls --json`` shape."""
+    return {
+        "id": run["id"],
+        "name": run.get("name"),
+        "status": run.get("status"),
+        "attempt": run.get("attempt"),
+        "step": run.get("step"),
+        "started": run.get("started"),
+        "ended": run.get("ended"),
+    }
+
+
+def redact(env: dict[str, Any]) -> dict[str, Any]:
+    """Environment as displayed: values of secret-looking names hidden."""
+    return {k: ("***" if any(w in k.upper() for w in SECRET_WORDS) else v)
+            for k, v in env.items()}
+
+
+def _loads(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def iter_jsonl(rows: list[dict[str, Any]]) -> Iterator[str]:
+    for r in rows:
+        yield json.dumps(r, separators=(",", ":"))
+
+
+__all__ = ["Reader", "CkptdError", "redact", "summary"]

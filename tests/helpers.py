@@ -1,0 +1,168 @@
+"""Helpers shared by the tests: real daemon processes, scripts, store reads."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def socket_path(home: Path) -> Path:
+    from ckptd_client import paths
+
+    return paths.socket_path(home)
+
+
+def wait_for(pred: Any, timeout: float = 15.0, interval: float = 0.02, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}")
+        time.sleep(interval)
+
+
+def socket_answers(home: Path) -> bool:
+    import socket
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(os.fspath(socket_path(home)))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def env_for(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CKPTD_RUN_ID", "CKPTD_ATTEMPT", "CKPTD_SOCKET", "XDG_RUNTIME_DIR")}
+    env["CKPTD_HOME"] = os.fspath(home)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+class DaemonProc:
+    """A daemon started by the test itself, so it can be SIGKILLed and restarted."""
+
+    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
+        self.home = home
+        self.env = env or env_for(home)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True) -> None:
+        log = open(self.home / "daemon.log", "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ckptd.daemon", "--home", os.fspath(self.home)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env,
+            start_new_session=True,
+        )
+        log.close()
+        if wait:
+            wait_for(lambda: socket_answers(self.home), what="daemon socket")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def restart(self) -> None:
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        kill_home_daemon(self.home)
+
+
+def kill_home_daemon(home: Path) -> None:
+    """Stop whatever daemon holds ``home``'s lock (e.g. one auto-started by a client)."""
+    lock = home / "daemon.lock"
+    try:
+        pid = int(lock.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return
+    if pid <= 0:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+
+
+def run_script(home: Path, code: str, *, timeout: float = 120, check: bool = True,
+               env: dict[str, str] | None = None, cwd: Path | None = None,
+               args: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a Python snippet as a separate training process."""
+    script = home.parent / f"script_{time.monotonic_ns()}.py"
+    script.write_text(textwrap.dedent(code))
+    proc = subprocess.run([sys.executable, os.fspath(script), *(args or [])],
+                          capture_output=True, text=True, timeout=timeout,
+                          env=env or env_for(home), cwd=cwd or home.parent,
+                          stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"script failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def spawn_script(home: Path, code: str, *, env: dict[str, str] | None = None,
+                 stdout: Any = subprocess.PIPE) -> subprocess.Popen[str]:
+    script = home.parent / f"script_{time.monotonic_ns()}.py"
+    script.write_text(textwrap.dedent(code))
+    return subprocess.Popen([sys.executable, os.fspath(script)], stdout=stdout,
+                            stderr=subprocess.PIPE, text=True, env=env or env_for(home),
+                            cwd=home.parent, stdin=subprocess.DEVNULL)
+
+
+def ckptd(home: Path, *args: str, timeout: float = 60, check: bool = False,
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real ``ckptd`` command line."""
+    proc = subprocess.run([sys.executable, "-m", "ckptd", "--home", os.fspath(home), *args],
+                          capture_output=True, text=True, timeout=timeout,
+                          env=env or env_for(home), stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ckptd {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def db_rows(home: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(f"file:{home / 'ckptd.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
