@@ -48,7 +48,9 @@ log = logging.getLogger("ckptd.daemon")
 #: kernel socket buffers fill and clients spill to their spool. Memory stays bounded.
 QUEUE_MAX = 200_000
 #: Most events in one transaction (bounds the time a commit holds the lock).
-BATCH_MAX = 50_000
+BATCH_MAX = 20_000
+#: Seconds a send to a client may block before that client is dropped.
+SEND_TIMEOUT = 2
 
 
 class DaemonAlreadyRunning(CkptdError):
@@ -232,11 +234,16 @@ class Daemon:
                 os.unlink(self.socket_path)
         self.stop.set()
         self._spool_kick.set()
-        # The writer drains what the readers already queued, then exits.
-        for t in self._threads:
-            t.join(timeout=60)
+        # Stop reading from clients; what they sent and we did not commit stays
+        # unacked with them (they spool it). The writer drains what the readers
+        # already queued, commits it, then exits.
         with self.conns_lock:
             conns = list(self.conns)
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.sock.shutdown(socket.SHUT_RD)
+        for t in self._threads:
+            t.join(timeout=60)
         for c in conns:
             c.close()
         if self.store is not None:
@@ -274,6 +281,11 @@ class Daemon:
                 continue
             sock.setblocking(True)
             sock.settimeout(None)
+            # A peer that stops reading its acks must not stall the writer
+            # thread in sendall: after SEND_TIMEOUT its connection is dropped
+            # (the client keeps its unacked events and spools them).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                            struct.pack("ll", SEND_TIMEOUT, 0))
             conn = Conn(sock=sock, pid=pid)
             with self.conns_lock:
                 self.conns.add(conn)
