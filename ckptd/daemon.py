@@ -262,7 +262,7 @@ class Daemon:
                 last_ping = now
             try:
                 sock, _ = self._listener.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 if self.stop.is_set():
