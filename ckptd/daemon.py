@@ -40,6 +40,7 @@ from ckptd_client.run import valid_run_id
 from ckptd_client.spool import PARTIAL_SUFFIX, SUFFIX, fsync_dir, read_records, try_lock
 
 from . import __version__, notify, validate
+from .crashpoints import crashpoint
 from .store import Store
 
 log = logging.getLogger("ckptd.daemon")
@@ -421,6 +422,8 @@ class Daemon:
                 if flushes:
                     # a flush also covers the spool files its client just handed over
                     after_commit.extend(self._ingest_spools(store))
+                if seen_runs or flushes:
+                    crashpoint("events.before_commit")
         except Exception as exc:  # noqa: BLE001 - disk full, I/O error: report, keep serving
             log.error("commit of %d items failed: %s", len(batch), exc)
             for item in batch:
@@ -433,14 +436,20 @@ class Daemon:
             return
         # CRASH WINDOW: committed but not yet acked. Clients still hold these
         # events and resend them after a reconnect; the inserts are idempotent.
+        if seen_runs or flushes:
+            crashpoint("events.after_commit")
         for fn in after_commit:
             fn()
+        if seen_runs or flushes:
+            crashpoint("events.before_ack")
         for conn, seq in acks.items():
             if seq > conn.acked:
                 conn.acked = seq
             conn.send({"t": protocol.ACK, "seq": conn.acked})
         for f in flushes:
             f.conn.send({"t": protocol.FLUSHED, "seq": f.seq})
+        if seen_runs or flushes:
+            crashpoint("events.after_ack")
         for call, result, exc in calls:
             if exc is not None:
                 call.future.set_exception(exc)
@@ -489,8 +498,13 @@ class Daemon:
             log.info("ingested %d events from %s", len(events), name)
 
             def cleanup(path: Path = path, fd: int = fd) -> None:
+                # CRASH WINDOW: committed, file still here -> ingested again at
+                # restart (idempotent); unlinked but the directory not fsynced ->
+                # the file may reappear after power loss, same outcome.
+                crashpoint("spool.before_unlink")
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
+                crashpoint("spool.after_unlink")
                 os.close(fd)
 
             cleanups.append(cleanup)
