@@ -27,6 +27,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="thorough runs: more trials, more cut points, more fuzzing")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``@pytest.mark.slow`` tests are the thorough variants: they run only with --long."""
+    if config.getoption("--long"):
+        return
+    skip = pytest.mark.skip(reason="slow: thorough variant, run with --long")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def long_mode(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--long"))
