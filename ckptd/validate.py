@@ -7,6 +7,7 @@ peer can close its own connection and nothing else.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ckptd_client import protocol
@@ -50,6 +51,19 @@ def _num(msg: dict[str, Any], key: str, *, optional: bool = False) -> None:
         raise Invalid(f"{msg.get('t')}: {key} must be a number")
 
 
+#: Latest event time accepted (year 5138): beyond it ``tail`` could not format the time.
+MAX_TIME = 1e11
+
+
+def _time(msg: dict[str, Any]) -> None:
+    """A timestamp every reader can sort and print: NaN would be stored as NULL and
+    1e300 overflows ``datetime``; either would break ``ckptd tail`` for the run."""
+    _num(msg, "time", optional=True)
+    t = msg.get("time")
+    if t is not None and not (math.isfinite(t) and 0 <= t < MAX_TIME):
+        raise Invalid(f"{msg.get('t')}: time must be seconds since the epoch")
+
+
 def hello(msg: dict[str, Any]) -> None:
     _str(msg, "run", limit=128)
     if not valid_run_id(msg["run"]):
@@ -63,7 +77,7 @@ def event(msg: dict[str, Any]) -> None:
     """Check one sequenced event's fields against its type."""
     kind = msg["t"]
     _int(msg, "seq", minimum=1)
-    _num(msg, "time", optional=True)
+    _time(msg)
     if kind == protocol.LOG:
         _int(msg, "step", minimum=0)
         m = msg.get("m")

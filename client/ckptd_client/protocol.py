@@ -65,6 +65,9 @@ def decode_body(body: bytes) -> dict[str, Any]:
         msg = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"frame is not valid JSON: {exc}") from None
+    except RecursionError:
+        # a hostile frame nesting thousands of arrays: refuse it like any bad frame
+        raise ProtocolError("frame nests too deeply") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
         raise ProtocolError("frame is not an object with a string 't' field")
     return msg
