@@ -289,6 +289,41 @@ class Store:
                 (fields["status"], fields.get("ended"), run_id, attempt),
             )
 
+    # --------------------------------------------------------- checkpoints
+
+    def put_checkpoint(self, row: dict[str, Any]) -> None:
+        """Record a checkpoint (a re-committed step replaces its earlier row)."""
+        row = dict(row, metrics=_dumps(row.get("metrics") or {}))
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        self.conn.execute(f"INSERT OR REPLACE INTO checkpoints ({cols}) VALUES ({marks})",
+                          list(row.values()))
+
+    def mark_checkpoint(self, run_id: str, step: int, status: str, reason: str | None) -> None:
+        self.conn.execute("UPDATE checkpoints SET status = ?, reason = ? WHERE run_id = ?"
+                          " AND step = ?", (status, reason, run_id, step))
+
+    def delete_checkpoint(self, run_id: str, step: int) -> None:
+        self.conn.execute("DELETE FROM checkpoints WHERE run_id = ? AND step = ?",
+                          (run_id, step))
+
+    def checkpoint_rows(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        """Checkpoint rows (of one run, or all), oldest step first; metrics decoded."""
+        sql, args = "SELECT * FROM checkpoints", ()
+        if run_id is not None:
+            sql, args = sql + " WHERE run_id = ?", (run_id,)
+        cur = self.conn.execute(sql + " ORDER BY run_id, step", args)
+        cols = [d[0] for d in cur.description]
+        rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+        for r in rows:
+            r["metrics"] = json.loads(r["metrics"]) if r["metrics"] else {}
+        return rows
+
+    def run_retention(self, run_id: str) -> Any:
+        """The retention policy a run registered (decoded), or None."""
+        row = self.conn.execute("SELECT retention FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else None
+
     def running_runs(self) -> list[dict[str, Any]]:
         cur = self.conn.execute("SELECT * FROM runs WHERE status = 'running'")
         cols = [d[0] for d in cur.description]

@@ -124,6 +124,7 @@ class Run:
         self._link = threading.Thread(target=self._link_loop, name="ckptd-link", daemon=True)
         self._hooks_installed = False
         self._checkpointer: Any = None
+        self.restored_step: int | None = None  # set by restore()
 
     # ------------------------------------------------------------------ public
 
@@ -154,6 +155,27 @@ class Run:
         with self._lock:
             msg["step"] = self._step if self._step >= 0 else None
             self._emit_locked(msg)
+
+    def checkpoint(self, state: Any, step: int, metrics: dict[str, Any] | None = None) -> Any:
+        """Snapshot ``state`` and hand it to the daemon; returns a ``CheckpointHandle``.
+
+        Blocks only while the tensors are copied into shared memory; the
+        daemon writes, fsyncs, hashes and commits. Failures (no daemon, disk
+        full) come back through the handle, never as a crash of training.
+
+        :raises TypeError: ``state`` holds something that is not a tensor,
+            number, string, None or a dict/list/tuple of them (the message
+            names its path, e.g. ``state['opt']['foo']``).
+        """
+        from .checkpoint import checkpointer_for
+
+        return checkpointer_for(self).checkpoint(state, step, metrics)
+
+    def restore(self, map_location: Any = None) -> Any:
+        """The newest checkpoint that verifies (RNG states restored last), or None."""
+        from .checkpoint import restore
+
+        return restore(self, map_location)
 
     def logging_handler(self, level: int = logging.INFO) -> logging.Handler:
         """A ``logging.Handler`` that records each log record as a run event."""

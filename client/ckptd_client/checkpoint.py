@@ -1,0 +1,837 @@
+"""Checkpoints, training side: snapshot into shared memory, hand over, restore.
+
+How a checkpoint travels (SPEC promises 2, 3 and 4)::
+
+    trainer                                   daemon
+    -------                                   ------
+    walk state -> tree + tensor list
+    copy tensors into /dev/shm/ckptd-...  (the only time the loop is blocked)
+    send CKPT {tree, layout, shm path} ----> open the shm file, copy it to a
+    checkpoint() returns a handle            staging dir, fsync, hash, rename,
+                                             insert the row, then reply
+    handle resolves  <--------------------- CKPT_DONE {ok, hash, persist_s}
+
+Once ``checkpoint()`` returns, the message is in the kernel's socket buffer
+and the shm file exists, so the daemon has everything it needs even if the
+trainer is killed at that instant. The shm file is one per training process,
+reused by every checkpoint (and grown when the state grows); the daemon
+deletes it when the trainer is gone.
+
+On disk a checkpoint is a directory ``step-<N>/`` holding:
+
+* ``tensors.bin``: every tensor's raw bytes, at 64-byte-aligned offsets;
+* ``manifest.json``: the nested structure (dicts, lists, tuples, plain
+  values inline, tensors by index), each tensor's dtype/shape/offset, and a
+  sha256 per 64 MiB chunk of ``tensors.bin``. The store's row holds the
+  sha256 of the manifest itself, so one value pins the whole checkpoint.
+
+Nothing is pickled: loading runs no code, and ``ckptd ckpt export`` turns a
+checkpoint into one plain ``torch.save`` file (``weights_only=True``-safe).
+
+This module is also the reader the daemon uses (format, hashing,
+verification), so the two sides can never disagree about the format. It
+imports only the standard library at import time; torch is imported when a
+checkpoint is taken or loaded.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import mmap
+import os
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import errors, paths, protocol, transport
+from .errors import CheckpointError, CkptdError, DaemonUnavailable, DiskFull
+
+if TYPE_CHECKING:
+    from .run import Run
+
+# ------------------------------------------------------------------ format
+
+FORMAT = "ckptd-checkpoint"
+FORMAT_VERSION = 1
+DATA_FILE = "tensors.bin"
+MANIFEST_FILE = "manifest.json"
+STEP_PREFIX = "step-"
+#: A directory being written; never read, removed at daemon start.
+STAGING_SUFFIX = ".ckptd-tmp"
+#: A committed step moved aside while a new checkpoint of the same step replaces it.
+REPLACED_SUFFIX = ".ckptd-old"
+#: Tensor offsets are aligned so every dtype can be viewed in place.
+ALIGN = 64
+#: Unit of hashing: chunks are hashed in parallel on write and on verify.
+CHUNK = 64 << 20
+HASH_ALGO = "sha256"
+MAX_MANIFEST = 256 << 20
+#: Reply from the daemon to a CKPT message: {id, ok, error?, kind?, hash?, bytes?, persist_s?}.
+CKPT_DONE = "ckpt_done"
+SHM_PREFIX = "ckptd-"
+
+#: dtype name -> element size. The daemon checks layouts against this
+#: without importing torch.
+DTYPE_SIZES = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "complex128": 16, "complex64": 8, "complex32": 4,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+    "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1,
+    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
+}
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    """The step of a committed checkpoint directory name, else None."""
+    if not name.startswith(STEP_PREFIX):
+        return None
+    digits = name[len(STEP_PREFIX):]
+    return int(digits) if digits.isdigit() else None
+
+
+def content_hash(data: bytes) -> str:
+    return f"{HASH_ALGO}:{hashlib.sha256(data).hexdigest()}"
+
+
+def _hash_one(view: memoryview) -> str:
+    return hashlib.sha256(view).hexdigest()  # releases the GIL on large buffers
+
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def hash_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads for hashing chunks: sha256 releases the GIL, so chunks hash in parallel."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="ckptd-hash")
+        return _pool
+
+
+def submit_chunk_hashes(buf: Any, size: int) -> list[concurrent.futures.Future[str]]:
+    """Start hashing ``buf[:size]`` in CHUNK pieces; the futures give hex digests in order."""
+    view = memoryview(buf).cast("B")
+    pool = hash_pool()
+    return [pool.submit(_hash_one, view[off:min(off + CHUNK, size)])
+            for off in range(0, size, CHUNK)]
+
+
+def chunk_hashes(buf: Any, size: int) -> list[str]:
+    return [f.result() for f in submit_chunk_hashes(buf, size)]
+
+
+# ---------------------------------------------------------- state <-> tree
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def encode_state(obj: Any, path: str = "state") -> tuple[Any, list[tuple[str, Any]]]:
+    """Walk ``obj`` into a JSON tree plus the tensors it holds, in order.
+
+    Tree nodes: plain JSON values inline; ``{"T": i}`` tensor i; ``{"D":
+    [[key, node], ...]}`` dict (keys may be ints: optimizer state is keyed
+    by parameter index); ``{"L": [...]}`` list; ``{"U": [...]}`` tuple.
+
+    :raises TypeError: naming the path of the first value that is not a
+        tensor, number, string, None, dict, list or tuple.
+    """
+    tensors: list[tuple[str, Any]] = []
+    return _encode(obj, path, tensors, 0), tensors
+
+
+def _encode(obj: Any, path: str, tensors: list[tuple[str, Any]], depth: int) -> Any:
+    if depth > 200:
+        raise TypeError(f"{path} is nested more than 200 levels deep (a reference cycle?)")
+    if isinstance(obj, _SCALARS):
+        return obj
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        _check_tensor(obj, path)
+        tensors.append((path, obj))
+        return {"T": len(tensors) - 1}
+    if isinstance(obj, dict):
+        items = []
+        for key, value in obj.items():
+            if not isinstance(key, _SCALARS):
+                raise TypeError(f"{path} has a key {key!r} of type {type(key).__qualname__}; "
+                                "checkpoint dict keys must be str, int, float, bool or None")
+            items.append([key, _encode(value, f"{path}[{key!r}]", tensors, depth + 1)])
+        return {"D": items}
+    if isinstance(obj, (list, tuple)):
+        nodes = [_encode(v, f"{path}[{i}]", tensors, depth + 1) for i, v in enumerate(obj)]
+        return {"L": nodes} if isinstance(obj, list) else {"U": nodes}
+    if type(obj).__module__ == "numpy" and getattr(obj, "ndim", None) == 0:
+        return obj.item()  # numpy scalar -> plain number: no numpy object is ever stored
+    raise TypeError(
+        f"{path} is a {type(obj).__module__}.{type(obj).__qualname__}; a checkpoint holds "
+        "tensors, numbers, strings, None and dicts/lists/tuples of them "
+        "(convert numpy arrays with torch.from_numpy, objects with .state_dict())"
+    )
+
+
+def _check_tensor(t: Any, path: str) -> None:
+    import torch
+
+    if t.layout != torch.strided or t.is_quantized or getattr(t, "is_nested", False):
+        raise TypeError(f"{path} is a {t.layout} tensor; only dense tensors can be checkpointed "
+                        "(convert with .to_dense() / .dequantize())")
+    if t.device.type == "meta":
+        raise TypeError(f"{path} is a meta tensor: it has no data to checkpoint")
+    if str(t.dtype).removeprefix("torch.") not in DTYPE_SIZES:
+        raise TypeError(f"{path} has dtype {t.dtype}, which ckptd cannot store")
+
+
+def decode_tree(node: Any, tensors: list[Any]) -> Any:
+    """Inverse of :func:`encode_state` (tree from a manifest: untrusted input)."""
+    if isinstance(node, dict):
+        if "T" in node:
+            return tensors[node["T"]]
+        if "D" in node:
+            return {k: decode_tree(v, tensors) for k, v in node["D"]}
+        if "L" in node:
+            return [decode_tree(v, tensors) for v in node["L"]]
+        if "U" in node:
+            return tuple(decode_tree(v, tensors) for v in node["U"])
+        raise ValueError(f"unknown tree node {sorted(node)!r}")
+    if isinstance(node, list):
+        raise ValueError("bare list in tree")
+    return node
+
+
+def layout(tensors: list[tuple[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """Offsets for each tensor in the data file; returns (specs, total bytes)."""
+    specs: list[dict[str, Any]] = []
+    off = 0
+    for _, t in tensors:
+        dtype = str(t.dtype).removeprefix("torch.")
+        nbytes = t.numel() * DTYPE_SIZES[dtype]
+        specs.append({"dtype": dtype, "shape": list(t.shape), "offset": off, "nbytes": nbytes})
+        off += -(-nbytes // ALIGN) * ALIGN
+    return specs, off
+
+
+def check_specs(specs: Any, size: int) -> None:
+    """Validate a tensor layout from an untrusted peer or file.
+
+    :raises ValueError: a spec that does not fit ``size`` bytes or lies about its size.
+    """
+    if not isinstance(specs, list):
+        raise ValueError("tensors must be a list")
+    for i, s in enumerate(specs):
+        if not isinstance(s, dict) or s.get("dtype") not in DTYPE_SIZES:
+            raise ValueError(f"tensor {i}: unknown dtype")
+        shape, off, nbytes = s.get("shape"), s.get("offset"), s.get("nbytes")
+        if not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ValueError(f"tensor {i}: bad shape")
+        n = DTYPE_SIZES[s["dtype"]]
+        for d in shape:
+            n *= d
+        if not (isinstance(off, int) and isinstance(nbytes, int)) or nbytes != n \
+                or off < 0 or off % ALIGN or off + nbytes > size:
+            raise ValueError(f"tensor {i}: offset/size outside the data")
+
+
+def _tensor_views(base: Any, specs: list[dict[str, Any]]) -> list[Any]:
+    """Tensors viewing ``base`` (a uint8 tensor) at the layout's offsets, no copy."""
+    import torch
+
+    out = []
+    for s in specs:
+        raw = base[s["offset"]:s["offset"] + s["nbytes"]]
+        out.append(raw.view(getattr(torch, s["dtype"])).view(s["shape"]))
+    return out
+
+
+# ---------------------------------------------------------------- reading
+
+def read_manifest(ckpt_dir: Path, expected_hash: str | None = None) -> tuple[dict[str, Any], str]:
+    """Parse and check a manifest; returns (manifest, its content hash).
+
+    :raises CheckpointError: missing, unreadable, not a ckptd manifest, or
+        not the manifest the store recorded (``expected_hash``).
+    """
+    path = ckpt_dir / MANIFEST_FILE
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_MANIFEST + 1)
+    except OSError as exc:
+        raise CheckpointError(f"read {path}: {exc.strerror or exc}") from None
+    digest = content_hash(data)
+    if expected_hash is not None and digest != expected_hash:
+        raise CheckpointError(f"verify {path}: hash {digest[:19]}... does not match the "
+                              f"recorded {str(expected_hash)[:19]}... (file changed or damaged)")
+    try:
+        manifest = json.loads(data)
+        if manifest.get("format") != FORMAT:
+            raise ValueError("not a ckptd checkpoint manifest")
+        if manifest.get("version") != FORMAT_VERSION:
+            raise ValueError(f"format version {manifest.get('version')!r} is not supported")
+        info = manifest["files"][DATA_FILE]
+        if not isinstance(info.get("bytes"), int) or not isinstance(info.get("hashes"), list):
+            raise ValueError("data file entry is malformed")
+        check_specs(manifest["tensors"], info["bytes"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"verify {path}: {exc}") from None
+    return manifest, digest
+
+
+def open_data(ckpt_dir: Path, manifest: dict[str, Any], *, verify: bool = True,
+              writable: bool = True) -> Any:
+    """Map ``tensors.bin`` (private copy-on-write: the file is never changed) and
+    check every chunk's hash. Returns the mmap (None for an empty file).
+
+    :raises CheckpointError: file missing, wrong size, or a chunk that fails its hash.
+    """
+    path = ckpt_dir / DATA_FILE
+    info = manifest["files"][DATA_FILE]
+    size = info["bytes"]
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise CheckpointError(f"read {path}: {exc.strerror or exc}") from None
+    try:
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            raise CheckpointError(f"verify {path}: {actual} bytes, manifest says {size} "
+                                  "(truncated or damaged)")
+        if size == 0:
+            mm = None
+        else:
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0),
+                           prot=prot)
+    finally:
+        os.close(fd)
+    if verify:
+        expected = info["hashes"]
+        got = chunk_hashes(mm, size) if mm is not None else []
+        if len(got) != len(expected):
+            raise CheckpointError(f"verify {path}: {len(got)} chunks, manifest lists "
+                                  f"{len(expected)}")
+        for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+            if a != b:
+                raise CheckpointError(f"verify {path}: chunk {i} (bytes {i * CHUNK}-"
+                                      f"{min((i + 1) * CHUNK, size)}) fails its {HASH_ALGO} "
+                                      "hash (file damaged)")
+    return mm
+
+
+def verify_dir(ckpt_dir: Path, expected_hash: str | None = None) -> tuple[dict[str, Any], str]:
+    """Full check of one checkpoint directory (manifest and every data chunk).
+
+    :raises CheckpointError: saying what failed.
+    """
+    manifest, digest = read_manifest(ckpt_dir, expected_hash)
+    mm = open_data(ckpt_dir, manifest, verify=True, writable=False)
+    if mm is not None:
+        mm.close()
+    return manifest, digest
+
+
+def load_dir(ckpt_dir: Path, expected_hash: str | None = None, map_location: Any = None,
+             verify: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load a checkpoint directory: returns (payload, manifest), payload being
+    ``{"state": ..., "rng": ...}`` with tensors viewing a private mapping of
+    the data file (no read copy; writes to them never reach the file).
+
+    :raises CheckpointError: the checkpoint fails verification or is malformed.
+    """
+    import torch
+
+    manifest, _ = read_manifest(ckpt_dir, expected_hash)
+    mm = open_data(ckpt_dir, manifest, verify=verify)
+    if mm is None:
+        base = torch.empty(0, dtype=torch.uint8)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = torch.frombuffer(mm, dtype=torch.uint8)
+    tensors = _tensor_views(base, manifest["tensors"])
+    if map_location is not None:
+        tensors = [t.to(map_location) for t in tensors]
+    try:
+        payload = decode_tree(manifest["tree"], tensors)
+        if not isinstance(payload, dict) or "state" not in payload:
+            raise ValueError("tree has no state")
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise CheckpointError(f"load {ckpt_dir / MANIFEST_FILE}: malformed tree: {exc}") from None
+    return payload, manifest
+
+
+def committed_rows(home: Path, run_id: str) -> list[dict[str, Any]]:
+    """Committed checkpoints of a run, newest first, read from the store read-only."""
+    db = paths.db_path(home)
+    if not db.exists():
+        return []
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        try:
+            conn.row_factory = sqlite3.Row
+            rows = conn.execute(
+                "SELECT step, hash, status FROM checkpoints WHERE run_id = ? AND"
+                " status = 'committed' ORDER BY step DESC", (run_id,)).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise CkptdError(f"restore: cannot read the store {db}: {exc}") from None
+    return [dict(r) for r in rows]
+
+
+# ----------------------------------------------------------------- handles
+
+class CheckpointHandle:
+    """The outcome of one ``run.checkpoint()``: resolved when the daemon has
+    committed it (durable) or reported why it could not.
+
+    Mirrors ``concurrent.futures.Future``: ``done()``, ``wait(timeout)``,
+    ``exception(timeout)``.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.blocked_s = 0.0
+        self.result: dict[str, Any] | None = None
+        self._exc: BaseException | None = None
+        self._event = threading.Event()
+
+    def done(self) -> bool:
+        """True once the checkpoint is committed or has failed."""
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        """Block until the checkpoint is durable; return its commit facts.
+
+        :raises CheckpointError: (or ``DiskFull``, ``DaemonUnavailable``) when it failed.
+        :raises TimeoutError: still being written after ``timeout`` seconds.
+        """
+        if not self._event.wait(timeout):
+            raise TimeoutError(f"checkpoint step {self.step}: not durable after {timeout} s "
+                               "(still being written)")
+        if self._exc is not None:
+            raise self._exc
+        assert self.result is not None
+        return self.result
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The error it failed with, None if committed (waits like ``wait``)."""
+        if not self._event.wait(timeout):
+            raise TimeoutError(f"checkpoint step {self.step}: still being written")
+        return self._exc
+
+    def _resolve(self, result: dict[str, Any] | None, exc: BaseException | None) -> None:
+        if self._event.is_set():
+            return
+        self.result, self._exc = result, exc
+        self._event.set()
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done() else ("failed" if self._exc else "committed")
+        return f"<CheckpointHandle step={self.step} {state}>"
+
+
+# --------------------------------------------------------------- snapshots
+
+def shm_dir(home: Path) -> Path:
+    """Where snapshot buffers live: ``CKPTD_SHM_DIR``, else /dev/shm, else the home."""
+    env = os.environ.get("CKPTD_SHM_DIR")
+    if env:
+        return Path(env)
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        return Path("/dev/shm")
+    return home / "shm"
+
+
+def shm_prefix(home: Path) -> str:
+    """Name prefix of the snapshot buffers of ``home`` (its daemon sweeps only these)."""
+    return f"{SHM_PREFIX}{os.getuid()}-{hashlib.sha256(os.fsencode(home)).hexdigest()[:12]}-"
+
+
+class _SharedBuffer:
+    """One file in shared memory, mapped for the life of the training process.
+
+    Reused by every checkpoint; grown (never shrunk) when the state grows.
+    Space is reserved with ``posix_fallocate`` so a full /dev/shm is an
+    error here, not a SIGBUS in the middle of the copy.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = -1
+        self.mm: mmap.mmap | None = None
+        self.base: Any = None
+        self.capacity = 0
+        self.pinned_ptr = 0
+
+    def ensure(self, size: int) -> None:
+        import torch
+
+        if self.mm is not None and size <= self.capacity:
+            return
+        capacity = max(-(-size // (1 << 20)) * (1 << 20), 1 << 20)
+        if self.fd < 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              0o600)
+        self.unmap()
+        try:
+            os.posix_fallocate(self.fd, 0, capacity)
+        except OSError as exc:
+            cls = DiskFull if exc.errno in (28, 122) else CheckpointError
+            raise cls(f"checkpoint: cannot reserve {_human(capacity)} for the snapshot in "
+                      f"{self.path.parent}: {exc.strerror}; free memory there or set "
+                      "CKPTD_SHM_DIR to a larger tmpfs") from None
+        self.mm = mmap.mmap(self.fd, capacity,
+                            flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                            prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.base = torch.frombuffer(self.mm, dtype=torch.uint8)
+        self.capacity = capacity
+
+    def pin(self) -> None:
+        """Page-lock the mapping so device-to-host copies are DMA (CUDA only)."""
+        import torch
+
+        if self.pinned_ptr or self.base is None:
+            return
+        ptr = self.base.data_ptr()
+        if torch.cuda.cudart().cudaHostRegister(ptr, self.capacity, 0) == 0:
+            self.pinned_ptr = ptr
+
+    def unmap(self) -> None:
+        if self.pinned_ptr:
+            import torch
+
+            torch.cuda.cudart().cudaHostUnregister(self.pinned_ptr)
+            self.pinned_ptr = 0
+        self.base = None
+        if self.mm is not None:
+            try:
+                self.mm.close()
+            except BufferError:
+                pass  # a caller still holds a view; the mapping goes with it
+            self.mm = None
+
+    def close(self, unlink: bool) -> None:
+        self.unmap()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if unlink:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+class Checkpointer:
+    """The checkpoint side of a ``Run``: one dedicated daemon connection, one
+    shared buffer, at most one checkpoint in flight."""
+
+    #: How long a new checkpoint waits for the previous one to be committed.
+    previous_timeout = 600.0
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self._lock = threading.Lock()  # one checkpoint() at a time
+        self._sock: socket.socket | None = None
+        self._mu = threading.Lock()  # guards _sock, _inflight and sends
+        self._inflight: dict[int, CheckpointHandle] = {}
+        self._last: CheckpointHandle | None = None
+        self._next_id = 0
+        self._buffer = _SharedBuffer(shm_dir(run.home) / (
+            f"{shm_prefix(run.home)}{os.getpid()}-{run.id}"))
+        self._closed = False
+
+    # ------------------------------------------------------------- public
+
+    def checkpoint(self, state: Any, step: int, metrics: dict[str, Any] | None) -> \
+            CheckpointHandle:
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise TypeError(f"checkpoint step must be a non-negative int, not {step!r}")
+        if metrics is not None and not isinstance(metrics, dict):
+            raise TypeError(f"checkpoint metrics must be a dict, not {type(metrics).__name__}")
+        values = {k: protocol.check_metric(k, v) for k, v in (metrics or {}).items()}
+        from . import rng
+
+        t0 = time.perf_counter()
+        tree, tensors = encode_state({"state": state, "rng": rng.capture()})
+        encode_s = time.perf_counter() - t0
+        handle = CheckpointHandle(step)
+        with self._lock:
+            if self._closed:
+                raise CkptdError("checkpoint: the run is finished")
+            last = self._last
+            if last is not None and not last._event.wait(self.previous_timeout):
+                return self._fail(handle, CheckpointError(
+                    f"checkpoint step {step}: the previous checkpoint (step {last.step}) is "
+                    f"still being written after {self.previous_timeout:.0f} s; skipped"))
+            t1 = time.perf_counter()  # waiting for the previous one is not the snapshot
+            try:
+                msg = self._snapshot_locked(tree, tensors, step, values)
+                handle.blocked_s = encode_s + time.perf_counter() - t1
+                msg["blocked_s"] = handle.blocked_s
+                self._send_locked(msg, handle)
+            except CkptdError as exc:
+                return self._fail(handle, exc)
+            self._last = handle
+        return handle
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Wait (bounded) for the checkpoint in flight, then release the buffer.
+
+        If it is still being written, the buffer file stays for the daemon,
+        which deletes it once it sees this connection gone.
+        """
+        with self._lock:
+            self._closed = True
+            last = self._last
+        done = last is None or last._event.wait(timeout if timeout is not None else 30.0)
+        self._buffer.close(unlink=done)
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def on_reply(self, msg: dict[str, Any]) -> None:
+        """Replies on the run's main connection: none are expected (we use our own)."""
+
+    # ---------------------------------------------------------- internals
+
+    def _snapshot_locked(self, tree: Any, tensors: list[tuple[str, Any]], step: int,
+                         metrics: dict[str, Any]) -> dict[str, Any]:
+        """Copy every tensor into the shared buffer: the only part the loop waits for."""
+        self._connect_locked()  # fail fast, before copying, when no daemon is there
+        specs, size = layout(tensors)
+        if tensors:
+            import torch
+
+            self._buffer.ensure(size)
+            views = _tensor_views(self._buffer.base, specs)
+            cuda = [t for _, t in tensors if t.device.type == "cuda"]
+            if cuda:
+                try:
+                    self._buffer.pin()
+                except Exception:  # noqa: BLE001 - pageable copies are slower, still correct
+                    pass
+            with torch.no_grad():
+                for dst, (_, src) in zip(views, tensors, strict=True):
+                    dst.copy_(src.detach(), non_blocking=src.device.type == "cuda")
+            del views
+            for dev in {t.device for t in cuda}:
+                torch.cuda.synchronize(dev)
+        else:
+            size = 0
+        self._next_id += 1
+        return {"t": protocol.CKPT, "id": self._next_id, "step": step, "metrics": metrics,
+                "shm": os.fspath(self._buffer.path), "size": size, "tree": tree,
+                "tensors": specs, "time": time.time(), "pid": os.getpid()}
+
+    def _send_locked(self, msg: dict[str, Any], handle: CheckpointHandle) -> None:
+        try:
+            frame = protocol.encode(msg)
+        except protocol.ProtocolError as exc:
+            raise CheckpointError(f"checkpoint step {handle.step}: the state's structure is "
+                                  f"too large to describe ({exc})") from None
+        with self._mu:
+            sock = self._sock
+            if sock is None:
+                raise DaemonUnavailable(f"checkpoint step {handle.step}: the daemon "
+                                        "connection closed")
+            self._inflight[msg["id"]] = handle
+            try:
+                # Blocking sendall: when it returns, the request is in the
+                # kernel and survives our death (the daemon still reads it).
+                sock.sendall(frame)
+                return
+            except OSError as exc:
+                self._inflight.pop(msg["id"], None)
+                error = exc
+        self._drop(sock, None)
+        raise DaemonUnavailable(f"checkpoint step {handle.step}: lost the daemon "
+                                f"connection while sending ({error})")
+
+    def _connect_locked(self) -> socket.socket:
+        with self._mu:
+            if self._sock is not None:
+                return self._sock
+        try:
+            sock = transport.connect(paths.socket_path(self.run.home))
+            sock.settimeout(10)
+            sock.sendall(protocol.encode({"t": protocol.HELLO, "run": self.run.id,
+                                          "attempt": self.run.attempt, "src": "c",
+                                          "pid": os.getpid()}))
+        except DaemonUnavailable as exc:
+            raise DaemonUnavailable(f"checkpoint: {exc}; the daemon must be running to take "
+                                    "checkpoints (`ckptd start`)") from None
+        except OSError as exc:
+            raise DaemonUnavailable(f"checkpoint: cannot reach the daemon: {exc}") from None
+        with self._mu:
+            self._sock = sock
+        threading.Thread(target=self._read_loop, args=(sock,), name="ckptd-ckpt",
+                         daemon=True).start()
+        return sock
+
+    def _read_loop(self, sock: socket.socket) -> None:
+        reader = protocol.FrameReader()
+        sock.settimeout(None)
+        while True:
+            try:
+                data = sock.recv(65536)
+                msgs = reader.feed(data) if data else None
+            except (OSError, protocol.ProtocolError):
+                msgs = None
+            if msgs is None:
+                self._drop(sock, DaemonUnavailable(
+                    "checkpoint: the daemon connection closed before the commit was "
+                    "confirmed; it may or may not be committed (see `ckptd ckpt ls`)"))
+                return
+            for msg in msgs:
+                if msg.get("t") == CKPT_DONE:
+                    self._on_done(msg)
+                elif msg.get("t") == protocol.ERROR:
+                    self.run._warn("ckpt-daemon", f"daemon refused a checkpoint: "
+                                   f"{msg.get('error')}")
+
+    def _on_done(self, msg: dict[str, Any]) -> None:
+        with self._mu:
+            handle = self._inflight.pop(msg.get("id"), None)  # type: ignore[arg-type]
+        if handle is None:
+            return
+        if msg.get("ok"):
+            handle._resolve({k: msg.get(k) for k in ("step", "hash", "bytes", "persist_s")}
+                            | {"blocked_s": handle.blocked_s}, None)
+            return
+        cls = getattr(errors, str(msg.get("kind")), CheckpointError)
+        if not (isinstance(cls, type) and issubclass(cls, CkptdError)):
+            cls = CheckpointError
+        exc = cls(str(msg.get("error")))
+        self.run._warn(f"ckpt-{cls.__name__}", str(exc))
+        handle._resolve(None, exc)
+
+    def _drop(self, sock: socket.socket, exc: CkptdError | None) -> None:
+        with self._mu:
+            if self._sock is sock:
+                self._sock = None
+            pending: dict[int, CheckpointHandle] = {}
+            if exc is not None:
+                pending, self._inflight = self._inflight, {}
+        try:
+            sock.close()
+        except OSError:
+            pass
+        for handle in pending.values():
+                handle._resolve(None, exc)
+
+    def _fail(self, handle: CheckpointHandle, exc: CkptdError) -> CheckpointHandle:
+        """A checkpoint that could not be handed over: say so, keep training."""
+        self.run._warn(f"ckpt-{type(exc).__name__}", str(exc))
+        try:
+            self.run.event(f"checkpoint step {handle.step} failed: {exc}", level="error",
+                           step=handle.step)
+        except Exception:  # noqa: BLE001 - the event is a courtesy; training goes on
+            pass
+        handle._resolve(None, exc)
+        return handle
+
+
+def checkpointer_for(run: Run) -> Checkpointer:
+    if run._checkpointer is None:
+        run._checkpointer = Checkpointer(run)
+    return run._checkpointer
+
+
+# ----------------------------------------------------------------- restore
+
+def restore(run: Run, map_location: Any = None) -> Any:
+    """The state of the run's newest checkpoint that verifies, RNG restored last.
+
+    Checkpoints that fail verification are skipped with a warning and a run
+    event saying why (and reported to the daemon, which marks them corrupt,
+    when it is there; restoring itself never needs the daemon).
+    """
+    from . import rng
+
+    for row in committed_rows(run.home, run.id):
+        ckpt_dir = paths.checkpoints_dir(run.home, run.id) / step_dir_name(row["step"])
+        try:
+            payload, _ = load_dir(ckpt_dir, row["hash"], map_location)
+        except CheckpointError as exc:
+            text = f"restore: skipped checkpoint step {row['step']}: {exc}"
+            warnings.warn(text, stacklevel=3)
+            try:
+                run.event(text, level="warning", skipped_step=row["step"])
+            except Exception:  # noqa: BLE001
+                pass
+            _report_corrupt(run, row["step"], str(exc))
+            continue
+        if payload.get("rng"):
+            # own storage: the generators reject views into the mapped file
+            rng.restore(clone_tensors(payload["rng"]))  # last: nothing after draws a number
+        _announce(run, row["step"])
+        return payload["state"]
+    _announce(run, None)
+    return None
+
+
+def clone_tensors(obj: Any) -> Any:
+    """``obj`` with every tensor copied into its own storage."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: clone_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(clone_tensors(v) for v in obj)
+    return obj
+
+
+def _announce(run: Run, step: int | None) -> None:
+    """Record which step this attempt continues from (None: it starts over)."""
+    run.restored_step = step
+    report = getattr(run, "_report_restored", None)  # resume support, when present
+    try:
+        if report is not None:
+            report(step)
+        elif step is not None:
+            run.event(f"restored checkpoint step {step}", restored_step=step)
+    except Exception:  # noqa: BLE001 - a courtesy record; the state is already restored
+        pass
+
+
+def _report_corrupt(run: Run, step: int, reason: str) -> None:
+    try:
+        transport.call(run.home, "ckpt_mark_corrupt",
+                       {"run": run.id, "step": step, "reason": reason}, autostart=False,
+                       timeout=5)
+    except CkptdError:
+        pass
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+human_bytes = _human
+
+__all__ = ["CheckpointHandle", "Checkpointer", "restore", "load_dir", "verify_dir"]
