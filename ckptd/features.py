@@ -1,4 +1,8 @@
 """Importing this module registers every RPC handler and daemon hook."""
 
-from . import checkpoints  # noqa: F401
-from . import control  # noqa: F401
+from . import (
+    autoresume,  # noqa: F401
+    checkpoints,  # noqa: F401
+    control,  # noqa: F401
+    sysmetrics,  # noqa: F401
+)

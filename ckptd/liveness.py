@@ -48,7 +48,10 @@ def verdict(run: dict[str, Any], connected: set[tuple[str, int]], current_boot: 
                                                    run.get("supervisor_started")):
         return None
     if run.get("pid") is None:
-        return None  # not registered by a process yet (supervisor starting it)
+        if run.get("supervisor_pid"):
+            return (f"supervisor {run['supervisor_pid']} vanished before its process "
+                    "registered")
+        return None  # not registered by a process yet
     if process_alive(run["pid"], run.get("pid_started")):
         return None
     return f"process {run['pid']} vanished without finishing (killed, OOM or crash)"

@@ -122,9 +122,11 @@ class Reader:
                 all_attempts: bool = False) -> list[dict[str, Any]]:
         """The effective timeline: superseded values (logged by an attempt after
         the step a later attempt resumed from) are left out unless asked for."""
+        # the daemon's own samples (``sys/...``, src 'd') appear when asked for by key
+        src = "d" if key is not None and key.startswith("sys/") else "c"
         sql = ("SELECT step, key, value, attempt, time, superseded FROM metrics"
-               " WHERE run_id = ? AND src = 'c'")
-        args: list[Any] = [run_id]
+               " WHERE run_id = ? AND src = ?")
+        args: list[Any] = [run_id, src]
         if key is not None:
             sql += " AND key = ?"
             args.append(key)

@@ -26,7 +26,7 @@ from typing import Any
 
 import sqlite_utils
 from ckptd_client import protocol
-from ckptd_client.errors import CkptdError
+from ckptd_client.errors import CkptdError, NotFound, ResumeRefused
 
 SCHEMA_VERSION = 1
 
@@ -168,7 +168,9 @@ class Store:
         conn = self.conn
         metrics: list[tuple[Any, ...]] = []
         steps: dict[str, int] = {}
+        touched: set[tuple[str, int]] = set()
         for run_id, attempt, src, msg in events:
+            touched.add((run_id, attempt))
             kind = msg["t"]
             seq = msg["seq"]
             t = msg.get("time") or time.time()
@@ -188,6 +190,12 @@ class Store:
                 message, level = f"attempt {attempt} {msg.get('status')}", "info"
             elif kind == protocol.CONSOLE:
                 message, level = msg.get("text", ""), msg.get("stream", "stdout")
+            elif kind == protocol.RESTORED:
+                restored = msg.get("step")
+                message, level = (
+                    f"attempt {attempt} resumed after checkpoint step {restored}"
+                    if restored is not None and restored >= 0
+                    else f"attempt {attempt} started over: no checkpoint to restore"), "info"
             else:
                 message, level = msg.get("msg", ""), msg.get("level", "info")
             cur = conn.execute(
@@ -202,6 +210,8 @@ class Store:
                 self._register(run_id, attempt, msg, t)
             elif kind == protocol.STATUS:
                 self._status(run_id, attempt, msg, t)
+            elif kind == protocol.RESTORED:
+                self._restored(run_id, attempt, msg.get("step"))
         if metrics:
             conn.executemany(
                 "INSERT OR IGNORE INTO metrics (run_id, attempt, src, seq, key, step, value,"
@@ -214,6 +224,129 @@ class Store:
                 " (step IS NULL OR step < ?)",
                 (step, time.time(), run_id, step),
             )
+        for run_id, attempt in touched:
+            self._supersede_late(run_id, attempt)
+
+    # ------------------------------------------------------------ attempts
+
+    def _restored(self, run_id: str, attempt: int, step: int | None) -> None:
+        """Attempt ``attempt`` continues after checkpoint ``step`` (None/-1: from scratch).
+
+        What earlier attempts logged after that step is a timeline this
+        attempt replaces: it is marked superseded (kept, hidden by default).
+        """
+        step = -1 if step is None else step
+        self.conn.execute(
+            "INSERT INTO attempts (run_id, attempt, restored_step, status) VALUES (?,?,?,?)"
+            " ON CONFLICT(run_id, attempt) DO UPDATE SET restored_step = excluded.restored_step",
+            (run_id, attempt, step, "running"),
+        )
+        self._supersede(run_id, "attempt < ?", attempt, step)
+        self.conn.execute("UPDATE runs SET step = ? WHERE id = ? AND attempt = ?",
+                          (step if step >= 0 else None, run_id, attempt))
+
+    def _supersede(self, run_id: str, which: str, attempt: int, step: int) -> None:
+        self.conn.execute(
+            f"UPDATE metrics SET superseded = 1 WHERE run_id = ? AND {which} AND src = 'c'"
+            " AND step > ? AND superseded = 0", (run_id, attempt, step))
+        self.conn.execute(
+            f"UPDATE events SET superseded = 1 WHERE run_id = ? AND {which}"
+            " AND step > ? AND superseded = 0", (run_id, attempt, step))
+
+    def _supersede_late(self, run_id: str, attempt: int) -> None:
+        """Rows of an older attempt that arrive after a newer attempt restored
+        (a spool ingested late) are superseded the same way: order-independent."""
+        row = self.conn.execute(
+            "SELECT MIN(restored_step) FROM attempts WHERE run_id = ? AND attempt > ?"
+            " AND restored_step IS NOT NULL", (run_id, attempt)).fetchone()
+        if row and row[0] is not None:
+            self._supersede(run_id, "attempt = ?", attempt, row[0])
+
+    def begin_attempt(self, run_id: str, *, force: bool, auto: bool,
+                      after_attempt: int | None, supervisor_pid: int,
+                      supervisor_started: float | None, boot_id: str,
+                      host: str) -> dict[str, Any]:
+        """Start the next attempt of ``run_id`` (``ckptd resume``, auto-resume).
+
+        Atomic in the writer's transaction, so two resumers (a person and the
+        daemon's auto-resume) can never both start one.
+
+        :raises ResumeRefused: the run is running or finished (unless ``force``),
+            or ``after_attempt`` is no longer the current attempt.
+        """
+        cur = self.conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,))
+        cols = [d[0] for d in cur.description]
+        found = cur.fetchone()
+        if found is None:
+            raise NotFound(f"resume: no run {run_id!r}")
+        run = dict(zip(cols, found, strict=True))
+        if after_attempt is not None and run["attempt"] != after_attempt:
+            raise ResumeRefused(f"resume {run_id}: attempt {run['attempt']} already "
+                                f"replaced attempt {after_attempt}")
+        if auto and (not run["auto_resume"] or run["status"] not in ("interrupted", "failed")):
+            raise ResumeRefused(f"resume {run_id}: auto-resume no longer applies "
+                                f"(status {run['status']})")
+        if not force and run["status"] == "running":
+            raise ResumeRefused(
+                f"resume {run_id}: the run is running (attempt {run['attempt']}, pid "
+                f"{run['pid'] or run['supervisor_pid']}); stop it first, or pass --force "
+                "if you are sure its process is gone")
+        if not force and run["status"] == "finished":
+            raise ResumeRefused(
+                f"resume {run_id}: the run finished (exit code {run['exit_code']}); "
+                "there is nothing to resume. Pass --force to run it again from its newest "
+                "checkpoint")
+        if not run["command"]:
+            raise ResumeRefused(f"resume {run_id}: no command was recorded for this run, "
+                                "so it cannot be relaunched")
+        attempt = run["attempt"] + 1
+        now = time.time()
+        fields: dict[str, Any] = {
+            "attempt": attempt, "status": "running", "pid": None, "pid_started": None,
+            "supervisor_pid": supervisor_pid, "supervisor_started": supervisor_started,
+            "boot_id": boot_id, "host": host, "ended": None, "exit_code": None,
+            "signal": None, "traceback": None, "reason": None, "updated": now,
+        }
+        if auto:
+            fields["restarts"] = (run["restarts"] or 0) + 1
+        elif run["max_restarts"] is not None:
+            # a person resumed it: auto-resume (paused by a stop or a give-up) is back on
+            fields.update(auto_resume=1, restarts=0)
+        self.db["runs"].update(run_id, fields)
+        self.conn.execute(
+            "INSERT INTO attempts (run_id, attempt, started, status) VALUES (?,?,?,?)"
+            " ON CONFLICT(run_id, attempt) DO UPDATE SET started = excluded.started",
+            (run_id, attempt, now, "running"),
+        )
+        return {"id": run_id, "name": run["name"], "attempt": attempt,
+                "command": json.loads(run["command"]), "cwd": run["cwd"],
+                "env": json.loads(run["env"]) if run["env"] else {}}
+
+    def auto_resume_candidates(self) -> list[dict[str, Any]]:
+        """Runs with auto-resume on whose last attempt ended badly."""
+        cur = self.conn.execute(
+            "SELECT id, attempt, status, ended, restarts, max_restarts, reason FROM runs"
+            " WHERE auto_resume = 1 AND status IN ('interrupted', 'failed')")
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+    def attempt_peaks(self, run_id: str) -> list[tuple[int, int | None]]:
+        """``(attempt, highest step it logged)`` for every attempt, oldest first."""
+        return [tuple(r) for r in self.conn.execute(  # type: ignore[misc]
+            "SELECT a.attempt, (SELECT MAX(step) FROM metrics m WHERE m.run_id = a.run_id"
+            " AND m.attempt = a.attempt AND m.src = 'c') FROM attempts a WHERE a.run_id = ?"
+            " ORDER BY a.attempt", (run_id,))]
+
+    def record_event(self, run_id: str, attempt: int, message: str, level: str = "info",
+                     **fields: Any) -> None:
+        """An event the daemon itself says about a run (src ``d``)."""
+        seq = time.time_ns() // 1000
+        self.conn.execute(
+            "INSERT OR IGNORE INTO events (run_id, attempt, src, seq, time, kind, level,"
+            " message, fields) VALUES (?,?,?,?,?,?,?,?,?)",
+            (run_id, attempt, "d", seq, time.time(), protocol.EVENT, level, message,
+             _dumps(fields or None)),
+        )
 
     def ensure_run(self, run_id: str, attempt: int) -> None:
         """Make sure a run row exists for events that arrive before (or without)
@@ -228,10 +361,13 @@ class Store:
     def _register(self, run_id: str, attempt: int, msg: dict[str, Any], t: float) -> None:
         row = self.conn.execute("SELECT attempt FROM runs WHERE id = ?", (run_id,)).fetchone()
         fields: dict[str, Any] = {
-            "pid": msg.get("pid"), "pid_started": msg.get("pid_started"),
             "boot_id": msg.get("boot_id"), "host": msg.get("host"), "updated": t,
         }
-        for key in ("project", "seed"):
+        if msg.get("pid") is not None:
+            # a supervisor registers before its child exists: never erase the child's pid
+            fields.update(pid=msg["pid"], pid_started=msg.get("pid_started"))
+        for key in ("project", "seed", "supervisor_pid", "supervisor_started", "auto_resume",
+                    "max_restarts"):
             if msg.get(key) is not None:
                 fields[key] = msg[key]
         if msg.get("name"):
@@ -253,23 +389,28 @@ class Store:
             self.db["runs"].update(run_id, fields)
         self.conn.execute(
             "INSERT INTO attempts (run_id, attempt, started, pid, status) VALUES (?,?,?,?,?)"
-            " ON CONFLICT(run_id, attempt) DO UPDATE SET pid = excluded.pid",
+            " ON CONFLICT(run_id, attempt) DO UPDATE SET pid = COALESCE(excluded.pid, pid)",
             (run_id, attempt, t, msg.get("pid"), "running"),
         )
 
     def _status(self, run_id: str, attempt: int, msg: dict[str, Any], t: float) -> None:
         status = msg.get("status")
         self.conn.execute(
-            "UPDATE attempts SET status = ?, ended = ?, exit_code = ? WHERE run_id = ?"
-            " AND attempt = ?",
-            (status, t, msg.get("exit_code"), run_id, attempt),
+            "UPDATE attempts SET status = ?, ended = ?, exit_code = ?,"
+            " signal = COALESCE(?, signal) WHERE run_id = ? AND attempt = ?",
+            (status, t, msg.get("exit_code"), msg.get("signal"), run_id, attempt),
         )
         # Only the newest attempt decides the run's state: a late spool from an
         # older attempt must not overwrite the state of the one running now.
+        # The supervisor reports after the training process: it adds the
+        # signal and keeps the traceback the process sent.
         self.conn.execute(
-            "UPDATE runs SET status = ?, ended = ?, exit_code = ?, traceback = ?, updated = ?"
-            " WHERE id = ? AND attempt = ?",
-            (status, t, msg.get("exit_code"), msg.get("traceback"), t, run_id, attempt),
+            "UPDATE runs SET status = ?, ended = ?, exit_code = ?,"
+            " traceback = COALESCE(?, traceback), signal = COALESCE(?, signal),"
+            " reason = COALESCE(?, reason), auto_resume = COALESCE(?, auto_resume),"
+            " updated = ? WHERE id = ? AND attempt = ?",
+            (status, t, msg.get("exit_code"), msg.get("traceback"), msg.get("signal"),
+             msg.get("reason"), msg.get("auto_resume"), t, run_id, attempt),
         )
 
     def mark_run(self, run_id: str, attempt: int | None = None, **fields: Any) -> None:

@@ -105,13 +105,22 @@ def event(msg: dict[str, Any]) -> None:
         if msg.get("status") not in STATUSES:
             raise Invalid("status: unknown status")
         _int(msg, "exit_code", optional=True)
+        _int(msg, "signal", optional=True)
         _str(msg, "traceback", optional=True)
+        _str(msg, "reason", optional=True, limit=4096)
+        _int(msg, "auto_resume", optional=True, minimum=0)
+    elif kind == protocol.RESTORED:
+        _int(msg, "step", optional=True, minimum=-1)
     elif kind == protocol.REGISTER:
         for key in ("name", "project", "cwd", "boot_id", "host"):
             _str(msg, key, optional=True, limit=4096)
         _int(msg, "seed", optional=True)
         _int(msg, "pid", optional=True)
         _num(msg, "pid_started", optional=True)
+        _int(msg, "supervisor_pid", optional=True)
+        _num(msg, "supervisor_started", optional=True)
+        _int(msg, "auto_resume", optional=True, minimum=0)
+        _int(msg, "max_restarts", optional=True, minimum=0)
         cmd = msg.get("command")
         if cmd is not None and not (isinstance(cmd, list) and all(isinstance(a, str)
                                                                   for a in cmd)):

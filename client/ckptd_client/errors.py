@@ -31,3 +31,9 @@ class DiskFull(CheckpointError):
     """Not enough free space for the checkpoint; nothing earlier was touched."""
 
     exit_code = 5
+
+
+class ResumeRefused(CkptdError):
+    """``ckptd resume`` of a run that is running or finished (``--force`` overrides)."""
+
+    exit_code = 6

@@ -26,7 +26,8 @@ REGISTER = "register"  # {run, attempt, seq, ...run fields}: creates/updates a r
 LOG = "log"  # {seq, step, time, m: {key: value}}
 EVENT = "event"  # {seq, time, level, msg, fields}
 CONSOLE = "console"  # {seq, time, stream, text}: captured stdout/stderr lines
-STATUS = "status"  # {seq, time, status, exit_code?, signal?, traceback?}
+STATUS = "status"  # {seq, time, status, exit_code?, signal?, traceback?, reason?}
+RESTORED = "restored"  # {seq, time, step}: this attempt continues after checkpoint step (-1: none)
 FLUSH = "flush"  # {seq}: reply FLUSHED once everything up to seq is committed
 CKPT = "ckpt"  # checkpoint request (see snapshot.py)
 PING = "ping"
@@ -40,7 +41,7 @@ REPLY = "reply"  # {id, ok, result | error}
 PONG = "pong"
 
 #: Message types that carry an event with a sequence number.
-SEQUENCED = frozenset({REGISTER, LOG, EVENT, CONSOLE, STATUS})
+SEQUENCED = frozenset({REGISTER, LOG, EVENT, CONSOLE, STATUS, RESTORED})
 
 
 class ProtocolError(ValueError):

@@ -156,6 +156,26 @@ class Run:
             msg["step"] = self._step if self._step >= 0 else None
             self._emit_locked(msg)
 
+    def console(self, text: str, stream: str = "stdout", when: float | None = None) -> None:
+        """Record one line of captured terminal output (what ``ckptd run`` sends)."""
+        msg = {"t": protocol.CONSOLE, "time": when or time.time(), "stream": stream,
+               "text": text}
+        with self._lock:
+            self._emit_locked(msg)
+
+    def _report_restored(self, step: int | None) -> None:
+        """Tell the daemon this attempt continues after checkpoint ``step``
+        (``None``: nothing to restore, it starts over), so what earlier
+        attempts logged after that step leaves the effective timeline."""
+        if step is None and not self.resumed:
+            return  # a first attempt with no checkpoint yet: nothing to say
+        msg = {"t": protocol.RESTORED, "time": time.time(),
+               "step": -1 if step is None else int(step)}
+        with self._lock:
+            if step is not None:
+                self._step = int(step)
+            self._emit_locked(msg)
+
     def checkpoint(self, state: Any, step: int, metrics: dict[str, Any] | None = None) -> Any:
         """Snapshot ``state`` and hand it to the daemon; returns a ``CheckpointHandle``.
 
@@ -212,8 +232,12 @@ class Run:
             )
 
     def finish(self, status: str = "finished", exit_code: int | None = 0,
-               timeout: float | None = 30.0, traceback_text: str | None = None) -> None:
-        """Mark the attempt ended and make everything durable (idempotent)."""
+               timeout: float | None = 30.0, traceback_text: str | None = None,
+               **fields: Any) -> None:
+        """Mark the attempt ended and make everything durable (idempotent).
+
+        ``fields`` adds facts only a supervisor knows (``signal``, ``reason``).
+        """
         if self._finished:
             return
         self._finished = True
@@ -223,6 +247,7 @@ class Run:
                                "exit_code": exit_code}
         if traceback_text:
             msg["traceback"] = traceback_text
+        msg.update({k: v for k, v in fields.items() if v is not None})
         with self._lock:
             self._emit_locked(msg)
         try:
@@ -260,8 +285,12 @@ class Run:
 
     # ------------------------------------------------------------- internals
 
-    def _start(self, register: dict[str, Any]) -> None:
-        """Connect (starting a daemon when allowed), register, start the link thread."""
+    def _start(self, register: dict[str, Any] | None) -> None:
+        """Connect (starting a daemon when allowed), register, start the link thread.
+
+        ``register`` is None when the attempt was already begun by the daemon
+        (``ckptd resume``): the connection only says who it is.
+        """
         try:
             sock = transport.connect_or_start(self.home, autostart=self._autostart)
         except CkptdError as exc:
@@ -270,7 +299,8 @@ class Run:
         with self._lock:
             if sock is not None:
                 self._attach_locked(sock)
-            self._emit_locked(dict(register, t=protocol.REGISTER, time=time.time()))
+            if register is not None:
+                self._emit_locked(dict(register, t=protocol.REGISTER, time=time.time()))
         self._link.start()
 
     def _attach_locked(self, sock: socket.socket) -> bool:

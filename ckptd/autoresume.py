@@ -1,0 +1,152 @@
+"""Daemon side of resuming: beginning attempts, and auto-resume.
+
+``begin_attempt`` (an RPC) is the one place a new attempt is numbered, in
+the writer's transaction, so a person's ``ckptd resume`` and the daemon's
+auto-resume can never both start one.
+
+Auto-resume is level-triggered: every sweep (after liveness has marked
+vanished runs ``interrupted``, and so also at start after a reboot) the
+daemon looks at runs with auto-resume on whose last attempt ended
+``interrupted`` or ``failed``, and relaunches those whose backoff has
+passed. A relaunch is a detached ``ckptd run --attach-run`` supervisor in
+its own session with no pipe to the daemon: restarting the daemon does not
+touch it. A run stops being relaunched, with the reason recorded, when
+
+* it used up ``--max-restarts``, or
+* its last ``SAME_STEP_LIMIT`` attempts all ended at the same step (no
+  progress: a crash that resuming cannot fix; one that fails at once too).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from typing import TYPE_CHECKING, Any
+
+from ckptd_client.errors import CkptdError
+from ckptd_client.run import boot_id, process_start_time, valid_run_id
+
+from .daemon import PERIODIC_HOOKS, Conn, Daemon, rpc
+
+if TYPE_CHECKING:
+    from .store import Store
+
+log = logging.getLogger("ckptd.autoresume")
+
+#: First relaunch waits this long after the attempt ended; doubling each time.
+BACKOFF_ENV = "CKPTD_RESTART_BACKOFF"
+DEFAULT_BACKOFF_S = 10.0
+MAX_BACKOFF_S = 600.0
+#: Attempts in a row ending at the same step before we stop relaunching.
+SAME_STEP_LIMIT = 3
+#: A relaunched supervisor that has not begun its attempt after this long is
+#: no longer waited for (it is looked at again by the next sweep).
+PENDING_S = 60.0
+
+#: Supervisors this daemon started, by run id, until they began (or gave up).
+_pending: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
+
+
+@rpc("begin_attempt")
+def begin_attempt(daemon: Daemon, args: dict[str, Any], conn: Conn) -> dict[str, Any]:
+    """Begin the next attempt with the calling process as its supervisor."""
+    run_id = args.get("run")
+    after = args.get("after_attempt")
+    if not isinstance(run_id, str) or not valid_run_id(run_id):
+        raise CkptdError("begin_attempt: run must be a run id")
+    if after is not None and (not isinstance(after, int) or isinstance(after, bool)):
+        raise CkptdError("begin_attempt: after_attempt must be an integer")
+    # What the interrupted attempt left in the spool belongs before the cut.
+    daemon.ingest_spools_now()
+    current_boot = boot_id()
+    started = process_start_time(conn.pid)
+    host = os.uname().nodename
+
+    def work(store: Store) -> dict[str, Any]:
+        return store.begin_attempt(
+            run_id, force=bool(args.get("force")), auto=after is not None,
+            after_attempt=after, supervisor_pid=conn.pid, supervisor_started=started,
+            boot_id=current_boot, host=host)
+
+    begun = daemon.call_writer(work)
+    log.info("run %s: attempt %d begun by pid %d", run_id, begun["attempt"], conn.pid)
+    return begun
+
+
+def backoff(restarts: int) -> float:
+    """Seconds between an attempt's end and its relaunch."""
+    try:
+        base = float(os.environ.get(BACKOFF_ENV, DEFAULT_BACKOFF_S))
+    except ValueError:
+        base = DEFAULT_BACKOFF_S
+    return min(base * 2 ** max(restarts, 0), MAX_BACKOFF_S)
+
+
+def stuck(peaks: list[tuple[int, int | None]], limit: int = SAME_STEP_LIMIT) -> str | None:
+    """Why relaunching is pointless, or None: the last ``limit`` attempts
+    all ended at the same step (``None``: before logging any)."""
+    if len(peaks) < limit:
+        return None
+    last = peaks[-limit:]
+    steps = {step for _, step in last}
+    if len(steps) != 1:
+        return None
+    step = steps.pop()
+    where = f"step {step}" if step is not None else "start-up (before logging a step)"
+    return (f"attempts {last[0][0]}-{last[-1][0]} all ended at {where} without progress; "
+            "fix the cause, then `ckptd resume` it")
+
+
+def scan(daemon: Daemon, now: float | None = None) -> list[str]:
+    """Relaunch every auto-resume run that is due; return their ids."""
+    now = time.time() if now is None else now
+    for run_id, (proc, since) in list(_pending.items()):
+        if proc.poll() is not None or now - since > PENDING_S:
+            del _pending[run_id]
+
+    def work(store: Store) -> list[dict[str, Any]]:
+        due = []
+        for run in store.auto_resume_candidates():
+            if run["id"] in _pending:
+                continue
+            restarts, limit = run["restarts"] or 0, run["max_restarts"]
+            why = None
+            if limit is not None and restarts >= limit:
+                why = f"it was relaunched {restarts} times (--max-restarts {limit})"
+            else:
+                why = stuck(store.attempt_peaks(run["id"]))
+            if why is not None:
+                reason = f"auto-resume stopped: {why}"
+                full = f"{run['reason']}; {reason}" if run.get("reason") else reason
+                store.mark_run(run["id"], auto_resume=0, reason=full)
+                store.record_event(run["id"], run["attempt"], reason, level="error")
+                log.warning("run %s: %s", run["id"], reason)
+                continue
+            if now < (run["ended"] or 0) + backoff(restarts):
+                continue
+            due.append(run)
+        return due
+
+    relaunched = []
+    for run in daemon.call_writer(work):
+        from .resume import spawn_supervisor
+
+        try:
+            proc, _ = spawn_supervisor(daemon.home, run["id"], after_attempt=run["attempt"],
+                                       report=False)
+        except OSError as exc:
+            log.error("run %s: cannot start a supervisor: %s", run["id"], exc)
+            continue
+        _pending[run["id"]] = (proc, now)
+        relaunched.append(run["id"])
+        log.info("run %s: auto-resume after attempt %d (%s), supervisor pid %d", run["id"],
+                 run["attempt"], run["status"], proc.pid)
+    return relaunched
+
+
+# Level-triggered, not an INTERRUPTED_HOOKS callback: the sweeper runs this
+# right after liveness each period, and it also sees runs whose supervisor
+# reported the end (``failed``, a signal) and runs whose backoff just passed.
+PERIODIC_HOOKS.append(scan)

@@ -1,0 +1,340 @@
+"""``ckptd run``: launch a training command under supervision.
+
+The supervisor is a small process between the terminal and the training
+command. It
+
+* registers the run with everything ``ckptd resume`` needs to relaunch it
+  (command, cwd, environment, provenance), before the command starts;
+* starts the command with ``CKPTD_RUN_ID`` / ``CKPTD_ATTEMPT`` set, so the
+  client inside joins this run instead of creating another;
+* captures stdout and stderr at the file-descriptor level (pipes, or a pty
+  for stdout when we run in a terminal, so the command still line-buffers
+  and draws progress bars), copies every byte through to our own stdout and
+  stderr, and sends each finished line to the daemon as a console event
+  (``src`` ``"s"``); a ``\\r``-redrawn progress bar is stored once, in its
+  last state;
+* records how the command ended (exit code or signal) as the attempt's status.
+
+Its liveness is recorded too (``runs.supervisor_pid``): while it lives, the
+run is ``running`` even before the command has registered its own pid.
+
+Relaunches (``ckptd resume``, auto-resume) use the same class for a new
+attempt of an existing run; the daemon begins the attempt atomically
+(:func:`ckptd.resume.begin_attempt`), then this process supervises it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import termios
+import threading
+import time
+from collections.abc import Mapping
+from importlib import util as importlib_util
+from pathlib import Path
+from typing import Any
+
+from ckptd_client.provenance import collect
+from ckptd_client.run import Run, boot_id, new_run_id, process_start_time
+
+#: A line longer than this without a newline is stored in pieces (bounded memory).
+MAX_LINE = 64 * 1024
+#: After the command exits, how long to keep reading output that its
+#: children (which may hold the pipes) still write.
+DRAIN_S = 2.0
+#: Signals a person (or systemd) uses to stop a run; forwarded to the command.
+FORWARDED = (signal.SIGTERM, signal.SIGHUP)
+#: Deaths that mean "stopped from outside", not "the program is broken".
+INTERRUPTING = {signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+DEFAULT_MAX_RESTARTS = 10
+
+
+class LineSplitter:
+    """Bytes in, finished lines out.
+
+    A line is what ends in ``\\n``. Within a line, a ``\\r`` starts the
+    line over (how tqdm redraws its bar), so only the text after the last
+    ``\\r`` is kept: a bar that redraws ten thousand times is one line.
+    """
+
+    def __init__(self, limit: int = MAX_LINE) -> None:
+        self._buf = bytearray()
+        self._limit = limit
+
+    def feed(self, data: bytes) -> list[str]:
+        self._buf += data
+        out: list[str] = []
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl < 0:
+                break
+            out.append(_collapse(bytes(self._buf[:nl])))
+            del self._buf[: nl + 1]
+        if len(self._buf) > self._limit:
+            cr = self._buf.rfind(b"\r", 0, len(self._buf) - 1)
+            if cr >= 0:
+                del self._buf[: cr + 1]  # older states of a bar: never shown again
+            if len(self._buf) > self._limit:
+                out.append(_collapse(bytes(self._buf)))
+                self._buf.clear()
+        return out
+
+    def close(self) -> list[str]:
+        """The unfinished last line, if any (a program that exits mid-line)."""
+        rest, self._buf = bytes(self._buf), bytearray()
+        text = _collapse(rest)
+        return [text] if text else []
+
+
+def _collapse(line: bytes) -> str:
+    parts = [p for p in line.split(b"\r") if p]
+    return parts[-1].decode("utf-8", errors="replace") if parts else ""
+
+
+def child_env(recorded: Mapping[str, str], home: Path, run_id: str, attempt: int) -> dict[str, str]:
+    """The environment of attempt ``attempt``: the recorded one, with ckptd's
+    own settings taken from the ckptd that launches it now (a recorded
+    ``CKPTD_SOCKET`` or test hook from last week must not win), and the
+    run's identity."""
+    env = {k: v for k, v in recorded.items() if not k.startswith("CKPTD_")}
+    env.update({k: v for k, v in os.environ.items() if k.startswith("CKPTD_")})
+    env.update(CKPTD_HOME=os.fspath(home), CKPTD_RUN_ID=run_id, CKPTD_ATTEMPT=str(attempt))
+    env.pop("CKPTD_AUTOSTARTED", None)
+    return env
+
+
+def torch_cuda_version() -> str | None:
+    """The CUDA version torch was built with, read without importing torch (seconds)."""
+    try:
+        spec = importlib_util.find_spec("torch")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    try:
+        text = (Path(next(iter(spec.submodule_search_locations))) / "version.py").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^cuda\s*(?::\s*\S+)?\s*=\s*'([^']*)'", text, re.M)
+    return m.group(1) if m else None
+
+
+def exit_status(returncode: int, stopped_by: int | None) -> dict[str, Any]:
+    """How an attempt ended, from its exit status, as the run's new state."""
+    if returncode == 0:
+        return {"status": "finished", "exit_code": 0}
+    if returncode < 0:
+        sig = -returncode
+        name = _signame(sig)
+        if stopped_by is not None:
+            reason = f"stopped: {_signame(stopped_by)} to `ckptd run`, then killed by {name}"
+        else:
+            reason = f"killed by {name}"
+        status = "interrupted" if stopped_by is not None or sig in INTERRUPTING else "failed"
+        return {"status": status, "exit_code": None, "signal": sig, "reason": reason}
+    if stopped_by is not None:
+        return {"status": "interrupted", "exit_code": returncode,
+                "reason": f"stopped: {_signame(stopped_by)} to `ckptd run`"}
+    return {"status": "failed", "exit_code": returncode,
+            "reason": f"exited with status {returncode}"}
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+class Supervisor:
+    """Runs one attempt of a run: spawn, capture, report how it ended."""
+
+    def __init__(self, home: Path, run_id: str, attempt: int, command: list[str],
+                 cwd: str | None, env: dict[str, str], *, name: str | None = None,
+                 register: dict[str, Any] | None = None) -> None:
+        self.home = home
+        self.run_id = run_id
+        self.attempt = attempt
+        self.command = command
+        self.cwd = cwd
+        self.env = env
+        self.name = name
+        self.register = register
+        self.stopped_by: int | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._exited = threading.Event()
+
+    def run(self) -> int:
+        """Supervise the attempt to its end; return the exit status to exit with."""
+        run = Run(self.home, self.run_id, self.attempt, name=self.name, src="s")
+        run._start(self.register)
+        with contextlib.suppress(Exception):
+            # the registration is committed before the command can join it
+            run.flush(timeout=10)
+        previous = {s: signal.signal(s, self._on_signal) for s in (*FORWARDED, signal.SIGINT)}
+        try:
+            try:
+                sources = self._spawn()
+            except OSError as exc:
+                msg = f"ckptd: cannot start {self.command[0]!r}: {exc.strerror or exc}"
+                print(msg, file=sys.stderr)
+                run.console(msg, "stderr")
+                run.finish(status="failed", exit_code=127, reason=msg[7:])
+                return 127
+            pump = threading.Thread(target=self._pump, args=(run, sources), daemon=True,
+                                    name="ckptd-pump")
+            pump.start()
+            assert self.proc is not None
+            returncode = self.proc.wait()
+            self._exited.set()
+            pump.join(timeout=DRAIN_S + 5)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        ended = exit_status(returncode, self.stopped_by)
+        if self.stopped_by is not None:
+            ended["auto_resume"] = 0  # a person stopped it: do not bring it back by itself
+        status, exit_code = ended.pop("status"), ended.pop("exit_code")
+        run.finish(status=status, exit_code=exit_code, timeout=30, **ended)
+        return returncode if returncode >= 0 else 128 - returncode
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """Remember who stopped us; pass SIGTERM/SIGHUP on (SIGINT from a
+        terminal already reached the command, which shares our process group)."""
+        self.stopped_by = signum
+        if self.proc is not None and signum != signal.SIGINT:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signum)
+
+    def _spawn(self) -> list[tuple[int, str, int]]:
+        """Start the command; return ``(read fd, stream, pass-through fd)`` pairs."""
+        out_r, out_w = _stdout_channel()
+        err_r, err_w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                self.command, cwd=self.cwd or None, env=self.env, stdin=None,
+                stdout=out_w, stderr=err_w, close_fds=True)
+        except OSError:
+            for fd in (out_r, out_w, err_r, err_w):
+                os.close(fd)
+            raise
+        os.close(out_w)
+        os.close(err_w)
+        return [(out_r, "stdout", 1), (err_r, "stderr", 2)]
+
+    def _pump(self, run: Run, sources: list[tuple[int, str, int]]) -> None:
+        """Copy output through and record it line by line, until the command
+        exited and its output is drained (or ``DRAIN_S`` after the exit, when
+        a grandchild keeps the pipes open)."""
+        live = {fd: (stream, out, LineSplitter()) for fd, stream, out in sources}
+        passthrough = {1: True, 2: True}
+        deadline: float | None = None
+        while live:
+            if deadline is None and self._exited.is_set():
+                deadline = time.monotonic() + DRAIN_S
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            try:
+                ready, _, _ = select.select(list(live), [], [], 0.2)
+            except InterruptedError:
+                continue
+            for fd in ready:
+                stream, out, splitter = live[fd]
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:  # EIO: the pty's other side closed
+                    data = b""
+                if not data:
+                    lines = splitter.close()
+                    del live[fd]
+                    os.close(fd)
+                else:
+                    if passthrough[out]:
+                        passthrough[out] = _write_all(out, data)
+                    lines = splitter.feed(data)
+                now = time.time()
+                for line in lines:
+                    run.console(line, stream, when=now)
+        for fd, (stream, _out, splitter) in live.items():
+            for line in splitter.close():
+                run.console(line, stream)
+            os.close(fd)
+
+
+def _stdout_channel() -> tuple[int, int]:
+    """A pty when our stdout is a terminal (the command keeps line buffering
+    and its progress bars), else a pipe."""
+    if os.isatty(1):
+        try:
+            import pty
+
+            master, slave = pty.openpty()
+            with contextlib.suppress(OSError):
+                size = fcntl.ioctl(1, termios.TIOCGWINSZ, b"\0" * 8)
+                fcntl.ioctl(slave, termios.TIOCSWINSZ, size)
+            return master, slave
+        except OSError:
+            pass
+    return os.pipe()
+
+
+def _write_all(fd: int, data: bytes) -> bool:
+    """Pass output through; False once our own output is gone (closed
+    terminal, broken pipe), after which we only record."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except InterruptedError:
+            continue
+        except OSError:
+            return False
+        view = view[n:]
+    return True
+
+
+def run_command(home: Path, command: list[str], *, name: str | None = None,
+                auto_resume: bool = False, max_restarts: int | None = None) -> int:
+    """``ckptd run -- CMD``: register a new run for ``command`` and supervise it."""
+    cwd = os.getcwd()
+    env = dict(os.environ)
+    for key in ("CKPTD_RUN_ID", "CKPTD_ATTEMPT"):
+        env.pop(key, None)
+    run_id = new_run_id()
+    provenance = collect(cwd)
+    provenance.update(seed=None, command_executable=shutil.which(command[0],
+                                                                 path=env.get("PATH")))
+    if provenance.get("cuda") is None:
+        provenance["cuda"] = torch_cuda_version()
+    register = {
+        "name": name, "command": command, "cwd": cwd, "env": env, "provenance": provenance,
+        "supervisor_pid": os.getpid(), "supervisor_started": process_start_time(),
+        "boot_id": boot_id(), "host": socket.gethostname(), "joined": False,
+        "auto_resume": int(auto_resume),
+        "max_restarts": (max_restarts if max_restarts is not None else DEFAULT_MAX_RESTARTS)
+        if auto_resume else None,
+    }
+    sup = Supervisor(home, run_id, 1, command, cwd, child_env(env, home, run_id, 1),
+                     name=name, register=register)
+    return sup.run()
+
+
+def attach_run(home: Path, begun: dict[str, Any]) -> int:
+    """Supervise an attempt the daemon has begun (``ckptd resume``, auto-resume)."""
+    env = child_env(begun.get("env") or {}, home, begun["id"], begun["attempt"])
+    sup = Supervisor(home, begun["id"], begun["attempt"], begun["command"], begun.get("cwd"),
+                     env, name=begun.get("name"))
+    return sup.run()
+
+
+__all__ = ["LineSplitter", "Supervisor", "attach_run", "child_env", "exit_status",
+           "run_command"]
