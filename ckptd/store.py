@@ -188,6 +188,8 @@ class Store:
                 message, level = "run registered", "info"
             elif kind == protocol.STATUS:
                 message, level = f"attempt {attempt} {msg.get('status')}", "info"
+                if msg.get("reason"):
+                    message += f": {msg['reason']}"
             elif kind == protocol.CONSOLE:
                 message, level = msg.get("text", ""), msg.get("stream", "stdout")
             elif kind == protocol.RESTORED:

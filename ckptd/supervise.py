@@ -131,7 +131,7 @@ def torch_cuda_version() -> str | None:
 def exit_status(returncode: int, stopped_by: int | None) -> dict[str, Any]:
     """How an attempt ended, from its exit status, as the run's new state."""
     if returncode == 0:
-        return {"status": "finished", "exit_code": 0}
+        return {"status": "finished", "exit_code": 0, "reason": "exited with status 0"}
     if returncode < 0:
         sig = -returncode
         name = _signame(sig)
