@@ -61,7 +61,7 @@ class LatestN(Policy):
 
     def keep(self, checkpoints: Sequence[Mapping[str, Any]]) -> list[bool]:
         order = sorted(range(len(checkpoints)), key=lambda i: checkpoints[i]["step"])
-        kept = set(order[len(order) - self.n:]) if self.n else set()
+        kept = set(order[max(0, len(order) - self.n):]) if self.n else set()
         return [i in kept for i in range(len(checkpoints))]
 
     def to_dict(self) -> dict[str, Any]:

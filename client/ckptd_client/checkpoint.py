@@ -153,6 +153,15 @@ def encode_state(obj: Any, path: str = "state") -> tuple[Any, list[tuple[str, An
     return _encode(obj, path, tensors, 0), tensors
 
 
+def encode_payload(state: Any, rng_state: dict[str, Any]) -> tuple[Any, list[tuple[str, Any]]]:
+    """The tree of a checkpoint: ``{"state": state, "rng": rng_state}``; errors
+    name paths from the user's ``state`` down."""
+    tensors: list[tuple[str, Any]] = []
+    tree = {"D": [["state", _encode(state, "state", tensors, 0)],
+                  ["rng", _encode(rng_state, "rng", tensors, 0)]]}
+    return tree, tensors
+
+
 def _encode(obj: Any, path: str, tensors: list[tuple[str, Any]], depth: int) -> Any:
     if depth > 200:
         raise TypeError(f"{path} is nested more than 200 levels deep (a reference cycle?)")
@@ -568,7 +577,7 @@ class Checkpointer:
         from . import rng
 
         t0 = time.perf_counter()
-        tree, tensors = encode_state({"state": state, "rng": rng.capture()})
+        tree, tensors = encode_payload(state, rng.capture())
         encode_s = time.perf_counter() - t0
         handle = CheckpointHandle(step)
         with self._lock:
