@@ -116,6 +116,11 @@ def kill_home_daemon(home: Path) -> None:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
+            # a daemon this process auto-started is our child: reap it, or
+            # its zombie would look alive until the deadline
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    return
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
