@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from ckptd_client import paths
+from ckptd_client import paths, transport
 from helpers import REPO, DaemonProc, db_rows, env_for, kill_home_daemon, run_script, wait_for
 
 from ckptd import crashpoints
@@ -75,6 +75,12 @@ def spool_left(home: Path) -> list[str]:
         return []
 
 
+def ensure_daemon(home: Path) -> None:
+    """A daemon serves ``home`` (the one a client auto-started, or a new one),
+    as systemd's ``Restart=always`` would guarantee after a crash."""
+    transport.connect_or_start(home).close()
+
+
 def crashing_daemon(home: Path, point: str) -> DaemonProc:
     return DaemonProc(home, env=env_for(home, **{crashpoints.ENV: point}))
 
@@ -122,6 +128,7 @@ def test_event_commit_crash(home: Path, point: str, long_mode: bool) -> None:
         out = run_script(home, EVENTS_TRAINER, env=env_for(home, STEPS="300"), timeout=120)
         run_id = _run_id(out.stdout)
         assert_crashed_at(d, spec)
+        ensure_daemon(home)
         wait_for(lambda: len(steps_once(home, run_id)) == 300 and not spool_left(home),  # noqa: B023
                  timeout=30, what="all 300 events committed and the spool drained")
         assert steps_once(home, run_id) == list(range(300))
@@ -280,3 +287,87 @@ def test_random_kill9(tmp_path: Path, mode: str, long_mode: bool) -> None:
         seed = base + i
         print(f"kill trial {i} mode={mode} seed={seed}")
         kill_trial(tmp_path, seed, mode)
+
+
+# -------------------------------------------------------------- checkpoints
+
+#: Checkpoint step 1 (must become durable), then step 2 (the daemon dies on
+#: the way), then finish. Each state is filled with its step, so a restored
+#: state tells which checkpoint it came from and whether it is whole.
+CKPT_TRAINER = """
+import ckptd_client as ckptd, torch
+from ckptd_client.errors import CkptdError
+
+run = ckptd.init(name="ckpt-crash")
+print("run", run.id, flush=True)
+run.checkpoint({"w": torch.full((256, 256), 1.0), "step": 1}, step=1).wait(timeout=60)
+print("durable 1", flush=True)
+try:
+    run.checkpoint({"w": torch.full((256, 256), 2.0), "step": 2}, step=2).wait(timeout=60)
+    print("durable 2", flush=True)
+except CkptdError as exc:
+    print("lost 2:", type(exc).__name__, flush=True)
+run.log({"x": 1.0}, step=3)
+run.finish(timeout=60)
+"""
+
+#: Joins the run as a new attempt and restores, as ``ckptd resume`` would.
+RESTORE = """
+import ckptd_client as ckptd
+run = ckptd.init()
+state = run.restore()
+if state is None:
+    print("restored none")
+else:
+    w = state["w"]
+    whole = bool((w == float(state["step"])).all())
+    print("restored", state["step"], "whole" if whole else "TORN", flush=True)
+run.finish(timeout=30)
+"""
+
+
+def restored(home: Path, run_id: str, attempt: int = 2) -> tuple[int | None, str]:
+    """(step, 'whole'/'TORN') of what a resumed attempt's restore() picks."""
+    out = run_script(home, RESTORE, env=env_for(home, CKPTD_RUN_ID=run_id,
+                                                CKPTD_ATTEMPT=str(attempt))).stdout
+    m = re.search(r"^restored (none|(\d+) (\w+))$", out, re.M)
+    assert m, out
+    return (None, "") if m.group(1) == "none" else (int(m.group(2)), m.group(3))
+
+
+def no_staging_left(home: Path, run_id: str) -> bool:
+    root = paths.checkpoints_dir(home, run_id)
+    return not [n for n in os.listdir(root) if not re.fullmatch(r"step-\d+", n)]
+
+
+@pytest.mark.parametrize("point", crashpoints.CHECKPOINT_POINTS)
+def test_checkpoint_commit_crash(home: Path, point: str) -> None:
+    """Daemon dies at a step of the checkpoint commit. The durable checkpoint
+    stays committed and verifies; the interrupted one is either committed
+    whole or invisible; restore() never picks a torn one; the restarted
+    daemon removes staging leftovers."""
+    spec = f"{point}:2"
+    d = crashing_daemon(home, spec)
+    d.start()
+    out = run_script(home, CKPT_TRAINER, timeout=180).stdout
+    run_id = _run_id(out)
+    assert "durable 1" in out, out
+    assert_crashed_at(d, spec)
+    ensure_daemon(home)
+    wait_for(lambda: no_staging_left(home, run_id), timeout=30,
+             what="staging leftovers removed by the restarted daemon")
+    rows = dict(db_rows(home, "SELECT step, status FROM checkpoints WHERE run_id = ?",
+                        (run_id,)))
+    assert rows.get(1) == "committed", rows
+    if point in ("ckpt.staged", "ckpt.before_rename"):
+        assert 2 not in rows and not (paths.checkpoints_dir(home, run_id) / "step-2").exists()
+    if point == "ckpt.after_row":
+        assert rows.get(2) == "committed", rows
+    step, state = restored(home, run_id)
+    assert state == "whole", f"restore() picked a torn checkpoint: step {step}"
+    assert step == (2 if rows.get(2) == "committed" else 1)
+    verify = subprocess.run([sys.executable, "-m", "ckptd", "--home", os.fspath(home), "ckpt",
+                             "verify", run_id], capture_output=True, text=True, timeout=60,
+                            env=env_for(home))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    integrity_ok(home)
