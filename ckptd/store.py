@@ -361,7 +361,8 @@ class Store:
         )
 
     def _register(self, run_id: str, attempt: int, msg: dict[str, Any], t: float) -> None:
-        row = self.conn.execute("SELECT attempt FROM runs WHERE id = ?", (run_id,)).fetchone()
+        row = self.conn.execute("SELECT attempt, name FROM runs WHERE id = ?",
+                                (run_id,)).fetchone()
         fields: dict[str, Any] = {
             "boot_id": msg.get("boot_id"), "host": msg.get("host"), "updated": t,
         }
@@ -372,8 +373,8 @@ class Store:
                     "max_restarts"):
             if msg.get(key) is not None:
                 fields[key] = msg[key]
-        if msg.get("name"):
-            fields["name"] = msg["name"]
+        if msg.get("name") and (not msg.get("joined") or row is None or row[1] == run_id):
+            fields["name"] = msg["name"]  # `ckptd run --name` wins over init(name=)
         if msg.get("config"):
             fields["config"] = _dumps(msg["config"])
         if msg.get("retention") is not None:
