@@ -1,0 +1,267 @@
+"""Wire-protocol fuzzing (SPEC promise 6): hostile frames against a running daemon.
+
+Hypothesis sends random bytes, random JSON frames and mutated valid
+conversations, each on its own connection, to a real daemon while another
+process logs through the real client. After every frame the daemon must be
+alive and must have closed or kept the connection in bounded time; at the end
+it still answers, the honest client's events are all there exactly once and
+it never saw an error, and every row in the store is well-formed.
+
+CI runs a fixed (derandomized) set of examples; ``--long`` runs many more
+with a random seed, printed so a failure can be replayed with
+``CKPTD_TEST_SEED``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import sqlite3
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ckptd_client import paths, protocol
+from ckptd_client.run import LEVELS, valid_run_id
+from helpers import DaemonProc, db_rows, env_for, wait_for
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+
+#: RPCs that legitimately change the daemon's state; a fuzzer stumbling on a
+#: well-formed "stop" would test nothing but obedience.
+DESTRUCTIVE_OPS = {"stop", "ckpt_gc", "ckpt_mark_corrupt", "begin_attempt"}
+
+HONEST = """
+import os, sys, time
+import ckptd_client as ckptd
+out = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+run = ckptd.init(name="honest")
+os.write(out, f"run {run.id}\\n".encode())
+step = 0
+while not os.path.exists(sys.argv[2]):
+    run.log({"x": float(step)}, step=step)
+    os.write(out, b"%d\\n" % step)
+    step += 1
+    time.sleep(0.002)
+run.finish(timeout=60)
+os.write(out, b"done\\n")
+"""
+
+json_leaf = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+                      st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30))
+json_value = st.recursive(json_leaf, lambda kids: st.one_of(
+    st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=10), kids, max_size=4)),
+    max_leaves=20)
+KNOWN_TYPES = sorted(protocol.SEQUENCED | {protocol.HELLO, protocol.FLUSH, protocol.PING,
+                                           protocol.RPC, protocol.CKPT, "ckpt_done", "ack"})
+FIELDS = ["run", "attempt", "src", "seq", "step", "time", "m", "msg", "level", "fields",
+          "status", "exit_code", "traceback", "name", "config", "command", "env", "text",
+          "stream", "op", "args", "shm", "size", "tensors", "tree", "id", "metrics", "pid"]
+
+
+@st.composite
+def random_message(draw: Any) -> dict[str, Any]:
+    msg = {"t": draw(st.one_of(st.sampled_from(KNOWN_TYPES), st.text(max_size=8)))}
+    for key in draw(st.lists(st.sampled_from(FIELDS), max_size=8, unique=True)):
+        msg[key] = draw(json_value)
+    return msg
+
+
+def frame(msg: dict[str, Any]) -> bytes:
+    body = json.dumps(msg, separators=(",", ":")).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+def valid_conversation(run_id: str, n: int) -> list[dict[str, Any]]:
+    msgs: list[dict[str, Any]] = [
+        {"t": "hello", "run": run_id, "attempt": 1, "src": "c", "pid": 1},
+        {"t": "register", "seq": 1, "time": 1.7e9, "name": "fuzz", "joined": False},
+    ]
+    for i in range(n):
+        msgs.append({"t": "log", "seq": 2 + i, "step": i, "time": 1.7e9 + i,
+                     "m": {"loss": 1.0 / (i + 1), "n": i}})
+    msgs.append({"t": "event", "seq": 2 + n, "time": 1.7e9 + n, "level": "info",
+                 "msg": "hello", "fields": {"a": 1}})
+    msgs.append({"t": "flush", "seq": 2 + n})
+    msgs.append({"t": "ping"})
+    return msgs
+
+
+@st.composite
+def mutated_conversation(draw: Any) -> bytes:
+    run_id = draw(st.from_regex(r"\Afz[a-z0-9]{1,8}\Z"))
+    data = bytearray(b"".join(frame(m) for m in valid_conversation(run_id, draw(
+        st.integers(0, 5)))))
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["flip", "truncate", "insert", "length", "dup"]))
+        if not data:
+            break
+        pos = draw(st.integers(0, len(data) - 1))
+        if kind == "flip":
+            data[pos] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "truncate":
+            del data[pos:]
+        elif kind == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=8))
+        elif kind == "length":
+            data[pos:pos + 4] = struct.pack(">I", draw(st.sampled_from(
+                [0, 1, 7, 2**24 + 1, 2**31, 2**32 - 1])))
+        else:
+            data += data[pos:pos + draw(st.integers(1, 64))]
+    return bytes(data)
+
+
+payloads = st.one_of(
+    st.binary(max_size=256),
+    st.lists(random_message(), min_size=1, max_size=4).map(
+        lambda ms: b"".join(frame(m) for m in ms)),
+    st.lists(random_message(), min_size=1, max_size=3).map(
+        lambda ms: frame({"t": "hello", "run": "fzr", "attempt": 1, "src": "c"})
+        + b"".join(frame(m) for m in ms)),
+    mutated_conversation(),
+)
+
+
+class Target:
+    """The daemon under fuzz and a counter of what it was sent."""
+
+    def __init__(self, home: Path, daemon: DaemonProc) -> None:
+        self.home = home
+        self.daemon = daemon
+        self.sock_path = os.fspath(paths.socket_path(home))
+        self.frames = 0
+
+    def send(self, data: bytes) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(self.sock_path)
+        try:
+            try:
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the daemon may close on the first bad byte
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    chunk = s.recv(65536)
+                except ConnectionResetError:
+                    break
+                except TimeoutError:
+                    raise AssertionError(
+                        f"daemon neither answered nor closed: {data[:80]!r}") from None
+                if not chunk:
+                    break
+                assert time.monotonic() < deadline, "daemon keeps talking"
+        finally:
+            s.close()
+        self.frames += 1
+        assert self.daemon.proc is not None and self.daemon.proc.poll() is None, \
+            f"the daemon died on {data[:200]!r}"
+
+
+def _has_destructive_rpc(data: bytes) -> bool:
+    return any(op.encode() in data for op in DESTRUCTIVE_OPS)
+
+
+def store_is_well_formed(home: Path) -> None:
+    """No garbage: every row has the types and values the schema promises."""
+    db = home / "ckptd.db"
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        for (run_id,) in conn.execute("SELECT id FROM runs"):
+            assert isinstance(run_id, str) and valid_run_id(run_id), run_id
+        bad = conn.execute(
+            "SELECT * FROM metrics WHERE typeof(value) NOT IN ('real', 'integer', 'null')"
+            " OR typeof(step) != 'integer' OR step < 0 OR seq < 1 OR attempt < 1"
+            " OR typeof(key) != 'text' OR key = ''").fetchall()
+        assert not bad, bad[:5]
+        kinds = set(protocol.SEQUENCED)
+        levels = set(LEVELS) | {"stdout", "stderr"}
+        for kind, level, seq, attempt, fields in conn.execute(
+                "SELECT kind, level, seq, attempt, fields FROM events"):
+            assert kind in kinds and level in levels and seq >= 1 and attempt >= 1, \
+                (kind, level, seq, attempt)
+            if fields is not None:
+                json.loads(fields)
+        for (status,) in conn.execute("SELECT status FROM runs"):
+            assert status in ("running", "finished", "failed", "interrupted"), status
+    finally:
+        conn.close()
+
+
+def _progress(path: Path) -> tuple[str | None, int, bool]:
+    run_id, last, done = None, -1, False
+    for line in path.read_text().split("\n")[:-1]:
+        if line.startswith("run "):
+            run_id = line[4:]
+        elif line == "done":
+            done = True
+        elif line:
+            last = int(line)
+    return run_id, last, done
+
+
+def test_fuzzed_frames_never_hurt_the_daemon_or_other_clients(
+        home: Path, daemon: DaemonProc, tmp_path: Path, long_mode: bool) -> None:
+    prog, stop = tmp_path / "honest.progress", tmp_path / "honest.stop"
+    script = tmp_path / "honest.py"
+    script.write_text(HONEST)
+    honest = subprocess.Popen([sys.executable, os.fspath(script), os.fspath(prog),
+                               os.fspath(stop)], env=env_for(home), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    target = Target(home, daemon)
+    examples = 5000 if long_mode else 400
+    replay = os.environ.get("CKPTD_TEST_SEED")
+    the_seed = int(replay) if replay else random.randrange(1 << 30)
+    try:
+        wait_for(lambda: prog.exists() and _progress(prog)[1] >= 5, timeout=60,
+                 what="honest client logging")
+
+        @settings(max_examples=examples, deadline=None, database=None,
+                  derandomize=not long_mode and not replay,
+                  suppress_health_check=list(HealthCheck))
+        @given(payloads)
+        def one(data: bytes) -> None:
+            if _has_destructive_rpc(data):
+                return
+            target.send(data)
+
+        if long_mode or replay:
+            print(f"fuzz seed: {the_seed} (replay with CKPTD_TEST_SEED={the_seed})")
+            one = seed(the_seed)(one)
+        one()
+        print(f"frames fuzzed: {target.frames}")
+        assert target.frames >= examples // 2
+        stop.touch()
+        _, stderr = honest.communicate(timeout=90)
+        assert honest.returncode == 0, stderr
+        run_id, last, done = _progress(prog)
+        assert done and run_id
+        assert not stderr.strip(), f"the honest client was affected: {stderr}"
+        rows = db_rows(home, "SELECT step, COUNT(*) FROM metrics WHERE run_id = ? AND"
+                       " key = 'x' GROUP BY step ORDER BY step", (run_id,))
+        assert [s for s, _ in rows] == list(range(last + 1))
+        assert all(n == 1 for _, n in rows)
+        assert db_rows(home, "SELECT status FROM runs WHERE id = ?", (run_id,)) == \
+            [("finished",)]
+        # still serving
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(target.sock_path)
+        s.sendall(protocol.encode({"t": "ping"}))
+        assert protocol.recv_message(s, protocol.FrameReader())["t"] == "pong"
+        s.close()
+        store_is_well_formed(home)
+    finally:
+        stop.touch()
+        if honest.poll() is None:
+            honest.send_signal(signal.SIGKILL)
+            honest.wait()
