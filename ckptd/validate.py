@@ -33,14 +33,25 @@ def _int(msg: dict[str, Any], key: str, *, minimum: int | None = None,
         raise Invalid(f"{msg.get('t')}: {key} must be >= {minimum}")
 
 
+def utf8(text: str) -> bool:
+    """True if SQLite can store ``text``. JSON can carry a lone surrogate
+    (``"\\udc80"``) that UTF-8 cannot encode; let through, it would fail the
+    writer's whole group commit and every client in it (found by tests/test_fuzz.py)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _str(msg: dict[str, Any], key: str, *, optional: bool = False,
          limit: int = MAX_TEXT) -> None:
     v = msg.get(key)
     if v is None and optional:
         return
-    if not isinstance(v, str) or len(v) > limit or "\0" in v:
-        raise Invalid(f"{msg.get('t')}: {key} must be a string without NUL of at most "
-                      f"{limit} characters")
+    if not isinstance(v, str) or len(v) > limit or "\0" in v or not utf8(v):
+        raise Invalid(f"{msg.get('t')}: {key} must be valid UTF-8 text without NUL of at "
+                      f"most {limit} characters")
 
 
 def _num(msg: dict[str, Any], key: str, *, optional: bool = False) -> None:
@@ -84,8 +95,9 @@ def event(msg: dict[str, Any]) -> None:
         if not isinstance(m, dict) or len(m) > MAX_METRICS:
             raise Invalid("log: m must be an object of at most 10000 metrics")
         for key, value in m.items():
-            if not key or len(key) > 256 or "\0" in key:
-                raise Invalid(f"log: bad metric key {key[:40]!r}")
+            if not key or len(key) > 256 or "\0" in key or not utf8(key):
+                raise Invalid(f"log: bad metric key {key[:40]!r} (empty, too long, NUL or "
+                              "not UTF-8)")
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise Invalid(f"log: metric {key!r} is not a number")
             if isinstance(value, int) and not -(2**63) <= value < 2**63:

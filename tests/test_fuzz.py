@@ -27,9 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from ckptd_client import paths, protocol
 from ckptd_client.run import LEVELS, valid_run_id
-from helpers import DaemonProc, db_rows, env_for, wait_for
+from helpers import DaemonProc, db_rows, env_for, run_script, wait_for
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
@@ -265,3 +266,63 @@ def test_fuzzed_frames_never_hurt_the_daemon_or_other_clients(
         if honest.poll() is None:
             honest.send_signal(signal.SIGKILL)
             honest.wait()
+
+
+# ------------------------------------------------- regressions found by fuzzing
+
+def _talk(sock_path: str, data: bytes) -> list[dict[str, Any]]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(sock_path)
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+    reader, out = protocol.FrameReader(), []
+    while chunk := s.recv(65536):
+        out += reader.feed(chunk)
+    s.close()
+    return out
+
+
+@pytest.mark.parametrize("where", ["event", "metric-key", "register-name"])
+def test_lone_surrogate_is_refused_per_frame(home: Path, daemon: DaemonProc, where: str) -> None:
+    """Found by the fuzzer: JSON may carry a lone surrogate ("\\udc80"), which
+    SQLite cannot store; it used to fail the writer's whole group commit,
+    disconnecting every client in the batch. Now the frame is refused at
+    validation and the batch is untouched."""
+    bad = {"event": {"t": "event", "seq": 2, "level": "info", "msg": "a \udc80 b"},
+           "metric-key": {"t": "log", "seq": 2, "step": 0, "m": {"x\udc80": 1.0}},
+           "register-name": {"t": "register", "seq": 2, "name": "n\udc80"}}[where]
+    data = (frame({"t": "hello", "run": "surrogate", "attempt": 1, "src": "c"})
+            + frame({"t": "log", "seq": 1, "step": 0, "m": {"ok": 1.0}})
+            + frame(bad) + frame({"t": "flush", "seq": 2}))
+    replies = _talk(os.fspath(paths.socket_path(home)), data)
+    assert replies and replies[-1]["t"] == "error" and "UTF-8" in replies[-1]["error"], replies
+    assert "store commit failed" not in (home / "daemon.log").read_text()
+
+
+SURROGATE_CLIENT = """
+import ckptd_client as ckptd
+run = ckptd.init(name="surrogate")
+print("run", run.id, flush=True)
+run.event("listing \\udc80\\udcff.bin")  # what os.fsdecode gives for undecodable bytes
+for step in range(20):
+    run.log({"x": float(step)}, step=step)
+run.flush(timeout=30)
+run.finish(timeout=30)
+"""
+
+
+def test_surrogate_in_a_real_event_is_kept_and_blocks_nothing(home: Path,
+                                                              daemon: DaemonProc) -> None:
+    """Found by the fuzzer: an event text from ``os.fsdecode`` of a non-UTF-8
+    file name made every later commit of that client fail and left a spool
+    file that could never be ingested. The client now escapes it."""
+    out = run_script(home, SURROGATE_CLIENT)
+    run_id = out.stdout.split()[1]
+    assert "ckptd:" not in out.stderr, out.stderr
+    assert [s for (s,) in db_rows(home, "SELECT step FROM metrics WHERE run_id = ? ORDER BY step",
+                                  (run_id,))] == list(range(20))
+    [(text,)] = db_rows(home, "SELECT message FROM events WHERE run_id = ? AND kind = 'event'",
+                        (run_id,))
+    assert text == "listing \\udc80\\udcff.bin"
+    assert not os.listdir(paths.spool_dir(home))

@@ -149,7 +149,8 @@ class Run:
         level = str(level).lower()
         if level not in LEVELS:
             raise ValueError(f"level {level!r} is not one of {', '.join(LEVELS)}")
-        msg = {"t": protocol.EVENT, "time": time.time(), "level": level, "msg": str(message)}
+        msg = {"t": protocol.EVENT, "time": time.time(), "level": level,
+               "msg": _utf8(str(message))}
         if fields:
             msg["fields"] = {str(k): _plain(v) for k, v in fields.items()}
         with self._lock:
@@ -535,6 +536,16 @@ class _RunHandler(logging.Handler):
             self._run.event(record.getMessage(), level=level, logger=record.name)
         except Exception:
             self.handleError(record)
+
+
+def _utf8(text: str) -> str:
+    """Escape lone surrogates (``os.fsdecode`` of a non-UTF-8 file name gives
+    them): the store holds UTF-8 only, and the daemon refuses such text."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _plain(value: Any) -> Any:
