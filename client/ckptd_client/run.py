@@ -623,8 +623,9 @@ def init(
     else:
         run_id, attempt = new_run_id(), 1
     if name is not None and (not isinstance(name, str) or not name.strip()
-                             or "\0" in name or len(name) > 200):
-        raise CkptdError(f"run name {name!r} must be a non-empty string of at most 200 chars")
+                             or "\0" in name or len(name) > 200 or _utf8(name) != name):
+        raise CkptdError(f"run name {name!r} must be non-empty UTF-8 text of at most 200 "
+                         "characters without NUL")
     if config is not None and not isinstance(config, dict):
         raise TypeError("config must be a dict")
     if seed is not None:
