@@ -216,10 +216,10 @@ def commit_checkpoint(daemon: Daemon, req: Request, fd: int) -> dict[str, Any]:
         staging.mkdir(mode=0o700)
         # CRASH WINDOW (until the rename): a crash leaves only step-<N>.ckptd-tmp/,
         # which no reader looks at and reconcile() removes at the next start.
-        hashes = write_data(fd, req.size, staging / fmt.DATA_FILE)
+        checks = write_data(fd, req.size, staging / fmt.DATA_FILE)
         crashpoint("ckpt.staged")
-        manifest["files"] = {fmt.DATA_FILE: {"bytes": req.size, "algo": fmt.HASH_ALGO,
-                                              "chunk": fmt.CHUNK, "hashes": hashes}}
+        manifest["files"] = {fmt.DATA_FILE: {"bytes": req.size, "chunk": fmt.CHUNK,
+                                              **checks}}
         body = json.dumps(manifest, separators=(",", ":")).encode()
         write_file(staging / fmt.MANIFEST_FILE, body)
         # The directory entries of both files must be durable before the
@@ -299,17 +299,19 @@ def check_space(where: Path, needed: int, step: int) -> None:
             "policy (`ckptd ckpt gc`)")
 
 
-def write_data(src_fd: int, size: int, path: Path) -> list[str]:
+def write_data(src_fd: int, size: int, path: Path) -> dict[str, list[str]]:
     """Copy ``size`` bytes of the snapshot to ``path`` and fsync it; hash while writing.
 
     Hash threads read the shared memory while this thread writes it out and
-    waits for the fsync, so the hash costs no extra wall time on a disk
-    slower than sha256 (about 2 GB/s per core).
+    waits for the fsync, so the hashes cost no extra wall time on a disk
+    slower than sha256 (about 2 GB/s per core). Returns each chunk check.
     """
     out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     mm = mmap.mmap(src_fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) if size else None
+    futures: dict[str, list[Any]] = {}
     try:
-        futures = fmt.submit_chunk_hashes(mm, size) if mm is not None else []
+        futures = {algo: fmt.submit_chunk_hashes(mm, size, algo) if mm is not None else []
+                   for algo in fmt.CHECKS}
         if mm is not None:
             view = memoryview(mm)
             off = 0
@@ -317,15 +319,16 @@ def write_data(src_fd: int, size: int, path: Path) -> list[str]:
                 off += os.write(out, view[off:min(off + WRITE_CHUNK, size)])
             view.release()
         os.fsync(out)
-        hashes = [f.result() for f in futures]
+        checks = {algo: [f.result() for f in fs] for algo, fs in futures.items()}
     finally:
         os.close(out)
         if mm is not None:
-            for f in futures:
-                f.cancel()
+            for fs in futures.values():
+                for f in fs:
+                    f.cancel()
             with contextlib.suppress(BufferError):
                 mm.close()
-    return hashes
+    return checks
 
 
 def write_file(path: Path, data: bytes) -> None:
@@ -661,7 +664,7 @@ def export(home: Path, run_id: str, rows: list[dict[str, Any]], step: int | None
     for row in sorted(candidates, key=lambda r: -r["step"]):
         d = paths.checkpoints_dir(home, run_id) / fmt.step_dir_name(row["step"])
         try:
-            payload, manifest = fmt.load_dir(d, row["hash"])
+            payload, manifest = fmt.load_dir(d, row["hash"], verify=fmt.HASH_ALGO)
             break
         except CheckpointError as exc:
             errors.append(str(exc))
