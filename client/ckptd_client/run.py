@@ -48,7 +48,7 @@ LEVELS = ("debug", "info", "warning", "error", "critical")
 
 def valid_run_id(run_id: str) -> bool:
     """Run ids become directory names: no separators, no ``..``, no NUL."""
-    return bool(RUN_ID_RE.match(run_id)) and ".." not in run_id
+    return bool(RUN_ID_RE.fullmatch(run_id)) and ".." not in run_id
 
 
 def new_run_id() -> str:
