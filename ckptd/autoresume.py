@@ -101,6 +101,8 @@ def stuck(peaks: list[tuple[int, int | None]], limit: int = SAME_STEP_LIMIT) -> 
 
 def scan(daemon: Daemon, now: float | None = None) -> list[str]:
     """Relaunch every auto-resume run that is due; return their ids."""
+    if daemon.stop.is_set():
+        return []  # shutting down: the writer may be gone, and nothing new starts
     now = time.time() if now is None else now
     for run_id, (proc, since) in list(_pending.items()):
         if proc.poll() is not None or now - since > PENDING_S:

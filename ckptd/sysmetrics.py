@@ -113,6 +113,8 @@ def gpu_sample(pids: set[int]) -> dict[str, float]:
 
 def sample(daemon: Daemon, now: float | None = None) -> int:
     """Record one sample for every running run that is due; return how many."""
+    if daemon.stop.is_set():
+        return 0  # shutting down: the writer may be gone
     now = time.time() if now is None else now
     every = interval()
 

@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds per step (pacing)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden", type=int, default=64, help="width of the hidden layers")
+    parser.add_argument("--depth", type=int, default=1, help="hidden layers (state size)")
     parser.add_argument("--name", default="train-resumable")
     parser.add_argument("--out", default=None, help="write the final parameter hash here")
     args = parser.parse_args()
@@ -56,8 +58,10 @@ def main() -> None:
     dataset = TensorDataset(x, y)
     loader, sampler = resumable_loader(dataset, batch_size=args.batch_size, seed=args.seed)
 
-    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(),
-                                torch.nn.Dropout(0.2), torch.nn.Linear(64, 1))
+    layers = [torch.nn.Linear(32, args.hidden), torch.nn.ReLU(), torch.nn.Dropout(0.2)]
+    for _ in range(args.depth - 1):
+        layers += [torch.nn.Linear(args.hidden, args.hidden), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(args.hidden, 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps, eta_min=1e-4)
 

@@ -1,0 +1,149 @@
+"""How long ``ckptd resume`` takes to get a killed run training again.
+
+Measured: from the moment ``ckptd resume RUN`` is started to the first
+training step of the resumed attempt (the ``time`` of its first logged
+metric), for ``examples/train_resumable.py`` killed with SIGKILL after a
+checkpoint.
+
+Baseline, in the same process: the same script's cold start (spawn to its
+first step, as a new run) plus a bare ``torch.load(mmap=True)`` of the same
+checkpoint exported as one ``torch.save`` file. That is what a careful
+person restarting by hand pays at least; ckptd adds the CLI, the new
+attempt, the supervisor, verifying every hash and restoring RNG states.
+Target: ratio <= 1.3.
+
+    python bench/resume.py [--trials 3] [--hidden 1024 --depth 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "train_resumable.py"
+
+
+def rows(home: Path, sql: str, args: tuple = ()) -> list[tuple]:
+    conn = sqlite3.connect(f"file:{home / 'ckptd.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+def wait(pred, timeout: float = 120.0, what: str = ""):  # noqa: ANN001, ANN201
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = pred()
+        except sqlite3.OperationalError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.005)
+    raise SystemExit(f"bench: timed out waiting for {what}")
+
+
+def first_step_time(home: Path, name: str, attempt: int) -> float:
+    return wait(lambda: (r := rows(
+        home, "SELECT MIN(m.time) FROM metrics m JOIN runs r ON r.id = m.run_id WHERE"
+              " r.name = ? AND m.attempt = ? AND m.src = 'c'", (name, attempt))) and r[0][0],
+        what=f"first step of {name} attempt {attempt}")
+
+
+def trial(home: Path, env: dict[str, str], name: str, size: list[str]) -> tuple[float, float,
+                                                                               float]:
+    cmd = [sys.executable, os.fspath(EXAMPLE), "--name", name, "--steps", "100000",
+           "--ckpt-every", "3", *size]
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    cold = first_step_time(home, name, 1) - t0
+    (run_id,), = rows(home, "SELECT id FROM runs WHERE name = ?", (name,))
+    wait(lambda: rows(home, "SELECT MAX(step) FROM checkpoints WHERE run_id = ? AND"
+                            " status = 'committed'", (run_id,))[0][0], what="a checkpoint")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    wait(lambda: rows(home, "SELECT status FROM runs WHERE id = ?",
+                      (run_id,))[0][0] == "interrupted", what="interrupted")
+    (step,), = rows(home, "SELECT MAX(step) FROM checkpoints WHERE run_id = ? AND"
+                          " status = 'committed'", (run_id,))
+
+    t0 = time.time()
+    resumed = subprocess.Popen([sys.executable, "-m", "ckptd", "--home", os.fspath(home),
+                                "resume", run_id], env=env, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resume = first_step_time(home, name, 2) - t0
+    phases = rows(home, "SELECT kind, MIN(time) FROM events WHERE run_id = ? AND attempt = 2"
+                        " AND src = 'c' GROUP BY kind", (run_id,))
+    (begun,), = rows(home, "SELECT started FROM attempts WHERE run_id = ? AND attempt = 2",
+                     (run_id,))
+    marks = dict(phases)
+    print(f"  {name}: cold {cold:.3f} s | resume: attempt begun +{begun - t0:.3f} s, "
+          f"process registered +{marks.get('register', 0) - t0:.3f} s, "
+          f"restored +{marks.get('restored', 0) - t0:.3f} s, first step +{resume:.3f} s",
+          flush=True)
+    (pid,), = rows(home, "SELECT pid FROM attempts WHERE run_id = ? AND attempt = 2",
+                   (run_id,))
+    os.kill(pid, signal.SIGKILL)
+    resumed.wait()
+
+    export = home.parent / f"{name}.pt"
+    done = subprocess.run([sys.executable, "-m", "ckptd", "--home", os.fspath(home), "ckpt",
+                           "export", run_id, "--step", str(step), "-o", os.fspath(export)],
+                          env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"bench: export failed: {done.stderr.strip()}")
+    load = subprocess.run(
+        [sys.executable, "-c",
+         "import sys, time, torch\n"
+         "t = time.perf_counter()\n"
+         "torch.load(sys.argv[1], mmap=True, weights_only=True)\n"
+         "print(time.perf_counter() - t)\n", os.fspath(export)],
+        env=env, check=True, capture_output=True, text=True)
+    return cold, float(load.stdout), resume
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--depth", type=int, default=6)
+    args = parser.parse_args()
+    size = ["--hidden", str(args.hidden), "--depth", str(args.depth)]
+    params = 32 * args.hidden + (args.depth - 1) * args.hidden ** 2
+    with tempfile.TemporaryDirectory(prefix="ckptd-bench-resume-") as tmp:
+        home = Path(tmp) / "home"
+        home.mkdir(mode=0o700)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")}
+        env["CKPTD_HOME"] = os.fspath(home)
+        subprocess.run([sys.executable, "-m", "ckptd", "--home", os.fspath(home), "start"],
+                       env=env, check=True, stdout=subprocess.DEVNULL)
+        try:
+            results = [trial(home, env, f"bench-{i}", size) for i in range(args.trials)]
+        finally:
+            subprocess.run([sys.executable, "-m", "ckptd", "--home", os.fspath(home), "stop"],
+                           env=env, stdout=subprocess.DEVNULL)
+    cold = statistics.median(r[0] for r in results)
+    load = statistics.median(r[1] for r in results)
+    resume = statistics.median(r[2] for r in results)
+    print(f"state: ~{params * 3 * 4 / 2**20:.0f} MiB (model + Adam), {args.trials} trials, "
+          "medians")
+    print(f"cold start to first step:        {cold:7.3f} s")
+    print(f"torch.load(mmap=True) of ckpt:   {load:7.3f} s")
+    print(f"baseline (cold + load):          {cold + load:7.3f} s")
+    print(f"ckptd resume to first step:      {resume:7.3f} s")
+    print(f"ratio resume / baseline:         {resume / (cold + load):7.2f}x (target <= 1.3x)")
+
+
+if __name__ == "__main__":
+    main()
