@@ -646,7 +646,7 @@ def init(
     }
     if not env_id:
         register.update(
-            command=[sys.executable, *sys.argv] if sys.argv and sys.argv[0] else None,
+            command=_relaunch_command(),
             cwd=os.getcwd(),
             env=dict(os.environ),
             provenance=_provenance(seed),
@@ -656,6 +656,19 @@ def init(
     run._start(register)
     run._install_hooks()
     return run
+
+
+def _relaunch_command() -> list[str] | None:
+    """How ``ckptd resume`` starts this program again: this interpreter with
+    the original command line, so ``python -m pkg.train`` stays ``-m`` (a
+    path to the module file would break its relative imports) and options
+    like ``-X`` are kept. None for an interactive session (nothing to rerun)."""
+    if not sys.argv or not sys.argv[0]:
+        return None
+    orig = getattr(sys, "orig_argv", None)
+    if orig and len(orig) > 1:
+        return [sys.executable, *orig[1:]]  # `-c CODE` is kept whole, too
+    return [sys.executable, *sys.argv]
 
 
 def _provenance(seed: int | None) -> dict[str, Any]:
