@@ -170,6 +170,7 @@ class Supervisor:
         self.name = name
         self.register = register
         self.stopped_by: int | None = None
+        self.status = "running"
         self.proc: subprocess.Popen[bytes] | None = None
         self._exited = threading.Event()
 
@@ -180,7 +181,10 @@ class Supervisor:
         with contextlib.suppress(Exception):
             # the registration is committed before the command can join it
             run.flush(timeout=10)
-        previous = {s: signal.signal(s, self._on_signal) for s in (*FORWARDED, signal.SIGINT)}
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {s: signal.signal(s, self._on_signal)
+                        for s in (*FORWARDED, signal.SIGINT)}
         try:
             try:
                 sources = self._spawn()
@@ -203,8 +207,8 @@ class Supervisor:
         ended = exit_status(returncode, self.stopped_by)
         if self.stopped_by is not None:
             ended["auto_resume"] = 0  # a person stopped it: do not bring it back by itself
-        status, exit_code = ended.pop("status"), ended.pop("exit_code")
-        run.finish(status=status, exit_code=exit_code, timeout=30, **ended)
+        self.status, exit_code = ended.pop("status"), ended.pop("exit_code")
+        run.finish(status=self.status, exit_code=exit_code, timeout=30, **ended)
         return returncode if returncode >= 0 else 128 - returncode
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -325,7 +329,11 @@ def run_command(home: Path, command: list[str], *, name: str | None = None,
     }
     sup = Supervisor(home, run_id, 1, command, cwd, child_env(env, home, run_id, 1),
                      name=name, register=register)
-    return sup.run()
+    code = sup.run()
+    if auto_resume and sup.status != "finished" and sup.stopped_by is None:
+        print(f"ckptd: run {run_id} {sup.status}; the daemon relaunches it from its newest "
+              f"checkpoint (follow it with `ckptd tail -f {run_id}`)", file=sys.stderr)
+    return code
 
 
 def attach_run(home: Path, begun: dict[str, Any]) -> int:
