@@ -216,7 +216,8 @@ def commit_checkpoint(daemon: Daemon, req: Request, fd: int) -> dict[str, Any]:
         staging.mkdir(mode=0o700)
         # CRASH WINDOW (until the rename): a crash leaves only step-<N>.ckptd-tmp/,
         # which no reader looks at and reconcile() removes at the next start.
-        checks = write_data(fd, req.size, staging / fmt.DATA_FILE)
+        timings: dict[str, float] = {}
+        checks = write_data(fd, req.size, staging / fmt.DATA_FILE, timings)
         crashpoint("ckpt.staged")
         manifest["files"] = {fmt.DATA_FILE: {"bytes": req.size, "chunk": fmt.CHUNK,
                                               **checks}}
@@ -252,6 +253,7 @@ def commit_checkpoint(daemon: Daemon, req: Request, fd: int) -> dict[str, Any]:
     crashpoint("ckpt.after_rename")
     fsync_dir(ckpt_root)
     crashpoint("ckpt.before_row")
+    timings["publish"] = time.monotonic() - t0 - sum(timings.values())
     row = {
         "run_id": req.run, "step": req.step, "attempt": req.attempt, "status": "committed",
         "path": os.fspath(final.relative_to(daemon.home)), "bytes": req.size + len(body),
@@ -283,6 +285,10 @@ def commit_checkpoint(daemon: Daemon, req: Request, fd: int) -> dict[str, Any]:
     crashpoint("ckpt.after_row")
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
+    timings["row"] = time.monotonic() - t0 - sum(timings.values())
+    log.info("run %s: checkpoint step %d committed, %s in %.3f s (%s)", req.run, req.step,
+             fmt.human_bytes(row["bytes"]), time.monotonic() - t0,
+             ", ".join(f"{k} {v:.3f}" for k, v in timings.items()))
     return row
 
 
@@ -299,7 +305,8 @@ def check_space(where: Path, needed: int, step: int) -> None:
             "policy (`ckptd ckpt gc`)")
 
 
-def write_data(src_fd: int, size: int, path: Path) -> dict[str, list[str]]:
+def write_data(src_fd: int, size: int, path: Path,
+               timings: dict[str, float] | None = None) -> dict[str, list[str]]:
     """Copy ``size`` bytes of the snapshot to ``path`` and fsync it; hash while writing.
 
     Hash threads read the shared memory while this thread writes it out and
@@ -307,7 +314,10 @@ def write_data(src_fd: int, size: int, path: Path) -> dict[str, list[str]]:
     slower than sha256 (about 2 GB/s per core). Returns each chunk check.
     """
     out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    mm = mmap.mmap(src_fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) if size else None
+    t0 = time.monotonic()
+    # read-only shared mapping: populating it maps the existing pages, no copy
+    mm = mmap.mmap(src_fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                   prot=mmap.PROT_READ) if size else None
     futures: dict[str, list[Any]] = {}
     try:
         futures = {algo: fmt.submit_chunk_hashes(mm, size, algo) if mm is not None else []
@@ -318,8 +328,12 @@ def write_data(src_fd: int, size: int, path: Path) -> dict[str, list[str]]:
             while off < size:
                 off += os.write(out, view[off:min(off + WRITE_CHUNK, size)])
             view.release()
+        t1 = time.monotonic()
         os.fsync(out)
+        t2 = time.monotonic()
         checks = {algo: [f.result() for f in fs] for algo, fs in futures.items()}
+        if timings is not None:
+            timings.update(write=t1 - t0, fsync=t2 - t1, hash_wait=time.monotonic() - t2)
     finally:
         os.close(out)
         if mm is not None:

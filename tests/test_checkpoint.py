@@ -346,3 +346,22 @@ def test_no_daemon_fails_through_the_handle_and_logging_continues(home: Path) ->
     finally:
         run.finish(timeout=2)
     assert any((home / "spool").iterdir())
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_and_cuda_rng_round_trip(home: Path, daemon: DaemonProc) -> None:
+    out = run_script(home, """
+import torch, ckptd_client as ckptd
+run = ckptd.init(name="cuda", seed=3)
+w = torch.randn(1024, 1024, device="cuda")
+torch.rand(1, device="cuda")
+h = run.checkpoint({"w": w, "cpu": torch.ones(3)}, step=1)
+h.wait(60)
+expect = torch.rand(4, device="cuda")
+st = run.restore(map_location="cuda")
+assert st["w"].is_cuda and torch.equal(st["w"], w)
+assert torch.equal(torch.rand(4, device="cuda"), expect)  # the CUDA stream continues
+print("cuda ok")
+run.finish()
+""").stdout
+    assert "cuda ok" in out
