@@ -68,19 +68,28 @@ class Conn:
     attempt: int = 0
     src: str = "c"
     closed: bool = False
+    #: a send failed: the peer died or stopped reading; we only read from now on
+    mute: bool = False
     acked: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def send(self, msg: dict[str, Any]) -> bool:
         data = protocol.encode(msg)
         with self.lock:
-            if self.closed:
+            if self.closed or self.mute:
                 return False
             try:
                 self.sock.sendall(data)
                 return True
             except OSError:
-                self.close_locked()
+                # Never close here: a trainer killed right after log() returned
+                # left frames in the kernel that only this connection can still
+                # read, and nobody will resend them. Stop sending (SHUT_WR tells a
+                # live peer to reconnect and spool what is unacked); the reader
+                # reads on to EOF and closes.
+                self.mute = True
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_WR)
                 return False
 
     def close(self) -> None:

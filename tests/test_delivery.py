@@ -69,7 +69,7 @@ def stored_steps(home: Path, run_id: str) -> list[tuple[int, int]]:
                    " GROUP BY step ORDER BY step", (run_id,))
 
 
-def assert_all_once(home: Path, run_id: str, steps: list[int], timeout: float = 20) -> None:
+def assert_all_once(home: Path, run_id: str, steps: list[int], timeout: float = 60) -> None:
     """Every step in ``steps`` reaches the store (waiting for spool ingestion), exactly once."""
     expected = set(steps)
 
@@ -89,28 +89,49 @@ def assert_all_once(home: Path, run_id: str, steps: list[int], timeout: float = 
     assert len({n for (n,) in widths}) == 1
 
 
-@pytest.mark.parametrize("width", [2, 64])
+@pytest.mark.parametrize("width,stall", [(2, False), (64, False), (2, True)],
+                         ids=["2-metrics", "64-metrics", "daemon-stalled"])
 def test_kill9_trainer_loses_no_acknowledged_event(daemon: DaemonProc, home: Path,
-                                                   long_mode: bool, width: int) -> None:
-    """kill -9 at a random moment of a tight log() loop: every returned log() is stored once."""
-    rng = random.Random(1000 + width)
+                                                   long_mode: bool, width: int,
+                                                   stall: bool) -> None:
+    """kill -9 at a random moment of a tight log() loop: every returned log() is stored once.
+
+    ``daemon-stalled`` stops the daemon (SIGSTOP) while the trainer logs, so the
+    socket buffer fills and log() spills to the spool before the kill; the daemon
+    then resumes and must take both the socket's backlog and the spool.
+    """
+    rng = random.Random(1000 + width + stall)
     trials = 6 if long_mode else 2
+    spool = home / paths.SPOOL_DIR
     for trial in range(trials):
-        prog = home.parent / f"progress-{width}-{trial}"
+        prog = home.parent / f"progress-{width}-{stall}-{trial}"
         env = env_for(home, PROGRESS=os.fspath(prog), METRICS=str(width),
                       RUN_NAME=f"victim-{width}-{trial}")
         proc = spawn_script(home, TRAINER, env=env, stdout=None)
+        # a random moment, counted in steps: the loop runs far faster than SQLite
+        # takes 64 values a step, and the test must wait for the backlog to commit
+        kill_after = rng.randint(20, 4000 if width == 2 else 1500)
         try:
-            wait_for(lambda p=prog: len(progress(p)[1]) > 20, timeout=30, what="trainer logging")
-            time.sleep(rng.uniform(0.05, 0.6))
+            if stall:
+                wait_for(lambda p=prog: len(progress(p)[1]) >= 20, timeout=30,
+                         what="trainer logging")
+                daemon.proc.send_signal(signal.SIGSTOP)
+                wait_for(lambda: list(spool.glob("*.spool")), timeout=30,
+                         what="log() spilling to the spool")
+                kill_after += len(progress(prog)[1])
+            wait_for(lambda p=prog, k=kill_after: len(progress(p)[1]) >= k, timeout=30,
+                     interval=0.001, what="trainer logging")
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
+            daemon.proc.send_signal(signal.SIGCONT)
         assert proc.returncode == -signal.SIGKILL
         run_id, steps, _ = progress(prog)
         assert run_id is not None and steps == list(range(len(steps)))
         assert_all_once(home, run_id, steps)
         assert daemon.proc is not None and daemon.proc.poll() is None
+        wait_for(lambda: not list(spool.glob("*.spool")), timeout=30,
+                 what="spool files ingested and deleted")
 
 
 def test_kill9_daemon_then_new_daemon_flush_has_everything_once(home: Path) -> None:
