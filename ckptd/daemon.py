@@ -159,6 +159,9 @@ class Daemon:
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._spool_kick = threading.Event()
+        #: set at shutdown once every reader has read its connection to EOF;
+        #: only then may the writer stop (it commits what they queued)
+        self._readers_done = threading.Event()
         self._signals = 0
         self.started = time.time()
 
@@ -244,14 +247,22 @@ class Daemon:
                 os.unlink(self.socket_path)
         self.stop.set()
         self._spool_kick.set()
-        # Stop reading from clients; what they sent and we did not commit stays
-        # unacked with them (they spool it). The writer drains what the readers
-        # already queued, commits it, then exits.
+        # Take no new data from clients (SHUT_RD), but read what the kernel
+        # already holds: a trainer killed right after log() returned cannot
+        # resend it. Readers stop at the EOF that follows; the writer commits
+        # everything they queued, then exits. Live clients keep what is unacked.
         with self.conns_lock:
             conns = list(self.conns)
         for c in conns:
             with contextlib.suppress(OSError):
                 c.sock.shutdown(socket.SHUT_RD)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with self.conns_lock:
+                if not self.conns:
+                    break
+            time.sleep(0.01)
+        self._readers_done.set()
         for t in self._threads:
             t.join(timeout=60)
         for c in conns:
@@ -307,7 +318,7 @@ class Daemon:
     def _conn_loop(self, conn: Conn) -> None:
         reader = protocol.FrameReader(self.max_frame)
         try:
-            while not self.stop.is_set():
+            while True:  # to EOF, also at shutdown (see shutdown)
                 try:
                     data = conn.sock.recv(1 << 18)
                 except OSError:
@@ -386,7 +397,7 @@ class Daemon:
             try:
                 first = self.queue.get(timeout=0.1)
             except queue.Empty:
-                if self.stop.is_set():
+                if self._readers_done.is_set():
                     return
                 continue
             batch = [first]

@@ -269,3 +269,28 @@ def test_sigterm_commits_what_was_queued_and_exits_0(daemon: DaemonProc, home: P
     assert seqs == list(range(1, len(seqs) + 1)), "a queued event was dropped"
     assert len(seqs) >= max_ack
     assert "Traceback" not in (home / paths.DAEMON_LOG).read_text()
+
+
+def test_sigterm_commits_what_a_dead_trainer_left_in_the_kernel(daemon: DaemonProc,
+                                                                 home: Path) -> None:
+    """A trainer handed frames to the kernel (log() returned) and died; the daemon, busy,
+    had not read them yet when SIGTERM came. Nobody can resend them: shutdown must read
+    and commit them before exiting."""
+    n = 20_000  # several reads' worth
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    s.settimeout(10)
+    s.connect(os.fspath(paths.socket_path(home)))
+    s.sendall(protocol.encode({"t": protocol.HELLO, "run": "orphan", "attempt": 1, "src": "c"})
+              + protocol.encode({"t": protocol.PING}))
+    _read_until(s, protocol.FrameReader(), lambda m: m["t"] == protocol.PONG)
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGSTOP)  # the daemon is busy elsewhere
+    try:
+        s.sendall(_raw_log_frames(1, n))
+        s.close()  # the trainer is gone
+        daemon.proc.send_signal(signal.SIGTERM)
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+    assert daemon.proc.wait(timeout=30) == 0
+    assert stored_steps(home, "orphan") == [(s, 1) for s in range(1, n + 1)]
