@@ -504,6 +504,11 @@ class Daemon:
             fd = try_lock(path)
             if fd is None:
                 continue  # still being written
+            # The lock only proves that its writer is done (writers never
+            # reopen a file). Release it now: held until after the commit, a
+            # failed commit (disk full) leaked it, and this daemon then skipped
+            # the file as "still being written" until a restart.
+            os.close(fd)
             events = []
             for msg in read_records(path):
                 try:
@@ -517,7 +522,7 @@ class Daemon:
             store.apply(events)
             log.info("ingested %d events from %s", len(events), name)
 
-            def cleanup(path: Path = path, fd: int = fd) -> None:
+            def cleanup(path: Path = path) -> None:
                 # CRASH WINDOW: committed, file still here -> ingested again at
                 # restart (idempotent); unlinked but the directory not fsynced ->
                 # the file may reappear after power loss, same outcome.
@@ -525,7 +530,6 @@ class Daemon:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
                 crashpoint("spool.after_unlink")
-                os.close(fd)
 
             cleanups.append(cleanup)
         if cleanups:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import mmap
 import os
 import random
+import re
 import sqlite3
 import struct
 import subprocess
@@ -182,7 +183,10 @@ def check_cut(tmp: Path, copy: Path, seen: tuple[Any, ...], run_id: str,
         assert top >= acked, f"daemon acked step {acked}, store has up to {top}"
         result = {"logged": logged, "present": top, "acked": acked, "flushed": flushed,
                   "lost_unacked": logged - top}
-        if start_daemon:
+        if durable >= 0:
+            result["durable_ckpt"] = durable
+            _check_durable_checkpoint(home, db, run_id, durable)
+        if start_daemon or durable >= 0:
             env = env_for(home, CKPTD_TEST_BOOT_ID="after-the-power-cut",
                           CKPTD_NO_AUTOSTART="1")
             d = DaemonProc(home, env=env)
@@ -191,12 +195,59 @@ def check_cut(tmp: Path, copy: Path, seen: tuple[Any, ...], run_id: str,
                 if steps:
                     wait_for(lambda: _run_status(db, run_id) == "interrupted", timeout=30,
                              what="the cut run marked interrupted after the reboot")
+                if durable >= 0:
+                    step, whole = _restored(home, run_id, env)
+                    assert whole == "whole", f"restore() picked a torn checkpoint (step {step})"
+                    assert step is not None and step >= durable, \
+                        f"restore() gave step {step}, checkpoint {durable} was durable"
+                    result["restored"] = step
+                    ckpt_dir = home / "runs" / run_id / "checkpoints"
+                    wait_for(lambda: all(re.fullmatch(r"step-\d+", n)
+                                         for n in os.listdir(ckpt_dir)), timeout=30,
+                             what="staging leftovers removed")
             finally:
                 d.stop()
             _integrity(db)
             assert _steps(db, run_id) == steps, "the restarted daemon changed the events"
     copy.unlink()
     return result
+
+
+def _check_durable_checkpoint(home: Path, db: Path, run_id: str, step: int) -> None:
+    """The checkpoint whose handle reported durable is committed and verifies."""
+    from ckptd_client import checkpoint as fmt
+
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        row = conn.execute("SELECT status, hash FROM checkpoints WHERE run_id = ? AND step = ?",
+                           (run_id, step)).fetchone()
+    finally:
+        conn.close()
+    assert row is not None and row[0] == "committed", \
+        f"checkpoint {step} was reported durable; its row is {row}"
+    fmt.verify_dir(home / "runs" / run_id / "checkpoints" / f"step-{step}", row[1])
+
+
+RESTORE = """
+import ckptd_client as ckptd
+run = ckptd.init()
+state = run.restore()
+if state is None:
+    print("restored none")
+else:
+    whole = bool((state["w"] == float(state["step"])).all())
+    print("restored", state["step"], "whole" if whole else "TORN", flush=True)
+run.finish(timeout=30)
+"""
+
+
+def _restored(home: Path, run_id: str, env: dict[str, str]) -> tuple[int | None, str]:
+    out = subprocess.run([sys.executable, "-c", RESTORE], capture_output=True, text=True,
+                         timeout=120, stdin=subprocess.DEVNULL,
+                         env={**env, "CKPTD_RUN_ID": run_id, "CKPTD_ATTEMPT": "2"})
+    m = re.search(r"^restored (none|(\d+) (\w+))$", out.stdout, re.M)
+    assert m, out.stdout + out.stderr
+    return (None, "") if m.group(1) == "none" else (int(m.group(2)), m.group(3))
 
 
 def test_events_survive_power_cuts(tmp_path: Path, long_mode: bool) -> None:
@@ -214,3 +265,20 @@ def test_events_survive_power_cuts(tmp_path: Path, long_mode: bool) -> None:
             raise AssertionError(f"cut {i} (seed {seed}): {exc}") from None
     print("cuts:", measured)
     assert any(m["present"] > 0 for m in measured)
+
+
+def test_checkpoints_survive_power_cuts(tmp_path: Path, long_mode: bool) -> None:
+    """After every cut: the checkpoint whose handle reported durable is
+    committed and verifies; restore() on the rebooted machine picks a whole
+    checkpoint at least that new; staging leftovers are swept."""
+    seed = _seed()
+    cuts = 20 if long_mode else 3
+    results, run_id = run_workload(tmp_path, cuts, seed, every_ckpt=30)
+    measured = []
+    for i, (copy, seen) in enumerate(results):
+        try:
+            measured.append(check_cut(tmp_path, copy, seen, run_id, start_daemon=True))
+        except AssertionError as exc:
+            raise AssertionError(f"cut {i} (seed {seed}): {exc}") from None
+    print("cuts:", measured)
+    assert any(m.get("durable_ckpt", -1) >= 0 for m in measured)

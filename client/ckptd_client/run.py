@@ -220,12 +220,17 @@ class Run:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             target = self._seq
+            if self._backlog:
+                # Events held in memory while the disk was full: the daemon
+                # never saw them, so its flush cannot cover them. Spool them
+                # now if the disk takes writes again (found by test_diskfull).
+                self._spool_locked([])
             spool, self._spool = self._spool, None
         if spool is not None:
             # hand the spool to the daemon before asking it to flush, so the
             # daemon's flush ingests it
             self._close_spool(spool)
-        if self._wait_daemon_flush(target, deadline):
+        if self._wait_daemon_flush(target, deadline) and not self._backlog:
             return
         with self._lock:
             self._spill_locked()
@@ -272,8 +277,8 @@ class Run:
         if self._link.is_alive() and threading.current_thread() is not self._link:
             self._link.join(timeout=5)
         with self._lock:
+            self._spill_locked()  # anything unacked, or held in memory, is kept on disk
             if self._sock is not None:
-                self._spill_locked()  # anything unacked is kept on disk
                 self._drop_locked()
             spool, self._spool = self._spool, None
         if spool is not None:
@@ -355,8 +360,11 @@ class Run:
         self._spool_locked([msg])
 
     def _spool_locked(self, msgs: list[dict[str, Any]]) -> None:
+        """Append ``msgs`` to the spool; ``[]`` retries only the memory backlog."""
         if not msgs:
-            return
+            if not self._backlog:
+                return
+            msgs, self._backlog = list(self._backlog), collections.deque()
         try:
             if self._spool is None:
                 self._spool = SpoolWriter(self._spool_dir, self.id, self.attempt, self.src)
