@@ -282,3 +282,36 @@ def test_nan_and_inf_metrics_are_stored_and_read_back(daemon: DaemonProc, home: 
     # NaN is NULL in SQLite (see docs/schema.md); infinities are real values
     assert db_rows(home, "SELECT key, value FROM metrics WHERE key IN ('nan', 'inf')"
                    " ORDER BY key") == [("inf", float("inf")), ("nan", None)]
+
+
+def test_values_the_daemon_would_refuse_are_handled_in_log(daemon: DaemonProc,
+                                                          home: Path) -> None:
+    """A value log() accepts must never make the daemon drop the connection later:
+    ints beyond 64 bits become floats, bad keys raise TypeError at the call."""
+    out = run_script(home, """
+        import ckptd_client as ckptd
+        run = ckptd.init(name="edges")
+        run.log({"big": 2**64, "neg": -(2**70), "ok": 1}, step=0)
+        for key in ("", "a\\x00b", "k" * 257, "\\udc80", 3):
+            try:
+                run.log({key: 1.0}, step=1)
+            except TypeError as exc:
+                assert "key" in str(exc), exc
+            else:
+                raise SystemExit(f"key {key!r} was accepted")
+        try:
+            run.log({"huge": 10**400}, step=1)
+        except TypeError as exc:
+            assert "'huge'" in str(exc)
+        else:
+            raise SystemExit("10**400 was accepted")
+        run.log({"ok": 2}, step=1)
+        run.finish()
+        print("ok")
+    """)
+    assert out.stdout.strip() == "ok" and "daemon reported" not in out.stderr, out.stderr
+    assert "bad frame" not in (home / paths.DAEMON_LOG).read_text()
+    rows = db_rows(home, "SELECT m.step, key, value FROM metrics m JOIN runs r ON r.id = m.run_id"
+                   " WHERE r.name = 'edges' ORDER BY m.step, key")
+    assert rows == [(0, "big", float(2**64)), (0, "neg", float(-(2**70))), (0, "ok", 1.0),
+                    (1, "ok", 2.0)]

@@ -126,20 +126,49 @@ def recv_message(sock: Any, reader: FrameReader) -> dict[str, Any] | None:
             return msgs[0]
 
 
+#: The daemon's limits (ckptd/validate.py). A value it would refuse must be
+#: refused (or converted) here: refused there, it costs the whole connection
+#: and the event is dropped long after ``log()`` returned.
+MAX_KEY = 256
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+
+
+def _fit(key: str, value: int) -> float | int:
+    """An int beyond 64 bits becomes a float (metric values are stored as REAL anyway)."""
+    if INT_MIN <= value <= INT_MAX:
+        return value
+    try:
+        return float(value)
+    except OverflowError:
+        raise TypeError(f"metric {key!r} = {value} is too large to record") from None
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: JSON carries it, SQLite cannot store it
+        return False
+    return True
+
+
 def check_metric(key: Any, value: Any) -> float | int:
     """Return ``value`` as a plain number, or raise ``TypeError`` naming ``key``.
 
     numpy scalars and 0-d torch tensors are converted via ``.item()`` so
     users can log ``loss`` straight from the graph without ``float()``.
     """
-    if not isinstance(key, str) or not key:
-        raise TypeError(f"metric key {key!r} must be a non-empty string")
-    if type(value) is float or type(value) is int:
+    if (not isinstance(key, str) or not key or len(key) > MAX_KEY or "\0" in key
+            or not (key.isascii() or _utf8(key))):
+        raise TypeError(f"metric key {key!r} must be a non-empty UTF-8 string without NUL "
+                        f"of at most {MAX_KEY} characters")
+    if type(value) is float:
         return value
+    if type(value) is int:
+        return _fit(key, value)
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, (int, float)):
-        return value.__float__() if isinstance(value, float) else int(value)
+        return value.__float__() if isinstance(value, float) else _fit(key, int(value))
     item = getattr(value, "item", None)
     if item is not None and getattr(value, "ndim", 0) == 0:
         try:
@@ -148,7 +177,9 @@ def check_metric(key: Any, value: Any) -> float | int:
             v = None
         if isinstance(v, bool):
             return int(v)
-        if isinstance(v, (int, float)):
+        if isinstance(v, int):
+            return _fit(key, v)
+        if isinstance(v, float):
             return v
     raise TypeError(
         f"metric {key!r} has value {value!r} of type {type(value).__name__}; "
