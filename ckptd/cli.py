@@ -214,8 +214,7 @@ def show(run: str | None = typer.Argument(None, help="run id, unique prefix or n
         for a in info["attempts"]:
             echo(f"  #{a['attempt']} {a['status']}  started {fmt_time(a['started'])}"
                  f"  ended {fmt_time(a['ended'])}"
-                 + (f"  resumed from step {a['restored_step']}"
-                    if a.get("restored_step") is not None else ""))
+                 + _restored_note(a.get("restored_step")))
     if info["checkpoints"]:
         echo("checkpoints:")
         for c in info["checkpoints"]:
@@ -223,6 +222,13 @@ def show(run: str | None = typer.Argument(None, help="run id, unique prefix or n
     if info.get("traceback"):
         echo("traceback:")
         echo(info["traceback"].rstrip())
+
+
+def _restored_note(step: int | None) -> str:
+    if step is None:
+        return ""
+    return f"  resumed after checkpoint step {step}" if step >= 0 else \
+        "  started over (no checkpoint)"
 
 
 @app.command()
