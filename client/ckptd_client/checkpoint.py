@@ -51,6 +51,7 @@ import mmap
 import os
 import socket
 import sqlite3
+import struct
 import sys
 import threading
 import time
@@ -85,6 +86,8 @@ MAX_MANIFEST = 256 << 20
 #: Reply from the daemon to a CKPT message: {id, ok, error?, kind?, hash?, bytes?, persist_s?}.
 CKPT_DONE = "ckpt_done"
 SHM_PREFIX = "ckptd-"
+#: Longest a checkpoint request may wait for room in the daemon's socket.
+SEND_TIMEOUT_S = 30
 #: Linux 5.14+: prefault a mapping's pages for reading (not in Python's mmap module).
 MADV_POPULATE_READ = 22
 
@@ -145,12 +148,13 @@ def hash_pool() -> concurrent.futures.ThreadPoolExecutor:
         return _pool
 
 
-def submit_chunk_hashes(buf: Any, size: int, algo: str = HASH_ALGO) -> \
+def submit_chunk_hashes(buf: Any, size: int, algo: str = HASH_ALGO,
+                        pool: concurrent.futures.Executor | None = None) -> \
         list[concurrent.futures.Future[str]]:
     """Start checking ``buf[:size]`` in CHUNK pieces; the futures give hex digests in order."""
     fn = CHECKS[algo]
     view = memoryview(buf).cast("B")
-    pool = hash_pool()
+    pool = pool or hash_pool()
     return [pool.submit(fn, view[off:min(off + CHUNK, size)]) for off in range(0, size, CHUNK)]
 
 
@@ -232,7 +236,10 @@ def decode_tree(node: Any, tensors: list[Any]) -> Any:
     """Inverse of :func:`encode_state` (tree from a manifest: untrusted input)."""
     if isinstance(node, dict):
         if "T" in node:
-            return tensors[node["T"]]
+            i = node["T"]
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(tensors):
+                raise ValueError(f"tensor index {i!r} out of range")
+            return tensors[i]
         if "D" in node:
             return {k: decode_tree(v, tensors) for k, v in node["D"]}
         if "L" in node:
@@ -726,6 +733,10 @@ class Checkpointer:
                                     "checkpoints (`ckptd start`)") from None
         except OSError as exc:
             raise DaemonUnavailable(f"checkpoint: cannot reach the daemon: {exc}") from None
+        # The reader thread blocks in recv() with no timeout; sends still get
+        # one, so a hung daemon cannot hold the training loop for ever.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", SEND_TIMEOUT_S, 0))
         with self._mu:
             self._sock = sock
         threading.Thread(target=self._read_loop, args=(sock,), name="ckptd-ckpt",
