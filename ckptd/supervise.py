@@ -194,10 +194,11 @@ class Supervisor:
                 run.console(msg, "stderr")
                 run.finish(status="failed", exit_code=127, reason=msg[7:])
                 return 127
+            assert self.proc is not None
+            run._register_process(self.proc.pid)
             pump = threading.Thread(target=self._pump, args=(run, sources), daemon=True,
                                     name="ckptd-pump")
             pump.start()
-            assert self.proc is not None
             returncode = self.proc.wait()
             self._exited.set()
             pump.join(timeout=DRAIN_S + 5)

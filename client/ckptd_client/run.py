@@ -171,6 +171,15 @@ class Run:
         with self._lock:
             self._emit_locked(msg)
 
+    def _register_process(self, pid: int) -> None:
+        """Name the process doing this attempt's work (what a supervisor says of
+        its child, so liveness follows a command that never uses the client)."""
+        msg = {"t": protocol.REGISTER, "time": time.time(), "joined": True, "pid": pid,
+               "pid_started": process_start_time(pid), "boot_id": boot_id(),
+               "host": socket.gethostname()}
+        with self._lock:
+            self._emit_locked(msg)
+
     def _report_restored(self, step: int | None) -> None:
         """Tell the daemon this attempt continues after checkpoint ``step``
         (``None``: nothing to restore, it starts over), so what earlier
