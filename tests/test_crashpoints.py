@@ -261,7 +261,9 @@ def kill_trial(root: Path, seed: int, mode: str) -> None:
             want = set(range(logged + 1))
             wait_for(lambda: want <= set(steps_once(home, run_id)) and not spool_left(home),
                      timeout=30, what=f"steps 0..{logged} stored")
-            assert set(steps_once(home, run_id)) == want
+            # the step after the last recorded one may be there too: its log()
+            # returned, but the kill came before the test's progress record
+            assert set(steps_once(home, run_id)) - want <= {logged + 1}
         status = "finished" if mode == "daemon" else "interrupted"
         wait_for(lambda: db_rows(home, "SELECT status FROM runs WHERE id = ?", (run_id,))
                  == [(status,)], timeout=30, what=f"run {status}")
