@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ckptd_client import checkpoint as fmt
 from ckptd_client import paths, transport
 from helpers import REPO, DaemonProc, db_rows, env_for, kill_home_daemon, run_script, wait_for
 
@@ -368,8 +369,8 @@ def test_checkpoint_commit_crash(home: Path, point: str) -> None:
     step, state = restored(home, run_id)
     assert state == "whole", f"restore() picked a torn checkpoint: step {step}"
     assert step == (2 if rows.get(2) == "committed" else 1)
-    verify = subprocess.run([sys.executable, "-m", "ckptd", "--home", os.fspath(home), "ckpt",
-                             "verify", run_id], capture_output=True, text=True, timeout=60,
-                            env=env_for(home))
-    assert verify.returncode == 0, verify.stdout + verify.stderr
+    # every committed row verifies (what `ckptd ckpt verify` checks)
+    for step, digest in db_rows(home, "SELECT step, hash FROM checkpoints WHERE run_id = ?"
+                                " AND status = 'committed'", (run_id,)):
+        fmt.verify_dir(paths.checkpoints_dir(home, run_id) / f"step-{step}", digest)
     integrity_ok(home)

@@ -82,7 +82,7 @@ def _spawn(tmp: Path, home: Path, name: str, code: str, *args: str) -> subproces
 
 def test_sixteen_clients_at_full_speed_with_checkpoints(
         home: Path, daemon: DaemonProc, tmp_path: Path, long_mode: bool) -> None:
-    seconds = 60.0 if long_mode else 8.0
+    seconds = 60.0 if long_mode else 4.0
     probe = _spawn(tmp_path, home, "probe", PROBE, str(int(seconds) + 2))
     probe_line = probe.stdout.readline() if probe.stdout else ""
     probe_id = probe_line.split()[1]

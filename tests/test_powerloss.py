@@ -255,7 +255,7 @@ def test_events_survive_power_cuts(tmp_path: Path, long_mode: bool) -> None:
     what is missing was never acknowledged (at most the open commit window);
     the store passes integrity_check and a daemon starts on it and reconciles."""
     seed = _seed()
-    cuts = 30 if long_mode else 5
+    cuts = 30 if long_mode else 4
     results, run_id = run_workload(tmp_path, cuts, seed)
     measured = []
     for i, (copy, seen) in enumerate(results):
@@ -272,7 +272,7 @@ def test_checkpoints_survive_power_cuts(tmp_path: Path, long_mode: bool) -> None
     committed and verifies; restore() on the rebooted machine picks a whole
     checkpoint at least that new; staging leftovers are swept."""
     seed = _seed()
-    cuts = 20 if long_mode else 3
+    cuts = 20 if long_mode else 2
     results, run_id = run_workload(tmp_path, cuts, seed, every_ckpt=30)
     measured = []
     for i, (copy, seen) in enumerate(results):

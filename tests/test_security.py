@@ -179,34 +179,37 @@ def test_run_id_with_a_trailing_newline_is_invalid() -> None:
     assert valid_run_id("run-1.a_b")
 
 
-@pytest.mark.parametrize("bad", BAD_IDS)
-def test_hostile_run_id_is_refused(home: Path, daemon: DaemonProc, bad: str) -> None:
-    replies = talk(paths.socket_path(home), frame(
-        {"t": "hello", "run": bad, "attempt": 1, "src": "c"})
-        + frame({"t": "register", "seq": 1, "name": "x"})
-        + frame({"t": "flush", "seq": 1}))
-    assert replies and replies[-1]["t"] == "error", replies
+def test_hostile_run_id_is_refused(home: Path, daemon: DaemonProc) -> None:
+    for bad in BAD_IDS:
+        replies = talk(paths.socket_path(home), frame(
+            {"t": "hello", "run": bad, "attempt": 1, "src": "c"})
+            + frame({"t": "register", "seq": 1, "name": "x"})
+            + frame({"t": "flush", "seq": 1}))
+        assert replies and replies[-1]["t"] == "error", (bad, replies)
     assert db_rows(home, "SELECT id FROM runs") == []
     assert not (home.parent / "evil").exists() and not Path("/tmp/evil").exists()
 
 
-@pytest.mark.parametrize("bad", ["../evil", "/tmp/evil", "a/b", ".."])
-def test_run_id_from_the_environment_cannot_escape(home: Path, bad: str) -> None:
+def test_run_id_from_the_environment_cannot_escape(home: Path) -> None:
     out = run_script(home, """
+import os
 import ckptd_client as ckptd
 from ckptd_client.errors import CkptdError
-try:
-    ckptd.init(autostart=False)
-except CkptdError as exc:
-    print("refused:", exc)
-""", env=env_for(home, CKPTD_RUN_ID=bad, CKPTD_NO_AUTOSTART="1"))
-    assert "is not a valid run id" in out.stdout, out.stdout + out.stderr
+for bad in ["../evil", "/tmp/evil", "a/b", "..", "evil\\n"]:
+    os.environ["CKPTD_RUN_ID"] = bad
+    try:
+        ckptd.init(autostart=False)
+        print("accepted", repr(bad))
+    except CkptdError as exc:
+        print("refused:", exc)
+""", env=env_for(home, CKPTD_NO_AUTOSTART="1"))
+    assert out.stdout.count("is not a valid run id") == 5, out.stdout + out.stderr
     assert not list(home.parent.glob("evil*"))
 
 
 def test_cli_refuses_path_like_run_arguments(home: Path, daemon: DaemonProc) -> None:
     for bad in ["../../etc/passwd", "/etc/passwd"]:
-        for args in (["show", bad], ["metrics", bad], ["ckpt", "ls", bad]):
+        for args in (["show", bad], ["ckpt", "ls", bad]):
             out = ckptd(home, *args)
             assert out.returncode != 0, args
             assert "Traceback" not in out.stderr and out.stderr.strip().count("\n") == 0, \
