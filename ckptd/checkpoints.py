@@ -46,7 +46,7 @@ from ckptd_client.spool import fsync_dir
 
 from . import retention, validate
 from .crashpoints import crashpoint
-from .daemon import MESSAGE_HANDLERS, STARTUP_HOOKS, Conn, Daemon, rpc
+from .daemon import MESSAGE_HANDLERS, PERIODIC_HOOKS, STARTUP_HOOKS, Conn, Daemon, rpc
 
 if TYPE_CHECKING:
     from .store import Store
@@ -138,6 +138,10 @@ def open_snapshot(daemon: Daemon, req: Request) -> int:
     return fd
 
 
+#: Snapshot buffers being committed (never swept).
+_reading: set[Path] = set()
+
+
 def on_ckpt(daemon: Daemon, msg: dict[str, Any], conn: Conn) -> None:
     """MESSAGE_HANDLERS[CKPT]: open the snapshot, commit it in a worker thread."""
     req = parse_request(msg, conn)
@@ -146,6 +150,8 @@ def on_ckpt(daemon: Daemon, msg: dict[str, Any], conn: Conn) -> None:
     except CkptdError as exc:
         _reply(conn, req, None, exc)
         return
+    with _locks_guard:
+        _reading.add(req.shm)
     threading.Thread(target=_commit_worker, args=(daemon, conn, req, fd),
                      name=f"ckpt-{req.run}-{req.step}", daemon=True).start()
 
@@ -163,6 +169,8 @@ def _commit_worker(daemon: Daemon, conn: Conn, req: Request, fd: int) -> None:
             error = CheckpointError(f"checkpoint step {req.step}: internal error: {exc}")
         finally:
             os.close(fd)
+            with _locks_guard:
+                _reading.discard(req.shm)
     if error is not None:
         log.error("run %s: %s", req.run, error)
         _record(daemon, req.run, req.attempt, f"checkpoint step {req.step} failed: {error}",
@@ -461,7 +469,9 @@ def sweep_leftovers(home: Path) -> list[tuple[str, int, Path]]:
     return found
 
 
-def _sweep_buffers(home: Path) -> None:
+def _sweep_buffers(home: Path, connected: set[int] | None = None) -> None:
+    """Delete snapshot buffers of this home whose trainer is dead (a trainer
+    killed after its last checkpoint was confirmed leaves its buffer behind)."""
     shm = fmt.shm_dir(home)
     prefix = fmt.shm_prefix(home)
     try:
@@ -472,7 +482,13 @@ def _sweep_buffers(home: Path) -> None:
         if not name.startswith(prefix):
             continue
         pid_text = name[len(prefix):].split("-", 1)[0]
-        if pid_text.isdigit() and not psutil.pid_exists(int(pid_text)):
+        if shm / name in _reading:
+            continue  # its trainer may be dead, but we are committing it right now
+        if not pid_text.isdigit() or int(pid_text) in (connected or ()):
+            # A connection of that trainer is still open: it may hold a CKPT
+            # message we have not read yet (the trainer died right after sending).
+            continue
+        if not psutil.pid_exists(int(pid_text)):
             with contextlib.suppress(OSError):
                 os.unlink(shm / name)
 
@@ -722,7 +738,15 @@ def export(home: Path, run_id: str, rows: list[dict[str, Any]], step: int | None
             "bytes": out.stat().st_size}
 
 
+def sweep_buffers(daemon: Daemon) -> None:
+    """PERIODIC_HOOK: remove snapshot buffers left by dead trainers."""
+    with daemon.conns_lock:
+        connected = {c.pid for c in daemon.conns}
+    _sweep_buffers(daemon.home, connected)
+
+
 MESSAGE_HANDLERS[protocol.CKPT] = on_ckpt
 STARTUP_HOOKS.append(startup)
+PERIODIC_HOOKS.append(sweep_buffers)
 
 __all__ = ["commit_checkpoint", "reconcile_rows", "sweep_leftovers", "prune", "export"]
