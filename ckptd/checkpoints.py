@@ -146,7 +146,7 @@ def on_ckpt(daemon: Daemon, msg: dict[str, Any], conn: Conn) -> None:
     """MESSAGE_HANDLERS[CKPT]: open the snapshot, commit it in a worker thread."""
     req = parse_request(msg, conn)
     try:
-        fd = open_snapshot(daemon, req)
+        fd = open_snapshot(daemon, req) if req.size else -1  # no tensors: no buffer
     except CkptdError as exc:
         _reply(conn, req, None, exc)
         return
@@ -168,7 +168,8 @@ def _commit_worker(daemon: Daemon, conn: Conn, req: Request, fd: int) -> None:
             log.exception("checkpoint %s step %d failed", req.run, req.step)
             error = CheckpointError(f"checkpoint step {req.step}: internal error: {exc}")
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             with _locks_guard:
                 _reading.discard(req.shm)
     if error is not None:

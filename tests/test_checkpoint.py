@@ -365,3 +365,21 @@ print("cuda ok")
 run.finish()
 """).stdout
     assert "cuda ok" in out
+
+
+def test_state_without_tensors_needs_no_torch(home: Path, daemon: DaemonProc) -> None:
+    out = run_script(home, """
+import random, sys
+import ckptd_client as ckptd
+run = ckptd.init(name="plain")
+random.seed(5)
+run.checkpoint({"epoch": 3, "names": ["a", "b"], "lr": 0.1}, step=3).wait(30)
+expect = random.random()
+st = run.restore()
+assert st == {"epoch": 3, "names": ["a", "b"], "lr": 0.1}, st
+assert random.random() == expect  # python's RNG restored too
+assert "torch" not in sys.modules
+print("plain ok")
+run.finish()
+""").stdout
+    assert "plain ok" in out

@@ -402,19 +402,21 @@ def load_dir(ckpt_dir: Path, expected_hash: str | None = None, map_location: Any
 
     :raises CheckpointError: the checkpoint fails verification or is malformed.
     """
-    import torch
-
     manifest, _ = read_manifest(ckpt_dir, expected_hash)
     mm = open_data(ckpt_dir, manifest, verify=verify)
-    if mm is None:
-        base = torch.empty(0, dtype=torch.uint8)
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            base = torch.frombuffer(mm, dtype=torch.uint8)
-    tensors = _tensor_views(base, manifest["tensors"])
-    if map_location is not None:
-        tensors = [t.to(map_location) for t in tensors]
+    tensors: list[Any] = []
+    if manifest["tensors"]:  # torch only when there are tensors
+        import torch
+
+        if mm is None:
+            base = torch.empty(0, dtype=torch.uint8)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                base = torch.frombuffer(mm, dtype=torch.uint8)
+        tensors = _tensor_views(base, manifest["tensors"])
+        if map_location is not None:
+            tensors = [t.to(map_location) for t in tensors]
     try:
         payload = decode_tree(manifest["tree"], tensors)
         if not isinstance(payload, dict) or "state" not in payload:
@@ -847,8 +849,9 @@ def restore(run: Run, map_location: Any = None) -> Any:
 
 def clone_tensors(obj: Any) -> Any:
     """``obj`` with every tensor copied into its own storage."""
-    import torch
-
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return obj  # no torch loaded: there are no tensors
     if isinstance(obj, torch.Tensor):
         return obj.clone()
     if isinstance(obj, dict):
