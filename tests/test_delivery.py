@@ -296,3 +296,34 @@ def test_sigterm_commits_what_a_dead_trainer_left_in_the_kernel(daemon: DaemonPr
         daemon.proc.send_signal(signal.SIGCONT)
     assert daemon.proc.wait(timeout=30) == 0
     assert stored_steps(home, "orphan") == [(s, 1) for s in range(1, n + 1)]
+
+
+def test_clients_starting_at_once_autostart_exactly_one_daemon(home: Path) -> None:
+    """No daemon yet, four trainers call init() at the same instant: one daemon
+    starts (the others' starts find the home's lock taken), every event lands once."""
+    go = home.parent / "go"
+    code = """
+        import os, time
+        import ckptd_client as ckptd
+        while not os.path.exists(os.environ["GO_FILE"]):
+            time.sleep(0.001)
+        with ckptd.init(name=os.environ["RUN_NAME"]) as run:
+            for step in range(200):
+                run.log({"x": float(step)}, step=step)
+            run.flush()
+    """
+    procs = [spawn_script(home, code, env=env_for(home, GO_FILE=os.fspath(go),
+                                                  RUN_NAME=f"racer-{i}"))
+             for i in range(4)]
+    time.sleep(0.5)  # let all four reach the barrier
+    go.touch()
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0 and "Traceback" not in err, err
+    runs = db_rows(home, "SELECT id FROM runs WHERE name LIKE 'racer-%'")
+    assert len(runs) == 4
+    for (run_id,) in runs:
+        assert stored_steps(home, run_id) == [(s, 1) for s in range(200)]
+    daemons = [line for line in (home / paths.DAEMON_LOG).read_text().splitlines()
+               if " serving " in line]
+    assert len(daemons) == 1, daemons
