@@ -48,7 +48,7 @@ f = open(sys.argv[1], "r+b")
 mm = mmap.mmap(f.fileno(), STATE.size)
 every_ckpt = int(sys.argv[2])
 logged, acked, flushed, durable = -1, -1, -1, -1
-run = ckptd.init(name="powerloss")
+run = ckptd.init(name="powerloss", retention={"latest": 3})  # bounded on the small disk
 open(sys.argv[1] + ".id", "w").write(run.id)
 sent = collections.deque()  # (seq, step) of logs not yet acked
 orig = run._handle_reply_locked
@@ -110,6 +110,15 @@ def _steps(db: Path, run_id: str) -> list[int]:
             "SELECT step FROM metrics WHERE run_id = ? AND key = 'x' ORDER BY step", (run_id,))]
     finally:
         conn.close()
+
+
+def _last_time(db: Path, run_id: str) -> float:
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        row = conn.execute("SELECT MAX(time) FROM metrics WHERE run_id = ?", (run_id,)).fetchone()
+    finally:
+        conn.close()
+    return row[0] or 0.0
 
 
 def _run_status(db: Path, run_id: str) -> str | None:
@@ -182,7 +191,9 @@ def check_cut(tmp: Path, copy: Path, seen: tuple[Any, ...], run_id: str,
         assert top >= flushed, f"flush() returned for step {flushed}, store has up to {top}"
         assert top >= acked, f"daemon acked step {acked}, store has up to {top}"
         result = {"logged": logged, "present": top, "acked": acked, "flushed": flushed,
-                  "lost_unacked": logged - top}
+                  "lost_unacked": logged - top,
+                  # how much logging time the cut took with it (the open commit window)
+                  "lost_ms": round(1000 * (t_last - _last_time(db, run_id)), 1)}
         if durable >= 0:
             result["durable_ckpt"] = durable
             _check_durable_checkpoint(home, db, run_id, durable)
