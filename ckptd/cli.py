@@ -25,7 +25,7 @@ from ckptd_client import paths, transport
 from ckptd_client.errors import CkptdError, DaemonUnavailable
 
 from . import __version__, query
-from .follow import follow
+from .follow import follow, output_closed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Crash-resilient experiment logger and checkpointing daemon.")
@@ -345,6 +345,13 @@ def main(argv: list[str] | None = None) -> None:
         code = 130
     except BrokenPipeError:
         code = 0
+    except SystemExit as exc:
+        # click turns a write to a closed stdout (EPIPE) into sys.exit(1)
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
     except CkptdError as exc:
         print(f"ckptd: error: {exc}", file=sys.stderr)
         code = exc.exit_code
@@ -354,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"ckptd: error: {exc}", file=sys.stderr)
         code = 1
-    if not _stdout_ok():
+    if not _stdout_ok() or output_closed(sys.__stdout__.fileno()):
         # a closed pipe (`| head`) must end quietly: no "Exception ignored" at exit
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

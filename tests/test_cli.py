@@ -250,3 +250,23 @@ def test_reading_commands_do_not_start_a_daemon(store_home: Path) -> None:
     for args in (["ls"], ["show", "alpha"], ["tail", "alpha"], ["metrics", "alpha"]):
         ckptd(store_home, *args, check=True)
     wait_for(lambda: not paths.socket_path(store_home).exists(), timeout=1)
+
+
+def test_closed_pipe_ends_every_command_quietly_with_0(daemon: DaemonProc, home: Path) -> None:
+    """`ckptd metrics RUN | head -1`: output larger than the pipe, the reader gone early."""
+    run_script(home, """
+        import ckptd_client as ckptd
+        with ckptd.init(name="long") as run:
+            for step in range(3000):
+                run.log({"loss": 1.0 / (step + 1), "lr": 0.1, "acc": 0.5}, step=step)
+            run.flush()
+    """)
+    env = env_for(home)
+    env.pop("PYTHONUNBUFFERED")  # buffered stdout, as in a user's shell
+    for args in ("metrics long --format jsonl", "metrics long", "metrics long --format csv",
+                 "tail long --metrics -n 3000"):
+        cmd = (f"{sys.executable} -m ckptd --home {home} {args} | head -1 >/dev/null;"
+               " echo \"exit=${PIPESTATUS[0]}\" >&2")
+        proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60,
+                              env=env, stdin=subprocess.DEVNULL)
+        assert proc.stderr.strip() == "exit=0", (args, proc.stderr)
