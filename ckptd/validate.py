@@ -14,7 +14,7 @@ from ckptd_client import protocol
 from ckptd_client.run import LEVELS, valid_run_id
 
 STATUSES = ("running", "finished", "failed", "interrupted")
-MAX_TEXT = 1 << 20
+MAX_TEXT = protocol.MAX_TEXT
 MAX_METRICS = 10_000
 
 

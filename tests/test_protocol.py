@@ -286,8 +286,9 @@ def test_nan_and_inf_metrics_are_stored_and_read_back(daemon: DaemonProc, home: 
 
 def test_values_the_daemon_would_refuse_are_handled_in_log(daemon: DaemonProc,
                                                           home: Path) -> None:
-    """A value log() accepts must never make the daemon drop the connection later:
-    ints beyond 64 bits become floats, bad keys raise TypeError at the call."""
+    """A value log()/event() accepts must never make the daemon drop the connection later:
+    ints beyond 64 bits become floats, bad keys raise TypeError at the call, text with
+    NUL is escaped and text beyond the limit is cut."""
     out = run_script(home, """
         import ckptd_client as ckptd
         run = ckptd.init(name="edges")
@@ -306,6 +307,9 @@ def test_values_the_daemon_would_refuse_are_handled_in_log(daemon: DaemonProc,
         else:
             raise SystemExit("10**400 was accepted")
         run.log({"ok": 2}, step=1)
+        run.event("nul\\x00inside")
+        run.event("x" * (20 << 20))  # larger than a frame: cut, not an exception
+        run.console("binary\\x00output", "stdout")
         run.finish()
         print("ok")
     """)
@@ -315,3 +319,11 @@ def test_values_the_daemon_would_refuse_are_handled_in_log(daemon: DaemonProc,
                    " WHERE r.name = 'edges' ORDER BY m.step, key")
     assert rows == [(0, "big", float(2**64)), (0, "neg", float(-(2**70))), (0, "ok", 1.0),
                     (1, "ok", 2.0)]
+    texts = db_rows(home, "SELECT kind, substr(message, 1, 20), length(message) FROM events e"
+                    " JOIN runs r ON r.id = e.run_id WHERE r.name = 'edges' AND kind IN"
+                    " ('event', 'console') ORDER BY seq")
+    assert [t[:2] for t in texts] == [("event", "nul\\0inside"), ("event", "x" * 20),
+                                      ("console", "binary\\0output")]
+    assert texts[1][2] <= protocol.MAX_TEXT and "cut by ckptd" in db_rows(
+        home, "SELECT substr(message, -40) FROM events WHERE kind = 'event' AND"
+        " length(message) > 1000")[0][0]

@@ -17,6 +17,8 @@ from typing import Any
 #: Frames larger than this are refused: a hostile or buggy peer cannot make
 #: the daemon allocate unbounded memory.
 MAX_FRAME = 16 * 1024 * 1024
+#: Longest text field (log line, console line, traceback) the daemon accepts.
+MAX_TEXT = 1 << 20
 
 HEADER = struct.Struct(">I")
 

@@ -157,7 +157,7 @@ class Run:
         if level not in LEVELS:
             raise ValueError(f"level {level!r} is not one of {', '.join(LEVELS)}")
         msg = {"t": protocol.EVENT, "time": time.time(), "level": level,
-               "msg": _utf8(str(message))}
+               "msg": _text(str(message))}
         if fields:
             msg["fields"] = {str(k): _plain(v) for k, v in fields.items()}
         with self._lock:
@@ -167,7 +167,7 @@ class Run:
     def console(self, text: str, stream: str = "stdout", when: float | None = None) -> None:
         """Record one line of captured terminal output (what ``ckptd run`` sends)."""
         msg = {"t": protocol.CONSOLE, "time": when or time.time(), "stream": stream,
-               "text": text}
+               "text": _text(text)}
         with self._lock:
             self._emit_locked(msg)
 
@@ -268,7 +268,7 @@ class Run:
         msg: dict[str, Any] = {"t": protocol.STATUS, "time": time.time(), "status": status,
                                "exit_code": exit_code}
         if traceback_text:
-            msg["traceback"] = traceback_text
+            msg["traceback"] = _text(traceback_text)
         msg.update({k: v for k, v in fields.items() if v is not None})
         with self._lock:
             self._emit_locked(msg)
@@ -572,6 +572,19 @@ def _utf8(text: str) -> str:
         return text
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _text(text: str) -> str:
+    """Text as the daemon accepts it: UTF-8, no NUL, at most ``MAX_TEXT`` characters.
+    Refused there, it would cost the connection and the event, long after the call
+    returned (a program printing binary, a log line holding a whole tensor)."""
+    text = _utf8(text)
+    if "\0" in text:
+        text = text.replace("\0", "\\0")
+    if len(text) > protocol.MAX_TEXT:
+        cut = len(text) - protocol.MAX_TEXT + 64
+        text = text[: protocol.MAX_TEXT - 64] + f" ... [{cut} characters cut by ckptd]"
+    return text
 
 
 def _plain(value: Any) -> Any:
