@@ -15,7 +15,7 @@ from ckptd_client.run import LEVELS, valid_run_id
 
 STATUSES = ("running", "finished", "failed", "interrupted")
 MAX_TEXT = protocol.MAX_TEXT
-MAX_METRICS = 10_000
+MAX_METRICS = protocol.MAX_METRICS
 
 
 class Invalid(ValueError):

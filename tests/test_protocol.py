@@ -306,6 +306,14 @@ def test_values_the_daemon_would_refuse_are_handled_in_log(daemon: DaemonProc,
             assert "'huge'" in str(exc)
         else:
             raise SystemExit("10**400 was accepted")
+        for step, metrics in ((-1, {"ok": 1}), (2**63, {"ok": 1}),
+                              (None, {f"k{i}": 1 for i in range(10_001)})):
+            try:
+                run.log(metrics, step=step)
+            except ValueError:
+                pass
+            else:
+                raise SystemExit(f"step {step} / {len(metrics)} metrics accepted")
         run.log({"ok": 2}, step=1)
         run.event("nul\\x00inside")
         run.event("x" * (20 << 20))  # larger than a frame: cut, not an exception

@@ -19,6 +19,8 @@ from typing import Any
 MAX_FRAME = 16 * 1024 * 1024
 #: Longest text field (log line, console line, traceback) the daemon accepts.
 MAX_TEXT = 1 << 20
+#: Most metrics in one log() call.
+MAX_METRICS = 10_000
 
 HEADER = struct.Struct(">I")
 

@@ -139,15 +139,21 @@ class Run:
         """Record numeric metrics at ``step`` (the next step when left out).
 
         :raises TypeError: a value is not a number; nothing of the call is logged.
+        :raises ValueError: ``step`` is negative, or more than 10,000 metrics at once.
         """
         if not isinstance(metrics, dict):
             raise TypeError(f"log() takes a dict of metrics, not {type(metrics).__name__}")
+        if len(metrics) > protocol.MAX_METRICS:
+            raise ValueError(f"log() takes at most {protocol.MAX_METRICS} metrics per call, "
+                             f"not {len(metrics)}")
         values = {k: protocol.check_metric(k, v) for k, v in metrics.items()}
         with self._lock:
             if step is None:
                 step = self._step + 1
             elif not isinstance(step, int) or isinstance(step, bool):
                 raise TypeError(f"step must be an int, not {type(step).__name__}")
+            elif not 0 <= step <= protocol.INT_MAX:
+                raise ValueError(f"step must be between 0 and 2**63-1, not {step}")
             self._step = max(self._step, step)
             self._emit_locked({"t": protocol.LOG, "step": step, "time": time.time(), "m": values})
 
