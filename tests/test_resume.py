@@ -241,3 +241,15 @@ def test_restart_limit_stops_auto_resume(home: Path) -> None:
         assert "--max-restarts 1" in row["reason"] and row["attempt"] == 2
     finally:
         d.stop()
+
+
+def test_relaunch_policy_is_pure_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptd.autoresume import MAX_BACKOFF_S, backoff, stuck
+
+    monkeypatch.setenv("CKPTD_RESTART_BACKOFF", "5")
+    assert [backoff(n) for n in range(4)] == [5, 10, 20, 40]
+    assert backoff(50) == MAX_BACKOFF_S
+    assert stuck([(1, 10), (2, 10)]) is None  # too few attempts to tell
+    assert stuck([(1, 10), (2, 25), (3, 40)]) is None  # progressing
+    assert "step 40" in stuck([(1, 12), (2, 40), (3, 40), (4, 40)])
+    assert "start-up" in stuck([(1, None), (2, None), (3, None)])
