@@ -314,6 +314,13 @@ def test_values_the_daemon_would_refuse_are_handled_in_log(daemon: DaemonProc,
                 pass
             else:
                 raise SystemExit(f"step {step} / {len(metrics)} metrics accepted")
+        for project in ("a\\x00b", "p" * 5000, 7):
+            try:
+                ckptd.init(project=project, autostart=False)
+            except ckptd.CkptdError:
+                pass
+            else:
+                raise SystemExit(f"project {project!r} accepted")
         run.log({"ok": 2}, step=1)
         run.event("nul\\x00inside")
         run.event("x" * (20 << 20))  # larger than a frame: cut, not an exception

@@ -671,6 +671,11 @@ def init(
                              or "\0" in name or len(name) > 200 or _utf8(name) != name):
         raise CkptdError(f"run name {name!r} must be non-empty UTF-8 text of at most 200 "
                          "characters without NUL")
+    if project is not None and (not isinstance(project, str) or "\0" in project
+                                or len(project) > 4096 or _utf8(project) != project):
+        # the daemon refuses such a registration: the run would lose it
+        raise CkptdError(f"project {project!r} must be UTF-8 text of at most 4096 "
+                         "characters without NUL")
     if config is not None and not isinstance(config, dict):
         raise TypeError("config must be a dict")
     if seed is not None:
