@@ -67,3 +67,30 @@ def test_install_writes_the_unit_and_degrades_without_systemd(home: Path,
     res = ckptd(home, "service", "uninstall", env=env)
     assert res.returncode == 0 and not unit.exists()
     assert "absent" in ckptd(home, "service", "status", env=env).stdout
+
+
+def test_daemon_speaks_the_units_notify_and_watchdog_protocol(home: Path, tmp_path: Path) -> None:
+    """What Type=notify and WatchdogSec rely on, without systemd: READY=1 once
+    serving, WATCHDOG=1 pings while alive, STOPPING=1 on SIGTERM."""
+    import socket
+
+    from helpers import DaemonProc
+
+    addr = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(os.fspath(addr))
+    sock.settimeout(20)
+    d = DaemonProc(home, env=env_for(home, NOTIFY_SOCKET=os.fspath(addr),
+                                     WATCHDOG_USEC="30000000"))
+    d.start(wait=False)
+    try:
+        got: list[str] = []
+        while not any("WATCHDOG=1" in m for m in got):
+            got.append(sock.recv(4096).decode())
+        assert got[0].startswith("READY=1") and f"MAINPID={d.pid}" in got[0], got
+        assert d.terminate() == 0
+        while not any("STOPPING=1" in m for m in got):
+            got.append(sock.recv(4096).decode())
+    finally:
+        d.stop()
+        sock.close()
