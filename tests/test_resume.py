@@ -253,3 +253,30 @@ def test_relaunch_policy_is_pure_and_bounded(monkeypatch: pytest.MonkeyPatch) ->
     assert stuck([(1, 10), (2, 25), (3, 40)]) is None  # progressing
     assert "step 40" in stuck([(1, 12), (2, 40), (3, 40), (4, 40)])
     assert "start-up" in stuck([(1, None), (2, None), (3, None)])
+
+
+def test_ctrl_c_stops_an_auto_resume_run_for_good(home: Path) -> None:
+    """A person pressing Ctrl-C means stop: auto-resume must not bring it back,
+    until the person resumes it."""
+    d = DaemonProc(home, env=env_for(home, CKPTD_RESTART_BACKOFF="0"))
+    d.start()
+    try:
+        sup = subprocess.Popen(
+            [sys.executable, "-m", "ckptd", "--home", os.fspath(home), "run", "--name", "cc",
+             "--auto-resume", "--", sys.executable, "-c",
+             "import time, ckptd_client as c; c.init(); time.sleep(60)"],
+            env=env_for(home), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for(lambda: (r := run_row(home, "cc")) and r["pid"], timeout=30,
+                 what="registration")
+        os.killpg(sup.pid, signal.SIGINT)  # what the terminal does: the whole group
+        assert sup.wait(timeout=30) != 0
+        row = wait_status(home, "cc", "interrupted")
+        assert row["auto_resume"] == 0 and "SIGINT" in row["reason"]
+        time.sleep(2.5)  # a sweep: nothing relaunches it
+        assert run_row(home, "cc")["attempt"] == 1
+    finally:
+        if sup.poll() is None:
+            os.killpg(sup.pid, signal.SIGKILL)
+            sup.wait()
+        d.stop()
