@@ -241,8 +241,11 @@ run.finish()
 
 
 def _ckpt_msg(shm: str, **extra: Any) -> dict[str, Any]:
-    return {"t": protocol.CKPT, "id": 1, "step": 5, "metrics": {}, "shm": shm, "size": 0,
-            "tree": {"D": []}, "tensors": [], "pid": os.getpid(), **extra}
+    """A request whose one tensor must be read from the buffer at ``shm``."""
+    return {"t": protocol.CKPT, "id": 1, "step": 5, "metrics": {}, "shm": shm, "size": 64,
+            "tree": {"D": [["state", {"D": [["w", {"T": 0}]]}]]},
+            "tensors": [{"dtype": "uint8", "shape": [64], "offset": 0, "nbytes": 64}],
+            "pid": os.getpid(), **extra}
 
 
 def test_checkpoint_buffer_path_cannot_point_outside(home: Path, daemon: DaemonProc,
@@ -253,7 +256,7 @@ def test_checkpoint_buffer_path_cannot_point_outside(home: Path, daemon: DaemonP
     from ckptd_client import checkpoint as fmt
 
     secret = tmp_path / "secret.txt"
-    secret.write_text("do not copy me")
+    secret.write_text("do not copy me\n" * 300)  # big enough for the request's 64 bytes
     link = fmt.shm_dir(home) / (fmt.shm_prefix(home) + "999999-link")
     link.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
@@ -272,8 +275,9 @@ def test_checkpoint_buffer_path_cannot_point_outside(home: Path, daemon: DaemonP
             os.fspath(secret), step=-1)))
         assert replies and replies[-1]["t"] == "error", replies
     finally:
-        link.unlink()
-    assert secret.read_text() == "do not copy me"
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()  # the daemon's sweep may have removed it (no such pid)
+    assert secret.read_text() == "do not copy me\n" * 300
     assert not (home / "runs" / "victim" / "checkpoints" / "step-5").exists()
     assert db_rows(home, "SELECT * FROM checkpoints") == []
 
