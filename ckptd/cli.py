@@ -19,8 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
+
+try:  # typer >= 0.2x vendors its own click; its exceptions are not click's
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover - older typer on real click
+    from click import exceptions as click_exc
 from ckptd_client import paths, transport
 from ckptd_client.errors import CkptdError, DaemonUnavailable
 
@@ -334,12 +338,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rv = command.main(args=argv, prog_name="ckptd", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         code = exc.exit_code
-    except click.ClickException as exc:
+    except click_exc.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help() if exc.ctx else "usage: ckptd COMMAND", file=sys.stderr)
+        code = 2
+    except click_exc.ClickException as exc:
         exc.show()
         code = exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         code = 130
     except KeyboardInterrupt:
         code = 130
