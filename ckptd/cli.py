@@ -136,11 +136,25 @@ def stop(timeout: float = typer.Option(60.0, help="seconds to wait for a clean s
         return
     sock = paths.socket_path(home())
     deadline = time.monotonic() + timeout
-    while sock.exists() and time.monotonic() < deadline:
+    # The socket goes first, the store is closed last: wait for the process
+    # itself, or "stopped" would be said while it still commits (found by
+    # tests/test_security.py: a store copied right after `stop` was stale).
+    while (sock.exists() or _alive(info.get("stopping"))) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if sock.exists():
+    if sock.exists() or _alive(info.get("stopping")):
         raise CkptdError(f"stop: daemon pid {info['stopping']} did not exit within {timeout} s")
     echo(f"ckptd daemon stopped (pid {info['stopping']})")
+
+
+def _alive(pid: object) -> bool:
+    """True while process ``pid`` exists (and is not a zombie)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 @app.command()

@@ -352,6 +352,17 @@ run.finish()
 
 # ----------------------------------------------------------- future schema
 
+def test_stop_returns_only_after_the_daemon_let_go_of_the_store(home: Path) -> None:
+    """Found by the test below: `ckptd stop` said "stopped" once the socket was
+    gone, while the daemon was still committing and closing the store, so a
+    store copied (or edited) right after `stop` was not the final one."""
+    ckptd(home, "start", check=True)
+    pid = int((home / "daemon.lock").read_text())
+    ckptd(home, "stop", check=True)
+    assert not Path(f"/proc/{pid}").exists() or \
+        Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
 def test_store_from_the_future_is_refused_untouched(home: Path) -> None:
     ckptd(home, "start", check=True)
     ckptd(home, "stop", check=True)
