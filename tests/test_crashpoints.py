@@ -118,24 +118,33 @@ def _counts(long_mode: bool) -> list[int]:
 def test_event_commit_crash(home: Path, point: str, long_mode: bool) -> None:
     """Daemon dies at a step of the group commit; after a new daemon: every
     event present exactly once, the run finished, the store intact."""
+    first = home
     for count in _counts(long_mode):
         if count > 1:
             kill_home_daemon(home)
-            home = home.parent / f"home{count}"
+            home = first.parent / f"home{count}"
             home.mkdir(mode=0o700)
-        spec = f"{point}:{count}"
-        d = crashing_daemon(home, spec)
-        d.start()
-        out = run_script(home, EVENTS_TRAINER, env=env_for(home, STEPS="300"), timeout=120)
-        run_id = _run_id(out.stdout)
-        assert_crashed_at(d, spec)
-        ensure_daemon(home)
-        wait_for(lambda: len(steps_once(home, run_id)) == 300 and not spool_left(home),  # noqa: B023
-                 timeout=30, what="all 300 events committed and the spool drained")
-        assert steps_once(home, run_id) == list(range(300))
-        assert db_rows(home, "SELECT status FROM runs WHERE id = ?", (run_id,)) == \
-            [("finished",)]
-        integrity_ok(home)
+        try:
+            _event_crash_case(home, f"{point}:{count}")
+        finally:
+            if home != first:  # the fixture stops the first home's daemon
+                kill_home_daemon(home)
+
+
+def _event_crash_case(home: Path, spec: str) -> None:
+    """One crash of the group commit at ``spec``, then the promises."""
+    d = crashing_daemon(home, spec)
+    d.start()
+    out = run_script(home, EVENTS_TRAINER, env=env_for(home, STEPS="300"), timeout=120)
+    run_id = _run_id(out.stdout)
+    assert_crashed_at(d, spec)
+    ensure_daemon(home)
+    wait_for(lambda: len(steps_once(home, run_id)) == 300 and not spool_left(home),
+             timeout=30, what="all 300 events committed and the spool drained")
+    assert steps_once(home, run_id) == list(range(300))
+    assert db_rows(home, "SELECT status FROM runs WHERE id = ?", (run_id,)) == \
+        [("finished",)]
+    integrity_ok(home)
 
 
 SPOOLED_TRAINER = """
