@@ -163,6 +163,8 @@ class Daemon:
         #: set at shutdown once every reader has read its connection to EOF;
         #: only then may the writer stop (it commits what they queued)
         self._readers_done = threading.Event()
+        self._writer_gate = threading.Lock()
+        self._writer_exited = False
         self._signals = 0
         self.started = time.time()
 
@@ -263,6 +265,11 @@ class Daemon:
                 if not self.conns:
                     break
             time.sleep(0.01)
+        # The spool watcher and sweeper may still hand work to the writer:
+        # let them finish before the writer is told it may stop.
+        for t in self._threads:
+            if t.name != "writer":
+                t.join(timeout=30)
         self._readers_done.set()
         for t in self._threads:
             t.join(timeout=60)
@@ -386,7 +393,10 @@ class Daemon:
         goes through here, so the writer thread stays the only SQLite writer.
         """
         fut: Future[Any] = Future()
-        self.queue.put(_Call(fn, fut))
+        with self._writer_gate:
+            if self._writer_exited:
+                raise CkptdError("the daemon is stopping; try again once it is back")
+            self.queue.put(_Call(fn, fut))
         return fut.result(timeout=timeout)
 
     # ------------------------------------------------------------- writer
@@ -399,6 +409,9 @@ class Daemon:
                 first = self.queue.get(timeout=0.1)
             except queue.Empty:
                 if self._readers_done.is_set():
+                    late = self._close_writer()
+                    if late:
+                        self._commit(store, late)
                     return
                 continue
             batch = [first]
@@ -410,6 +423,18 @@ class Daemon:
                 except queue.Empty:
                     break
             self._commit(store, batch)
+
+    def _close_writer(self) -> list[Any]:
+        """Refuse further calls (so no caller waits on a writer that is gone)
+        and return what slipped into the queue meanwhile, for a last commit."""
+        with self._writer_gate:
+            self._writer_exited = True
+            late = []
+            while True:
+                try:
+                    late.append(self.queue.get_nowait())
+                except queue.Empty:
+                    return late
 
     def _commit(self, store: Store, batch: list[Any]) -> None:
         events: list[tuple[str, int, str, dict[str, Any]]] = []
