@@ -20,6 +20,10 @@ from .query import Cursor, Line, Reader
 #: net for missed events); the fallback poll interval when watchdog is absent.
 SAFETY_INTERVAL = 1.0
 POLL_INTERVAL = 0.2
+#: Pause between looks right after a change was signalled but not yet visible.
+SETTLE_INTERVAL = 0.02
+#: How many such looks before going back to waiting for the next change.
+SETTLE_LOOKS = 25
 
 
 class _Waker:
@@ -49,9 +53,21 @@ class _Waker:
         except Exception:  # noqa: BLE001 - no inotify: poll instead
             self._observer = None
 
-    def wait(self) -> None:
-        self.event.wait(self.interval)
+    def arm(self) -> None:
+        """Forget earlier wake-ups; called right *before* each query, so a
+        change that lands during the query still wakes the next ``wait``."""
         self.event.clear()
+
+    def wait(self, settling: bool) -> bool:
+        """Wait for a change; True if woken by one.
+
+        A WAL write wakes us before SQLite has fsynced and published the
+        commit in its index, so a query right after the event can still see
+        the old snapshot. While ``settling`` (a change was seen but no new row
+        yet) we look again after a short pause instead of sleeping the whole
+        safety interval.
+        """
+        return self.event.wait(SETTLE_INTERVAL if settling else self.interval)
 
     def close(self) -> None:
         if self._observer is not None:
@@ -79,15 +95,23 @@ def follow(reader: Reader, run_id: str, cursor: Cursor, *, with_metrics: bool,
     """Yield new lines of ``run_id`` as they are committed, forever (or until
     the run ends, with ``until_done``, or ``out_fd``'s reader goes away)."""
     waker = _Waker(reader.home)
+    settle = 0
     try:
         while stop is None or not stop.is_set():
             if out_fd is not None and output_closed(out_fd):
                 return
+            waker.arm()
             lines, cursor = reader.lines(run_id, with_metrics=with_metrics,
                                          all_attempts=all_attempts, after=cursor)
             yield from lines
             if until_done and not lines and reader.run_status(run_id) != "running":
                 return
-            waker.wait()
+            if lines:
+                settle = 0
+            woken = waker.wait(settling=settle > 0)
+            if woken:
+                settle = SETTLE_LOOKS
+            elif settle:
+                settle -= 1
     finally:
         waker.close()

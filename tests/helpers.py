@@ -171,3 +171,19 @@ def db_rows(home: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any,
         return conn.execute(sql, args).fetchall()
     finally:
         conn.close()
+
+
+#: Joins a run as a new attempt and restores, as ``ckptd resume`` would; prints
+#: "restored <step> whole|TORN" (the state's "w" is filled with its step) or
+#: "restored none". Shared by the crash-point and power-loss suites.
+RESTORE_SCRIPT = """
+import ckptd_client as ckptd
+run = ckptd.init()
+state = run.restore()
+if state is None:
+    print("restored none")
+else:
+    whole = bool((state["w"] == float(state["step"])).all())
+    print("restored", state["step"], "whole" if whole else "TORN", flush=True)
+run.finish(timeout=30)
+"""

@@ -26,7 +26,16 @@ from pathlib import Path
 import pytest
 from ckptd_client import checkpoint as fmt
 from ckptd_client import paths, transport
-from helpers import REPO, DaemonProc, db_rows, env_for, kill_home_daemon, run_script, wait_for
+from helpers import (
+    REPO,
+    RESTORE_SCRIPT,
+    DaemonProc,
+    db_rows,
+    env_for,
+    kill_home_daemon,
+    run_script,
+    wait_for,
+)
 
 from ckptd import crashpoints
 
@@ -323,24 +332,11 @@ run.log({"x": 1.0}, step=3)
 run.finish(timeout=60)
 """
 
-#: Joins the run as a new attempt and restores, as ``ckptd resume`` would.
-RESTORE = """
-import ckptd_client as ckptd
-run = ckptd.init()
-state = run.restore()
-if state is None:
-    print("restored none")
-else:
-    w = state["w"]
-    whole = bool((w == float(state["step"])).all())
-    print("restored", state["step"], "whole" if whole else "TORN", flush=True)
-run.finish(timeout=30)
-"""
 
 
 def restored(home: Path, run_id: str, attempt: int = 2) -> tuple[int | None, str]:
     """(step, 'whole'/'TORN') of what a resumed attempt's restore() picks."""
-    out = run_script(home, RESTORE, env=env_for(home, CKPTD_RUN_ID=run_id,
+    out = run_script(home, RESTORE_SCRIPT, env=env_for(home, CKPTD_RUN_ID=run_id,
                                                 CKPTD_ATTEMPT=str(attempt))).stdout
     m = re.search(r"^restored (none|(\d+) (\w+))$", out, re.M)
     assert m, out

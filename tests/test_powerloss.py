@@ -26,7 +26,7 @@ from typing import Any
 
 import powerloss
 import pytest
-from helpers import DaemonProc, env_for, wait_for
+from helpers import RESTORE_SCRIPT, DaemonProc, env_for, wait_for
 
 pytestmark = [
     pytest.mark.powerloss,
@@ -239,21 +239,10 @@ def _check_durable_checkpoint(home: Path, db: Path, run_id: str, step: int) -> N
     fmt.verify_dir(home / "runs" / run_id / "checkpoints" / f"step-{step}", row[1])
 
 
-RESTORE = """
-import ckptd_client as ckptd
-run = ckptd.init()
-state = run.restore()
-if state is None:
-    print("restored none")
-else:
-    whole = bool((state["w"] == float(state["step"])).all())
-    print("restored", state["step"], "whole" if whole else "TORN", flush=True)
-run.finish(timeout=30)
-"""
 
 
 def _restored(home: Path, run_id: str, env: dict[str, str]) -> tuple[int | None, str]:
-    out = subprocess.run([sys.executable, "-c", RESTORE], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", RESTORE_SCRIPT], capture_output=True, text=True,
                          timeout=120, stdin=subprocess.DEVNULL,
                          env={**env, "CKPTD_RUN_ID": run_id, "CKPTD_ATTEMPT": "2"})
     m = re.search(r"^restored (none|(\d+) (\w+))$", out.stdout, re.M)
