@@ -46,7 +46,6 @@ MAX_BACKLOG = 1_000_000
 #: instead of spilling them to the spool (slower for both sides).
 SEND_BUFFER = 4 << 20
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-SECRET_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.I)
 LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
