@@ -117,8 +117,9 @@ def scan(daemon: Daemon, now: float | None = None) -> list[str]:
             why = None
             if limit is not None and restarts >= limit:
                 why = f"it was relaunched {restarts} times (--max-restarts {limit})"
-            else:
-                why = stuck(store.attempt_peaks(run["id"]))
+            elif run["attempt"] >= SAME_STEP_LIMIT:
+                # runs in the writer thread: read only the attempts stuck() judges
+                why = stuck(store.attempt_peaks(run["id"], SAME_STEP_LIMIT))
             if why is not None:
                 reason = f"auto-resume stopped: {why}"
                 full = f"{run['reason']}; {reason}" if run.get("reason") else reason

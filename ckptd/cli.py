@@ -269,7 +269,7 @@ def tail(
     with query.Reader(home()) as reader:
         info = reader.resolve(run)
         lines, cursor = reader.lines(info["id"], with_metrics=metrics,
-                                     all_attempts=all_attempts, last=None)
+                                     all_attempts=all_attempts)
         if pattern:
             lines = [ln for ln in lines if pattern.search(format_line(ln))]
         for line in lines[-n:] if n else []:

@@ -144,7 +144,7 @@ class Reader:
     # ----------------------------------------------------------------- tail
 
     def lines(self, run_id: str, *, with_metrics: bool, all_attempts: bool,
-              after: Cursor | None = None, last: int | None = None) -> tuple[list[Line], Cursor]:
+              after: Cursor | None = None) -> tuple[list[Line], Cursor]:
         """Events, console output and (optionally) metrics, merged by time.
 
         ``after`` continues from an earlier call (``tail -f``); rowids only
@@ -154,9 +154,9 @@ class Reader:
         sup = "" if all_attempts else " AND superseded = 0"
         ev = self.rows(
             "SELECT rowid AS rid, attempt, time, kind, level, step, message, fields FROM events"
-            f" WHERE run_id = ? AND rowid > ?{sup} AND kind != 'register'"
-            + (" ORDER BY rowid DESC LIMIT ?" if last else " ORDER BY rowid"),
-            (run_id, cursor.event, *((last,) if last else ())),
+            f" WHERE {_run_filter(cursor.event)} AND rowid > ?{sup} AND kind != 'register'"
+            " ORDER BY rowid",
+            (run_id, cursor.event),
         )
         out = [Line(r["time"], r["attempt"], r["kind"], r["level"], r["step"], r["message"],
                     _loads(r["fields"])) for r in ev]
@@ -165,12 +165,12 @@ class Reader:
         if with_metrics:
             mrows = self.rows(
                 "SELECT rowid AS rid, attempt, seq, step, key, value, time FROM metrics"
-                f" WHERE run_id = ? AND rowid > ? AND src = 'c'{sup}"
-                + (" ORDER BY rowid DESC LIMIT ?" if last else " ORDER BY rowid"),
-                (run_id, cursor.metric, *((last * 16,) if last else ())),
+                f" WHERE {_run_filter(cursor.metric)} AND rowid > ? AND src = 'c'{sup}"
+                " ORDER BY rowid",
+                (run_id, cursor.metric),
             )
             grouped: dict[tuple[int, int], Line] = {}
-            for r in sorted(mrows, key=lambda r: r["rid"]):
+            for r in mrows:
                 line = grouped.get((r["attempt"], r["seq"]))
                 if line is None:
                     line = grouped[(r["attempt"], r["seq"])] = Line(
@@ -180,13 +180,21 @@ class Reader:
             out.extend(grouped.values())
             new_metric = max([cursor.metric, *(r["rid"] for r in mrows)])
         out.sort(key=lambda line: line.time)
-        if last:
-            out = out[-last:]
         return out, Cursor(new_event, new_metric)
 
     def run_status(self, run_id: str) -> str:
         row = self.conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
         return row[0] if row else "unknown"
+
+
+def _run_filter(after: int) -> str:
+    """The run condition of a tail query.
+
+    Continuing from a cursor (``tail -f``), ``+run_id`` keeps SQLite off the
+    run_id index so it seeks by rowid: the cost is that of the new rows, not
+    of the whole run's history (49 ms -> 0.0 ms per look at 1M rows).
+    """
+    return "+run_id = ?" if after > 0 else "run_id = ?"
 
 
 @dataclass

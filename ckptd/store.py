@@ -338,12 +338,14 @@ class Store:
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
-    def attempt_peaks(self, run_id: str) -> list[tuple[int, int | None]]:
-        """``(attempt, highest step it logged)`` for every attempt, oldest first."""
-        return [tuple(r) for r in self.conn.execute(  # type: ignore[misc]
+    def attempt_peaks(self, run_id: str, last: int) -> list[tuple[int, int | None]]:
+        """``(attempt, highest step it logged)`` for the newest ``last`` attempts,
+        oldest first (only those are judged; older ones would cost a scan each)."""
+        rows = self.conn.execute(
             "SELECT a.attempt, (SELECT MAX(step) FROM metrics m WHERE m.run_id = a.run_id"
             " AND m.attempt = a.attempt AND m.src = 'c') FROM attempts a WHERE a.run_id = ?"
-            " ORDER BY a.attempt", (run_id,))]
+            " ORDER BY a.attempt DESC LIMIT ?", (run_id, last)).fetchall()
+        return [tuple(r) for r in reversed(rows)]  # type: ignore[misc]
 
     def record_event(self, run_id: str, attempt: int, message: str, level: str = "info",
                      **fields: Any) -> None:
