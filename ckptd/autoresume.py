@@ -149,7 +149,7 @@ def scan(daemon: Daemon, now: float | None = None) -> list[str]:
     return relaunched
 
 
-# Level-triggered, not an INTERRUPTED_HOOKS callback: the sweeper runs this
+# Level-triggered, not a callback on each verdict: the sweeper runs this
 # right after liveness each period, and it also sees runs whose supervisor
 # reported the end (``failed``, a signal) and runs whose backoff just passed.
 PERIODIC_HOOKS.append(scan)

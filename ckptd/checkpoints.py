@@ -443,7 +443,7 @@ def sweep_leftovers(home: Path) -> list[tuple[str, int, Path]]:
     found: list[tuple[str, int, Path]] = []
     root = home / paths.RUNS_DIR
     for run_dir in sorted(root.iterdir()) if root.is_dir() else []:
-        ckpt_root = run_dir / "checkpoints"
+        ckpt_root = paths.checkpoints_dir(home, run_dir.name)
         if not ckpt_root.is_dir() or not valid_run_id(run_dir.name):
             continue
         changed = False

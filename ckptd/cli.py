@@ -139,22 +139,14 @@ def stop(timeout: float = typer.Option(60.0, help="seconds to wait for a clean s
     # The socket goes first, the store is closed last: wait for the process
     # itself, or "stopped" would be said while it still commits (found by
     # tests/test_security.py: a store copied right after `stop` was stale).
-    while (sock.exists() or _alive(info.get("stopping"))) and time.monotonic() < deadline:
+    from .liveness import process_alive  # here: psutil stays out of other commands
+
+    pid = info.get("stopping")
+    while (sock.exists() or process_alive(pid, None)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if sock.exists() or _alive(info.get("stopping")):
+    if sock.exists() or process_alive(pid, None):
         raise CkptdError(f"stop: daemon pid {info['stopping']} did not exit within {timeout} s")
     echo(f"ckptd daemon stopped (pid {info['stopping']})")
-
-
-def _alive(pid: object) -> bool:
-    """True while process ``pid`` exists (and is not a zombie)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
 
 
 @app.command()

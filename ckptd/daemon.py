@@ -37,7 +37,6 @@ from typing import Any
 
 from ckptd_client import paths, protocol
 from ckptd_client.errors import CkptdError
-from ckptd_client.run import valid_run_id
 from ckptd_client.spool import PARTIAL_SUFFIX, SUFFIX, fsync_dir, read_records, try_lock
 
 from . import __version__, notify, validate
@@ -666,4 +665,4 @@ if __name__ == "__main__":
     sys.exit(_daemon.main())
 
 
-__all__ = ["Daemon", "Conn", "rpc", "valid_run_id"]
+__all__ = ["Daemon", "Conn", "rpc"]

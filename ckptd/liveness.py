@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -21,8 +20,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ckptd.liveness")
 
-#: Called after runs were marked interrupted: fn(daemon, [run rows]). Auto-resume hooks in here.
-INTERRUPTED_HOOKS: list[Callable[[Daemon, list[dict[str, Any]]], None]] = []
 
 
 def process_alive(pid: int | None, started: float | None) -> bool:
@@ -75,8 +72,4 @@ def sweep(daemon: Daemon) -> list[dict[str, Any]]:
             marked.append(dict(run, status="interrupted", reason=reason))
         return marked
 
-    marked = daemon.call_writer(work)
-    if marked:
-        for hook in INTERRUPTED_HOOKS:
-            hook(daemon, marked)
-    return marked
+    return daemon.call_writer(work)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd_client import paths, transport
-from ckptd_client.errors import CkptdError
+from ckptd_client.errors import CkptdError, error_for
 
 from . import query
 
@@ -107,12 +107,7 @@ def spawn_supervisor(home: Path, run_id: str, *, force: bool = False,
             + (f"exited with status {code}" if code is not None else "did not answer")
             + f" before beginning the attempt; see {log_path}")
     if not answer.get("ok"):
-        from ckptd_client import errors
-
-        cls = getattr(errors, str(answer.get("kind")), CkptdError)
-        if not (isinstance(cls, type) and issubclass(cls, CkptdError)):
-            cls = CkptdError
-        raise cls(str(answer.get("error")))
+        raise error_for(answer.get("kind"), str(answer.get("error")))
     return proc, answer["begun"]
 
 

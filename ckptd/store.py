@@ -123,7 +123,7 @@ MIGRATIONS = {1: _create_v1}
 
 
 def _dumps(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"))
+    return None if value is None else protocol.dumps(value)
 
 
 class Store:

@@ -27,21 +27,11 @@ def _int(msg: dict[str, Any], key: str, *, minimum: int | None = None,
     v = msg.get(key)
     if v is None and optional:
         return
-    if not isinstance(v, int) or isinstance(v, bool) or not -(2**63) <= v < 2**63:
+    if (not isinstance(v, int) or isinstance(v, bool)
+            or not protocol.INT_MIN <= v <= protocol.INT_MAX):
         raise Invalid(f"{msg.get('t')}: {key} must be an integer")
     if minimum is not None and v < minimum:
         raise Invalid(f"{msg.get('t')}: {key} must be >= {minimum}")
-
-
-def utf8(text: str) -> bool:
-    """True if SQLite can store ``text``. JSON can carry a lone surrogate
-    (``"\\udc80"``) that UTF-8 cannot encode; let through, it would fail the
-    writer's whole group commit and every client in it (found by tests/test_fuzz.py)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _str(msg: dict[str, Any], key: str, *, optional: bool = False,
@@ -49,7 +39,7 @@ def _str(msg: dict[str, Any], key: str, *, optional: bool = False,
     v = msg.get(key)
     if v is None and optional:
         return
-    if not isinstance(v, str) or len(v) > limit or "\0" in v or not utf8(v):
+    if not isinstance(v, str) or len(v) > limit or "\0" in v or not protocol.is_utf8(v):
         raise Invalid(f"{msg.get('t')}: {key} must be valid UTF-8 text without NUL of at "
                       f"most {limit} characters")
 
@@ -96,14 +86,14 @@ def event(msg: dict[str, Any]) -> None:
         _int(msg, "step", minimum=0)
         m = msg.get("m")
         if not isinstance(m, dict) or len(m) > MAX_METRICS:
-            raise Invalid("log: m must be an object of at most 10000 metrics")
+            raise Invalid(f"log: m must be an object of at most {MAX_METRICS} metrics")
         for key, value in m.items():
-            if not key or len(key) > 256 or "\0" in key or not utf8(key):
+            if not key or len(key) > protocol.MAX_KEY or "\0" in key or not protocol.is_utf8(key):
                 raise Invalid(f"log: bad metric key {key[:40]!r} (empty, too long, NUL or "
                               "not UTF-8)")
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise Invalid(f"log: metric {key!r} is not a number")
-            if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            if isinstance(value, int) and not protocol.INT_MIN <= value <= protocol.INT_MAX:
                 raise Invalid(f"log: metric {key!r} does not fit 64 bits")
     elif kind == protocol.EVENT:
         _str(msg, "msg")

@@ -167,23 +167,18 @@ def chunk_hashes(buf: Any, size: int, algo: str = HASH_ALGO) -> list[str]:
 _SCALARS = (str, int, float, bool, type(None))
 
 
-def encode_state(obj: Any, path: str = "state") -> tuple[Any, list[tuple[str, Any]]]:
-    """Walk ``obj`` into a JSON tree plus the tensors it holds, in order.
+def encode_payload(state: Any, rng_state: dict[str, Any]) -> tuple[Any, list[tuple[str, Any]]]:
+    """The tree of a checkpoint: ``{"state": state, "rng": rng_state}``, plus
+    the tensors it holds, in order.
 
     Tree nodes: plain JSON values inline; ``{"T": i}`` tensor i; ``{"D":
     [[key, node], ...]}`` dict (keys may be ints: optimizer state is keyed
     by parameter index); ``{"L": [...]}`` list; ``{"U": [...]}`` tuple.
 
-    :raises TypeError: naming the path of the first value that is not a
-        tensor, number, string, None, dict, list or tuple.
+    :raises TypeError: naming the path (from the user's ``state`` down) of
+        the first value that is not a tensor, number, string, None, dict,
+        list or tuple.
     """
-    tensors: list[tuple[str, Any]] = []
-    return _encode(obj, path, tensors, 0), tensors
-
-
-def encode_payload(state: Any, rng_state: dict[str, Any]) -> tuple[Any, list[tuple[str, Any]]]:
-    """The tree of a checkpoint: ``{"state": state, "rng": rng_state}``; errors
-    name paths from the user's ``state`` down."""
     tensors: list[tuple[str, Any]] = []
     tree = {"D": [["state", _encode(state, "state", tensors, 0)],
                   ["rng", _encode(rng_state, "rng", tensors, 0)]]}
@@ -233,7 +228,7 @@ def _check_tensor(t: Any, path: str) -> None:
 
 
 def decode_tree(node: Any, tensors: list[Any]) -> Any:
-    """Inverse of :func:`encode_state` (tree from a manifest: untrusted input)."""
+    """Inverse of :func:`encode_payload` (tree from a manifest: untrusted input)."""
     if isinstance(node, dict):
         if "T" in node:
             i = node["T"]
@@ -511,7 +506,7 @@ def shm_dir(home: Path) -> Path:
 
 def shm_prefix(home: Path) -> str:
     """Name prefix of the snapshot buffers of ``home`` (its daemon sweeps only these)."""
-    return f"{SHM_PREFIX}{os.getuid()}-{hashlib.sha256(os.fsencode(home)).hexdigest()[:12]}-"
+    return f"{SHM_PREFIX}{os.getuid()}-{paths.short_hash(home)}-"
 
 
 class _SharedBuffer:
@@ -662,9 +657,6 @@ class Checkpointer:
             except OSError:
                 pass
 
-    def on_reply(self, msg: dict[str, Any]) -> None:
-        """Replies on the run's main connection: none are expected (we use our own)."""
-
     # ---------------------------------------------------------- internals
 
     def _snapshot_locked(self, tree: Any, tensors: list[tuple[str, Any]], step: int,
@@ -775,11 +767,8 @@ class Checkpointer:
             handle._resolve({k: msg.get(k) for k in ("step", "hash", "bytes", "persist_s")}
                             | {"blocked_s": handle.blocked_s}, None)
             return
-        cls = getattr(errors, str(msg.get("kind")), CheckpointError)
-        if not (isinstance(cls, type) and issubclass(cls, CkptdError)):
-            cls = CheckpointError
-        exc = cls(str(msg.get("error")))
-        self.run._warn(f"ckpt-{cls.__name__}", str(exc))
+        exc = errors.error_for(msg.get("kind"), str(msg.get("error")), CheckpointError)
+        self.run._warn(f"ckpt-{type(exc).__name__}", str(exc))
         handle._resolve(None, exc)
 
     def _drop(self, sock: socket.socket, exc: CkptdError | None) -> None:
@@ -864,12 +853,8 @@ def clone_tensors(obj: Any) -> Any:
 def _announce(run: Run, step: int | None) -> None:
     """Record which step this attempt continues from (None: it starts over)."""
     run.restored_step = step
-    report = getattr(run, "_report_restored", None)  # resume support, when present
     try:
-        if report is not None:
-            report(step)
-        elif step is not None:
-            run.event(f"restored checkpoint step {step}", restored_step=step)
+        run._report_restored(step)
     except Exception:  # noqa: BLE001 - a courtesy record; the state is already restored
         pass
 

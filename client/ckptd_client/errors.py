@@ -37,3 +37,12 @@ class ResumeRefused(CkptdError):
     """``ckptd resume`` of a run that is running or finished (``--force`` overrides)."""
 
     exit_code = 6
+
+
+def error_for(kind: object, message: str, default: type[CkptdError] = CkptdError) -> CkptdError:
+    """The exception a daemon reply names by class (``"kind"``), so a caller
+    can catch ``DiskFull`` rather than parse text; unknown kinds get ``default``."""
+    cls = globals().get(str(kind), default)
+    if not (isinstance(cls, type) and issubclass(cls, CkptdError)):
+        cls = default
+    return cls(message)

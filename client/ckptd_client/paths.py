@@ -44,15 +44,16 @@ def socket_path(home: Path) -> Path:
     if runtime and Path(runtime).is_dir():
         name = "ckptd.sock"
         if home != home_dir(None) or os.environ.get("CKPTD_HOME"):
-            name = f"ckptd-{_short_hash(home)}.sock"
+            name = f"ckptd-{short_hash(home)}.sock"
         return Path(runtime) / "ckptd" / name
     path = home / "run" / "ckptd.sock"
     if len(os.fsencode(path)) > 100:
-        return Path("/tmp") / f"ckptd-{os.getuid()}" / f"{_short_hash(home)}.sock"
+        return Path("/tmp") / f"ckptd-{os.getuid()}" / f"{short_hash(home)}.sock"
     return path
 
 
-def _short_hash(home: Path) -> str:
+def short_hash(home: Path) -> str:
+    """A short stable name for ``home`` (socket and snapshot-buffer names)."""
     return hashlib.sha256(os.fsencode(home)).hexdigest()[:12]
 
 

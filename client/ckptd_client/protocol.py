@@ -55,6 +55,8 @@ class ProtocolError(ValueError):
 #: One encoder for every frame: ``json.dumps`` with arguments builds a new
 #: encoder per call, a measurable part of ``log()``.
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
+#: Compact JSON text, as on the wire; one encoder reused (building one per call shows in log()).
+dumps = _ENCODER.encode
 
 
 def encode(msg: dict[str, Any]) -> bytes:
@@ -108,11 +110,6 @@ class FrameReader:
             out.append(decode_body(body))
         return out
 
-    @property
-    def pending(self) -> int:
-        """Bytes of an incomplete frame still buffered (non-zero at EOF means truncation)."""
-        return len(self._buf)
-
 
 def recv_message(sock: Any, reader: FrameReader) -> dict[str, Any] | None:
     """Blocking read of exactly one message (used by simple request/reply callers)."""
@@ -147,7 +144,8 @@ def _fit(key: str, value: int) -> float | int:
         raise TypeError(f"metric {key!r} = {value} is too large to record") from None
 
 
-def _utf8(text: str) -> bool:
+def is_utf8(text: str) -> bool:
+    """True if SQLite can store ``text``; shared by the client's checks and the daemon's."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate: JSON carries it, SQLite cannot store it
@@ -162,7 +160,7 @@ def check_metric(key: Any, value: Any) -> float | int:
     users can log ``loss`` straight from the graph without ``float()``.
     """
     if (not isinstance(key, str) or not key or len(key) > MAX_KEY or "\0" in key
-            or not (key.isascii() or _utf8(key))):
+            or not (key.isascii() or is_utf8(key))):
         raise TypeError(f"metric key {key!r} must be a non-empty UTF-8 string without NUL "
                         f"of at most {MAX_KEY} characters")
     if type(value) is float:

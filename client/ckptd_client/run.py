@@ -516,8 +516,6 @@ class Run:
             self._flush_cv.notify_all()
         elif kind == protocol.ERROR:
             self._warn("daemon", f"daemon reported: {msg.get('error')}")
-        elif self._checkpointer is not None:
-            self._checkpointer.on_reply(msg)
 
     def _warn(self, key: str, text: str) -> None:
         """One line on stderr per kind of problem; never an exception."""
@@ -667,11 +665,11 @@ def init(
     else:
         run_id, attempt = new_run_id(), 1
     if name is not None and (not isinstance(name, str) or not name.strip()
-                             or "\0" in name or len(name) > 200 or _utf8(name) != name):
+                             or "\0" in name or len(name) > 200 or not protocol.is_utf8(name)):
         raise CkptdError(f"run name {name!r} must be non-empty UTF-8 text of at most 200 "
                          "characters without NUL")
     if project is not None and (not isinstance(project, str) or "\0" in project
-                                or len(project) > 4096 or _utf8(project) != project):
+                                or len(project) > 4096 or not protocol.is_utf8(project)):
         # the daemon refuses such a registration: the run would lose it
         raise CkptdError(f"project {project!r} must be UTF-8 text of at most 4096 "
                          "characters without NUL")

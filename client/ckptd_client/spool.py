@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from . import protocol
+
 SUFFIX = ".spool"
 PARTIAL_SUFFIX = ".partial"
 
@@ -32,7 +34,7 @@ _counter = itertools.count()
 
 
 def encode_record(msg: dict[str, Any]) -> bytes:
-    body = json.dumps(msg, separators=(",", ":")).encode()
+    body = protocol.dumps(msg).encode()
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
@@ -58,7 +60,6 @@ class SpoolWriter:
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.rename(partial, self.path)
         self._fd = fd
-        self.records = 0
 
     def append(self, data: bytes) -> None:
         """Append encoded records. ``os.write`` puts them in the kernel: a
@@ -67,7 +68,6 @@ class SpoolWriter:
         while view:
             n = os.write(self._fd, view)
             view = view[n:]
-        self.records += 1
 
     def sync(self) -> None:
         """Make every appended record survive power loss (file and its name)."""

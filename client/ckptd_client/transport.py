@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import paths, protocol
-from .errors import CkptdError, DaemonUnavailable
+from .errors import CkptdError, DaemonUnavailable, error_for
 
 
 def connect(sock_path: Path, timeout: float = 2.0) -> socket.socket:
@@ -123,11 +123,5 @@ def call(
     if reply.get("t") == protocol.ERROR:
         raise CkptdError(f"{op}: {reply.get('error')}")
     if not reply.get("ok"):
-        kind = reply.get("kind", "")
-        from . import errors
-
-        cls = getattr(errors, kind, CkptdError)
-        if not (isinstance(cls, type) and issubclass(cls, CkptdError)):
-            cls = CkptdError
-        raise cls(str(reply.get("error")))
+        raise error_for(reply.get("kind"), str(reply.get("error")))
     return reply.get("result")
