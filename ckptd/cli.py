@@ -31,19 +31,74 @@ from ckptd_client.errors import CkptdError, DaemonUnavailable
 from . import __version__, query
 from .follow import follow, output_closed
 
+EXIT_CODES = """Exit status: 0 done; 1 error; 2 usage error (bad option or argument, unknown
+run); 3 no daemon (`status`: not running); 4 a checkpoint failed to write or
+verify; 5 disk full; 6 resume refused (running or finished run, see --force).
+`run` and `resume` exit with the training command's own status."""
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, epilog=EXIT_CODES,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Crash-resilient experiment logger and checkpointing daemon.")
 STATE: dict[str, Any] = {"home": None}
+HOME_HELP = ("data home (default: $CKPTD_HOME, else $XDG_DATA_HOME/ckptd); "
+             "goes before or after the command")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        echo(f"ckptd {__version__}")
+        raise typer.Exit(0)
 
 
 @app.callback()
-def _root(home: Path | None = typer.Option(None, "--home", help="data home (default: "
-                                           "$CKPTD_HOME or $XDG_DATA_HOME/ckptd)")) -> None:
-    STATE["home"] = paths.home_dir(home)
+def _root(version: bool = typer.Option(False, "--version", is_eager=True,
+                                       callback=_print_version,
+                                       help="print the version and exit")) -> None:
+    """Crash-resilient experiment logger and checkpointing daemon."""
 
 
 def home() -> Path:
-    return STATE["home"] or paths.home_dir(None)
+    """The data home of this invocation: the last ``--home`` given, else the default."""
+    return paths.checked_home(STATE["home"])
+
+
+def _set_home(value: str | None) -> None:
+    if value is not None:
+        STATE["home"] = value
+
+
+def _home_option() -> Any:
+    """The ``--home`` option as typer builds it (typer's click has no public Option)."""
+    probe = typer.Typer()
+
+    @probe.command()
+    def _probe(home: str | None = typer.Option(None, "--home", metavar="DIR", help=HOME_HELP,
+                                                callback=_set_home, expose_value=False),
+               ) -> None:
+        """Never run."""
+
+    return typer.main.get_command(probe).params[0]
+
+
+def build_command() -> Any:
+    """The click command tree, with ``--home`` on every command and group.
+
+    Users paste ``ckptd ls --home H`` as often as ``ckptd --home H ls``; one
+    option added here (rather than a parameter on every function) keeps the
+    two spellings, and each command's ``--help``, in step.
+    """
+    command = typer.main.get_command(app)
+    option = _home_option()
+
+    def walk(cmd: Any) -> None:
+        cmd.rich_markup_mode = None  # plain help: flags read `--json`, not `--json <bool>`
+        cmd.params.append(option)
+        for sub in getattr(cmd, "commands", {}).values():
+            walk(sub)
+
+    walk(command)
+    return command
 
 
 # ------------------------------------------------------------------ output
@@ -171,7 +226,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="machine-readable 
 
 @app.command("ls")
 def ls(status: str | None = typer.Option(None, "--status", help="only runs in this state"),
-       as_json: bool = typer.Option(False, "--json")) -> None:
+       as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """List runs, oldest first."""
     if status and status not in ("running", "finished", "failed", "interrupted"):
         raise CkptdError(f"unknown status {status!r}; use running, finished, failed or "
@@ -197,7 +252,7 @@ def ls(status: str | None = typer.Option(None, "--status", help="only runs in th
 
 @app.command()
 def show(run: str | None = typer.Argument(None, help="run id, unique prefix or name"),
-         as_json: bool = typer.Option(False, "--json")) -> None:
+         as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Show one run: command, provenance, attempts, checkpoints."""
     with query.Reader(home()) as reader:
         info = reader.show(run)
@@ -340,14 +395,15 @@ _register_subcommands()
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one line and an exit code for every user error."""
-    command = typer.main.get_command(app)
+    command = build_command()
     try:
         rv = command.main(args=argv, prog_name="ckptd", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
     except typer.Exit as exc:
         code = exc.exit_code
     except click_exc.NoArgsIsHelpError as exc:
-        print(exc.ctx.get_help() if exc.ctx else "usage: ckptd COMMAND", file=sys.stderr)
+        # bare `ckptd`, `ckptd ckpt`: the help, once, where `| less` sees it
+        echo(exc.format_message())
         code = 2
     except click_exc.ClickException as exc:
         exc.show()

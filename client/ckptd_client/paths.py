@@ -28,6 +28,19 @@ def home_dir(home: str | os.PathLike[str] | None = None) -> Path:
     return Path(xdg) / "ckptd"
 
 
+def checked_home(home: str | os.PathLike[str] | None = None) -> Path:
+    """:func:`home_dir`, refused in one line when it names something that is
+    not a directory (``CKPTD_HOME`` set to a file would otherwise read as an
+    empty store, or fail later with a raw ``FileExistsError``)."""
+    path = home_dir(home)
+    if path.exists() and not path.is_dir():
+        from .errors import CkptdError
+
+        raise CkptdError(f"data home {path} is not a directory; point CKPTD_HOME or --home "
+                         "at a directory (it is created if missing)")
+    return path
+
+
 def socket_path(home: Path) -> Path:
     """The daemon's socket for ``home``.
 

@@ -652,7 +652,7 @@ def init(
     joins that run. Otherwise a new run is registered with everything
     ``ckptd resume`` needs to relaunch it.
     """
-    home_path = paths.home_dir(home)
+    home_path = paths.checked_home(home)
     env_id = os.environ.get("CKPTD_RUN_ID") if resume != "never" else None
     if env_id:
         if not valid_run_id(env_id):
