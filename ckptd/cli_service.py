@@ -29,7 +29,8 @@ def register(app: typer.Typer) -> None:
             cli.echo(("ok    " if step.ok else "skip  ") + step.text)
 
     @service_app.command("status")
-    def status_cmd(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    def status_cmd(as_json: bool = typer.Option(False, "--json",
+                                                help="machine-readable output")) -> None:
         """Say whether the unit is installed, enabled, active, and lingering is on."""
         from . import cli, service
 
