@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import json
 import math
 import os
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -132,22 +132,31 @@ def fmt_num(v: Any) -> str:
 
 
 def format_line(line: query.Line) -> str:
+    """One ``tail`` line; what the run wrote is made printable before colour is added."""
+    text = _plain_line(line)
+    return paint(text, "metric" if line.kind == "log" else
+                 "status" if line.kind == "status" else line.level)
+
+
+def _plain_line(line: query.Line) -> str:
+    safe = query.printable
     stamp = dt.datetime.fromtimestamp(line.time).strftime("%H:%M:%S.%f")[:-3]
     if line.kind == "log":
         body = "  ".join(f"{k}={fmt_num(v)}" for k, v in (line.fields or {}).items())
-        return paint(f"{stamp} step {line.step}  {body}", "metric")
+        return safe(f"{stamp} step {line.step}  {body}")
     if line.kind == "console":
-        return paint(f"{stamp} | {line.message}", line.level)
+        return f"{stamp} | {safe(line.message)}"
     if line.kind == "status":
-        return paint(f"{stamp} -- {line.message}", "status")
+        return f"{stamp} -- {safe(line.message)}"
     extra = ""
     if line.fields:
         extra = "  " + " ".join(f"{k}={v}" for k, v in line.fields.items())
-    return paint(f"{stamp} {line.level.upper():<7} {line.message}{extra}", line.level)
+    return safe(f"{stamp} {line.level.upper():<7} {line.message}{extra}")
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    cells = [[str(r.get(c, "")) if r.get(c) is not None else "-" for c in columns] for r in rows]
+    cells = [[query.printable(r[c]) if r.get(c) is not None else "-" for c in columns]
+             for r in rows]
     widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
     echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for row in cells:
@@ -159,7 +168,7 @@ def echo(text: str = "") -> None:
 
 
 def emit_json(value: Any) -> None:
-    echo(json.dumps(value, indent=2, default=str))
+    echo(query.to_json(value, indent=2))
 
 
 # ----------------------------------------------------------------- daemon
@@ -259,34 +268,41 @@ def show(run: str | None = typer.Argument(None, help="run id, unique prefix or n
     if as_json:
         emit_json(info)
         return
+    say = _say
     for key in ("id", "name", "status", "attempt", "step", "project", "seed", "cwd", "reason",
-                "exit_code", "auto_resume", "restarts"):
-        echo(f"{key + ':':<12} {info.get(key) if info.get(key) is not None else '-'}")
-    echo(f"{'started:':<12} {fmt_time(info['started'])}")
-    echo(f"{'ended:':<12} {fmt_time(info['ended'])}")
+                "exit_code", "signal_name", "auto_resume", "restarts", "max_restarts"):
+        label = "signal" if key == "signal_name" else key
+        say(f"{label + ':':<13} {info.get(key) if info.get(key) is not None else '-'}")
+    say(f"{'started:':<13} {fmt_time(info['started'])}")
+    say(f"{'ended:':<13} {fmt_time(info['ended'])}")
     if info.get("command"):
-        echo(f"{'command:':<12} {' '.join(info['command'])}")
+        say(f"{'command:':<13} {shlex.join(info['command'])}")
     if info.get("retention"):
-        echo(f"{'retention:':<12} {json.dumps(info['retention'])}")
+        say(f"{'retention:':<13} {query.to_json(info['retention'])}")
     prov = info.get("provenance") or {}
     if prov:
-        echo("provenance:")
+        say("provenance:")
         for k, v in prov.items():
             if k != "git_diff":
-                echo(f"  {k}: {v}")
+                say(f"  {k}: {v}")
     if info["attempts"]:
-        echo("attempts:")
+        say("attempts:")
         for a in info["attempts"]:
-            echo(f"  #{a['attempt']} {a['status']}  started {fmt_time(a['started'])}"
-                 f"  ended {fmt_time(a['ended'])}"
-                 + _restored_note(a.get("restored_step")))
+            ended_by = f"  by {a['signal_name']}" if a.get("signal_name") else ""
+            say(f"  #{a['attempt']} {a['status']}{ended_by}  started {fmt_time(a['started'])}"
+                f"  ended {fmt_time(a['ended'])}" + _restored_note(a.get("restored_step")))
     if info["checkpoints"]:
-        echo("checkpoints:")
+        say("checkpoints:")
         for c in info["checkpoints"]:
-            echo(f"  step {c['step']}  {c['status']}  {c['bytes'] or 0} bytes")
+            say(f"  step {c['step']}  {c['status']}  {c['bytes'] or 0} bytes")
     if info.get("traceback"):
-        echo("traceback:")
-        echo(info["traceback"].rstrip())
+        say("traceback:")
+        echo(query.printable(info["traceback"].rstrip(), lines=True))
+
+
+def _say(text: str) -> None:
+    """One line of human-readable output with what a run wrote in it."""
+    echo(query.printable(text))
 
 
 def _restored_note(step: int | None) -> str:
@@ -299,7 +315,9 @@ def _restored_note(step: int | None) -> str:
 @app.command()
 def tail(
     run: str | None = typer.Argument(None, help="run id, prefix or name (default: newest)"),
-    follow_: bool = typer.Option(False, "-f", "--follow", help="keep printing new lines"),
+    follow_: bool = typer.Option(False, "-f", "--follow",
+                                 help="keep printing new lines until the run ends (and "
+                                      "through a pending auto-resume)"),
     n: int = typer.Option(20, "-n", help="how many lines to print first"),
     metrics: bool = typer.Option(False, "--metrics", help="include logged metrics"),
     grep: str | None = typer.Option(None, "--grep", help="only lines matching this regex"),
@@ -326,7 +344,8 @@ def tail(
             return
         try:
             for line in follow(reader, info["id"], cursor, with_metrics=metrics,
-                               all_attempts=all_attempts, out_fd=sys.stdout.fileno()):
+                               all_attempts=all_attempts, until_done=True,
+                               out_fd=sys.stdout.fileno()):
                 text = format_line(line)
                 if pattern and not pattern.search(text):
                     continue
@@ -338,7 +357,7 @@ def tail(
 
 @app.command("metrics")
 def metrics_cmd(
-    run: str = typer.Argument(..., help="run id, prefix or name"),
+    run: str | None = typer.Argument(None, help="run id, prefix or name (default: newest)"),
     key: str | None = typer.Option(None, "--key", help="only this metric"),
     fmt: str = typer.Option("table", "--format", help="table, csv or jsonl"),
     all_attempts: bool = typer.Option(False, "--all-attempts",
@@ -350,6 +369,12 @@ def metrics_cmd(
     with query.Reader(home()) as reader:
         info = reader.resolve(run)
         rows = reader.metrics(info["id"], key, all_attempts)
+        if key is not None and not rows:
+            known = reader.keys(info["id"])
+            if key not in known:
+                raise query.UnknownKey(
+                    f"run {info['id']} has no metric {key!r}; its keys: "
+                    + (", ".join(map(repr, known)) or "none (nothing logged yet)"))
     if fmt == "jsonl":
         for line in query.iter_jsonl(rows):
             echo(line)
@@ -357,7 +382,7 @@ def metrics_cmd(
         writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else
                                 ["step", "key", "value", "attempt", "time"])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(r | {"key": query.printable(r["key"])} for r in rows)
     else:
         steps: dict[int, dict[str, Any]] = {}
         keys: list[str] = []

@@ -106,7 +106,8 @@ def register(app: typer.Typer) -> None:
         cli.echo(f"{len(deleted)} checkpoint(s) deleted")
 
     @ckpt.command("export")
-    def export_cmd(run: str = typer.Argument(..., help="run id, prefix or name"),
+    def export_cmd(run: str | None = typer.Argument(None, help="run id, prefix or name "
+                                                    "(default: newest run)"),
                    step: int | None = typer.Option(None, "--step",
                                                    help="this step (default: newest)"),
                    output: Path = typer.Option(..., "-o", "--output",

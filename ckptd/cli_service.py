@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 
 
@@ -36,7 +34,7 @@ def register(app: typer.Typer) -> None:
 
         info = service.status()
         if as_json:
-            cli.echo(json.dumps(info, indent=2))
+            cli.emit_json(info)
             return
         cli.echo(f"unit:      {info['unit']} ({'installed' if info['installed'] else 'absent'})")
         if info["systemd"]:

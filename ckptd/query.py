@@ -8,6 +8,9 @@ never slows the daemon down.
 from __future__ import annotations
 
 import json
+import math
+import re
+import signal as _signal
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +21,11 @@ from ckptd_client import paths
 from ckptd_client.errors import CkptdError, NotFound
 
 from .store import check_version
+
+
+class UnknownKey(NotFound):
+    """``--key`` names a metric the run never logged (a typo, usually)."""
+
 
 SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
 
@@ -101,9 +109,11 @@ class Reader:
             auto_resume=bool(run.get("auto_resume")),
             restarts=run.get("restarts") or 0,
             retention=_loads(run.get("retention")),
-            attempts=self.rows(
-                "SELECT attempt, started, ended, status, exit_code, restored_step FROM attempts"
-                " WHERE run_id = ? ORDER BY attempt", (run["id"],)),
+            max_restarts=run.get("max_restarts"),
+            signal_name=signal_name(run.get("signal")),
+            attempts=[a | {"signal_name": signal_name(a["signal"])} for a in self.rows(
+                "SELECT attempt, started, ended, status, exit_code, signal, restored_step"
+                " FROM attempts WHERE run_id = ? ORDER BY attempt", (run["id"],))],
             checkpoints=self.checkpoints(run["id"]),
         )
         return out
@@ -140,6 +150,12 @@ class Reader:
             if not all_attempts:
                 del r["superseded"]
         return rows
+
+    def keys(self, run_id: str) -> list[str]:
+        """The metric keys a run logged (its own, not the daemon's ``sys/`` samples)."""
+        return [r["key"] for r in self.rows(
+            "SELECT DISTINCT key FROM metrics WHERE run_id = ? AND src = 'c' ORDER BY key",
+            (run_id,))]
 
     # ----------------------------------------------------------------- tail
 
@@ -182,9 +198,13 @@ class Reader:
         out.sort(key=lambda line: line.time)
         return out, Cursor(new_event, new_metric)
 
-    def run_status(self, run_id: str) -> str:
-        row = self.conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
-        return row[0] if row else "unknown"
+    def still_going(self, run_id: str) -> bool:
+        """Running, or ended badly with an auto-resume still to come (``tail -f``
+        keeps following it into the next attempt)."""
+        row = self.conn.execute("SELECT status, auto_resume FROM runs WHERE id = ?",
+                                (run_id,)).fetchone()
+        return row is not None and (row[0] == "running" or (
+            bool(row[1]) and row[0] in ("interrupted", "failed")))
 
 
 def _run_filter(after: int) -> str:
@@ -242,9 +262,67 @@ def _loads(text: str | None) -> Any:
         return text
 
 
+#: What a terminal would act on rather than show: C0 controls (ESC starts
+#: cursor moves, OSC title and OSC 52 clipboard writes; CR and LF fake
+#: extra rows), DEL, C1 controls (0x9b is a one-byte CSI), and the bidi
+#: overrides and isolates that reorder what is shown.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_KEEP_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: object, *, lines: bool = False) -> str:
+    """``text`` safe to write to a terminal: every control character shown
+    as a ``\\xNN`` / ``\\uNNNN`` escape.
+
+    Run names, projects, events, console output and metric keys come from
+    training scripts; every human-readable output passes them through here
+    (JSON output escapes them itself). ``lines`` keeps newlines and tabs, for
+    multi-line text such as a traceback.
+    """
+    return (_CONTROL_KEEP_LINES if lines else _CONTROL).sub(_escape, str(text))
+
+
+#: Non-finite numbers in JSON output: RFC 8259 has no NaN or Infinity, so they
+#: are written as these strings (``float(s)`` reads each back).
+NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN/Infinity float replaced by its :data:`NON_FINITE` string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return NON_FINITE[str(value)]
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def to_json(value: Any, *, indent: int | None = None) -> str:
+    """The one encoder of every ``--json`` / ``jsonl`` output: valid RFC 8259
+    (``allow_nan=False`` guards :func:`json_safe`)."""
+    return json.dumps(json_safe(value), indent=indent, default=str, allow_nan=False,
+                      separators=None if indent else (",", ":"))
+
+
 def iter_jsonl(rows: list[dict[str, Any]]) -> Iterator[str]:
     for r in rows:
-        yield json.dumps(r, separators=(",", ":"))
+        yield to_json(r)
+
+
+def signal_name(number: int | None) -> str | None:
+    """``9`` -> ``"SIGKILL"``: what ``show`` prints for an attempt a signal ended."""
+    if number is None:
+        return None
+    try:
+        return _signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 __all__ = ["Reader", "CkptdError", "redact", "summary"]
