@@ -158,7 +158,9 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     cells = [[query.printable(r[c]) if r.get(c) is not None else "-" for c in columns]
              for r in rows]
     widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
-    echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    heads = [query.printable(c.upper()) for c in columns]  # metric keys are column names
+    widths = [max(w, len(h)) for w, h in zip(widths, heads, strict=True)]
+    echo("  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip())
     for row in cells:
         echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
