@@ -147,8 +147,9 @@ def test_home_after_the_subcommand_wins(tmp_path: Path, hostile_home: Path) -> N
 
 
 def test_tail_follow_of_an_ended_run_prints_and_exits(hostile_home: Path) -> None:
-    proc = ckptd(hostile_home, "tail", "-f", "-n", "3", timeout=20)
-    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 3, proc.stderr
+    proc = ckptd(hostile_home, "tail", "-f", timeout=20)  # main: followed forever
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1].endswith("finished"), \
+        proc.stdout + proc.stderr
 
 
 def test_show_has_max_restarts_and_signal_names(hostile_home: Path) -> None:
