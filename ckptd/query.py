@@ -20,7 +20,7 @@ from typing import Any
 from ckptd_client import paths
 from ckptd_client.errors import CkptdError, NotFound
 
-from .store import check_version
+from .store import check_version, connect_readonly
 
 
 class UnknownKey(NotFound):
@@ -42,7 +42,7 @@ class Reader:
                 "ckptd_client.init() or `ckptd demo` first (or pass --home)"
             )
         check_version(db)
-        self.conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        self.conn = connect_readonly(db)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA busy_timeout=30000")
 

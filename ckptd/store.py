@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,17 +49,45 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def connect_readonly(path: Path) -> sqlite3.Connection:
+    """A connection that never writes the store, for readers (``ls``, ``tail``).
+
+    ``mode=ro`` still opens the WAL index (``-shm``) for writing, which a
+    read-only filesystem (a mounted backup, a snapshot) refuses; there the
+    file is read as it is (``immutable=1``: no locks, no WAL; nothing can
+    write it there, and a daemon that stopped cleanly left no WAL behind).
+    """
+    uri = "file:" + urllib.parse.quote(os.fspath(path))
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30)
+    try:
+        conn.execute("PRAGMA user_version").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+        if not _read_only_fs(path):
+            raise
+    return sqlite3.connect(f"{uri}?immutable=1", uri=True, timeout=30)
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path.parent).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def check_version(path: Path) -> int:
     """Read the schema version without writing; refuse a store from the future."""
     if not path.exists():
         return 0
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     try:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        conn = connect_readonly(path)
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            conn.close()
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"open {path}: not a readable ckptd store ({exc})") from None
-    finally:
-        conn.close()
     if version > SCHEMA_VERSION:
         raise SchemaTooNew(
             f"open {path}: store has schema version {version}, newer than this ckptd "
