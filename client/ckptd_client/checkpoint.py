@@ -422,7 +422,9 @@ def load_dir(ckpt_dir: Path, expected_hash: str | None = None, map_location: Any
 
 
 def committed_rows(home: Path, run_id: str) -> list[dict[str, Any]]:
-    """Committed checkpoints of a run, newest first, read from the store read-only."""
+    """Committed checkpoints of a run, and those found corrupt (by ``ckpt verify``
+    or an earlier restore, so ``restore`` can say why it skips them), newest
+    first, read from the store read-only."""
     db = paths.db_path(home)
     if not db.exists():
         return []
@@ -431,8 +433,8 @@ def committed_rows(home: Path, run_id: str) -> list[dict[str, Any]]:
         try:
             conn.row_factory = sqlite3.Row
             rows = conn.execute(
-                "SELECT step, hash, status FROM checkpoints WHERE run_id = ? AND"
-                " status = 'committed' ORDER BY step DESC", (run_id,)).fetchall()
+                "SELECT step, hash, status, reason FROM checkpoints WHERE run_id = ? AND"
+                " status IN ('committed', 'corrupt') ORDER BY step DESC", (run_id,)).fetchall()
         finally:
             conn.close()
     except sqlite3.Error as exc:
@@ -815,16 +817,14 @@ def restore(run: Run, map_location: Any = None) -> Any:
     from . import rng
 
     for row in committed_rows(run.home, run.id):
+        if row["status"] == "corrupt":
+            _skip(run, row["step"], f"marked corrupt earlier ({row['reason'] or 'no reason'})")
+            continue
         ckpt_dir = paths.checkpoints_dir(run.home, run.id) / step_dir_name(row["step"])
         try:
             payload, _ = load_dir(ckpt_dir, row["hash"], map_location)
         except CheckpointError as exc:
-            text = f"restore: skipped checkpoint step {row['step']}: {exc}"
-            warnings.warn(text, stacklevel=3)
-            try:
-                run.event(text, level="warning", skipped_step=row["step"])
-            except Exception:  # noqa: BLE001
-                pass
+            _skip(run, row["step"], str(exc))
             _report_corrupt(run, row["step"], str(exc))
             continue
         if payload.get("rng"):
@@ -834,6 +834,16 @@ def restore(run: Run, map_location: Any = None) -> Any:
         return payload["state"]
     _announce(run, None)
     return None
+
+
+def _skip(run: Run, step: int, why: str) -> None:
+    """Say, as a warning and a run event, why restore passed over a checkpoint."""
+    text = f"restore: skipped checkpoint step {step}: {why}"
+    warnings.warn(text, stacklevel=4)
+    try:
+        run.event(text, level="warning", skipped_step=step)
+    except Exception:  # noqa: BLE001 - the warning above already said it
+        pass
 
 
 def clone_tensors(obj: Any) -> Any:
