@@ -338,6 +338,14 @@ run.finish()
 """, env=env_for(home, CKPTD_RUN_ID=run_id, CKPTD_ATTEMPT="2"), timeout=180)
     assert not marker.exists(), "loading a checkpoint ran code"
     assert "restored 1.0" in res.stdout and "warned True" in res.stdout, res.stdout + res.stderr
+    # positive control: the same bytes through a plain torch.load do run code,
+    # so the payload is live and the negative result above means something
+    run_script(home, f"""
+import torch
+torch.load({os.fspath(step2 / "manifest.json")!r}, weights_only=False)
+""", timeout=180)
+    assert marker.exists(), "the payload is inert: the test above proves nothing"
+    marker.unlink()
     # the export is a plain torch.save file that loads with weights_only=True
     exported = tmp_path / "export.pt"
     ckptd(home, "ckpt", "export", run_id, "--step", "1", "-o", os.fspath(exported), check=True)
