@@ -164,8 +164,8 @@ def start_run(user: User, name: str, sleep: float, model: list[str]) -> str:
 
 
 def cut_at_random_step(m: Machine, user: User, run_id: str, attempt: int,
-                       rng: random.Random, tl: Timeline) -> int:
-    target = rng.randrange(4, STEPS - 8)
+                       rng: random.Random, tl: Timeline, upto: int = STEPS - 8) -> int:
+    target = rng.randrange(4, upto)
     wait_for(lambda: user.peak(run_id, attempt) >= target, timeout=120, interval=0.01,
              what=f"attempt {attempt} to reach step {target}")
     time.sleep(rng.uniform(0, 0.12))  # anywhere inside a step: forward, log, checkpoint
@@ -174,20 +174,20 @@ def cut_at_random_step(m: Machine, user: User, run_id: str, attempt: int,
     return target
 
 
-def cut_during_commit(m: Machine, user: User, run_id: str, attempt: int,
+def cut_during_commit(m: Machine, user: User, run_id: str, attempt: int, after: int,
                       tl: Timeline) -> int:
-    """Cut while the daemon writes a checkpoint: after its staging directory
-    appeared and before it was renamed into place. Returns that step."""
+    """Cut while the daemon writes a checkpoint taken after step ``after``:
+    its staging directory is there, not yet renamed into place. Returns its step."""
     ckpts = user.home / "runs" / run_id / "checkpoints"
-    start = user.peak(run_id, attempt) + 1
-    for step in range(start + (-start % 5), STEPS - 1, 5):  # the example saves every 5
+    start = after + 1
+    for step in range(start + (-start % 5), STEPS, 5):  # the example saves every 5
         staging = ckpts / (step_dir_name(step) + STAGING_SUFFIX)
         deadline = time.monotonic() + 60
         while not staging.exists() and time.monotonic() < deadline:
             time.sleep(0.0005)
         m.freeze()
         if staging.exists():
-            tl.mark(f"power cut (attempt {attempt}, checkpoint step {step} staged, "
+            tl.mark(f"power cut {m.boots} (attempt {attempt}, checkpoint step {step} staged, "
                     "not yet renamed)", m.power_cut())
             return step
         m.freeze(False)  # too late for this one: try the next checkpoint
@@ -288,5 +288,28 @@ def test_power_cut_then_boot_resumes_by_itself(machine: Machine, home: Path,
 
     newest = wait_resumed(machine, user, "boot", 2, tl)
     check_finished(user, "boot", [newest], ref_hash, ref_curve, tl, seed)
+    machine.shutdown()
+    print(f"timeline (seed {seed}):\n{tl.text()}")
+
+
+@pytest.mark.slow
+def test_two_cuts_one_during_a_checkpoint_commit(machine: Machine, home: Path,
+                                                 daemon: DaemonProc) -> None:
+    seed, rng = seed_rng()
+    model = ["--hidden", "512", "--depth", "4"]  # ~10 MB checkpoints: a commit takes a while
+    ref_hash, ref_curve = reference(home, model)
+    tl = Timeline()
+    user = install(machine, tl)
+    run_id = start_run(user, "twice", 0.1, model)
+    cut_at_random_step(machine, user, run_id, 1, rng, tl, upto=STEPS // 2)
+    first = wait_resumed(machine, user, "twice", 2, tl)
+    step = cut_during_commit(machine, user, run_id, 2, first if first is not None else -1, tl)
+    second = wait_resumed(machine, user, "twice", 3, tl)
+    # staged but not renamed at the cut: invisible after it, never restored
+    assert second is not None and second < step, (second, step)
+    check_finished(user, "twice", [first, second], ref_hash, ref_curve, tl, seed)
+    leftovers = [p.name for p in (user.home / "runs" / run_id / "checkpoints").iterdir()
+                 if not p.name.startswith("step-") or "." in p.name]
+    assert leftovers == [], leftovers  # the staging directory was cleaned up
     machine.shutdown()
     print(f"timeline (seed {seed}):\n{tl.text()}")
