@@ -24,8 +24,13 @@ def home_dir(home: str | os.PathLike[str] | None = None) -> Path:
     env = os.environ.get("CKPTD_HOME")
     if env:
         return Path(env).expanduser().absolute()
+    return default_home()
+
+
+def default_home() -> Path:
+    """The home with no ``CKPTD_HOME``: the XDG data dir (what the systemd unit serves)."""
     xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(xdg) / "ckptd"
+    return Path(xdg).expanduser().absolute() / "ckptd"
 
 
 def checked_home(home: str | os.PathLike[str] | None = None) -> Path:
@@ -55,8 +60,11 @@ def socket_path(home: Path) -> Path:
         return Path(env)
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and Path(runtime).is_dir():
+        # Decided by the path alone, not by how it was given: `ckptd run`
+        # passes CKPTD_HOME=<the default home> to its command, which must
+        # find the daemon the unit started without it.
         name = "ckptd.sock"
-        if home != home_dir(None) or os.environ.get("CKPTD_HOME"):
+        if home != default_home():
             name = f"ckptd-{short_hash(home)}.sock"
         return Path(runtime) / "ckptd" / name
     path = home / "run" / "ckptd.sock"
