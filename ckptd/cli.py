@@ -40,10 +40,17 @@ STATE: dict[str, Any] = {"home": None}
 def _root(home: Path | None = typer.Option(None, "--home", help="data home (default: "
                                            "$CKPTD_HOME or $XDG_DATA_HOME/ckptd)")) -> None:
     STATE["home"] = paths.home_dir(home)
+    STATE["checked"] = False
 
 
 def home() -> Path:
-    return STATE["home"] or paths.home_dir(None)
+    """The home every command works on, refused when another user owns it
+    (she could have swapped the store: `ckptd resume` would run her command)."""
+    if not STATE.get("checked"):
+        STATE["home"] = STATE["home"] or paths.home_dir(None)
+        paths.secure_home(STATE["home"], create=False)
+        STATE["checked"] = True
+    return STATE["home"]
 
 
 # ------------------------------------------------------------------ output
