@@ -1,7 +1,8 @@
 """Checkpoints, daemon side: commit protocol, reconciliation, verify, gc, export.
 
-A trainer's CKPT message names a shared-memory file and its tensor layout
-(see ``ckptd_client.checkpoint``). The daemon opens that file at once (so it
+A trainer's CKPT message carries the descriptor of its snapshot buffer (an
+anonymous memfd, SCM_RIGHTS) and the tensor layout (see
+``ckptd_client.checkpoint``). The daemon checks that descriptor at once (it
 stays readable even if the trainer dies now), then, in a worker thread:
 
 1. checks free space, and writes ``tensors.bin`` into
@@ -17,7 +18,8 @@ committed rows, never from directory listings or modification times.
 
 At start (:func:`reconcile`) staging leftovers are removed, a ``step-<N>/``
 that verifies but has no row is recorded, and a row whose files are missing
-or fail their hash is marked corrupt.
+or fail their hash is marked corrupt. Snapshot buffers need no sweeping: the
+kernel frees a memfd once its last descriptor is closed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import mmap
@@ -46,7 +49,7 @@ from ckptd_client.spool import fsync_dir
 
 from . import retention, validate
 from .crashpoints import crashpoint
-from .daemon import MESSAGE_HANDLERS, PERIODIC_HOOKS, STARTUP_HOOKS, Conn, Daemon, rpc
+from .daemon import MESSAGE_HANDLERS, STARTUP_HOOKS, Conn, Daemon, rpc
 
 if TYPE_CHECKING:
     from .store import Store
@@ -81,7 +84,6 @@ class Request:
     attempt: int
     step: int
     size: int
-    shm: Path
     tree: Any
     tensors: list[dict[str, Any]]
     metrics: dict[str, Any]
@@ -99,7 +101,6 @@ def parse_request(msg: dict[str, Any], conn: Conn) -> Request:
         raise validate.Invalid("ckpt before hello")
     for key in ("id", "step", "size"):
         validate._int(msg, key, minimum=0)
-    validate._str(msg, "shm", limit=4096)
     validate._num(msg, "blocked_s", optional=True)
     metrics = msg.get("metrics") or {}
     if not isinstance(metrics, dict) or not all(
@@ -110,48 +111,47 @@ def parse_request(msg: dict[str, Any], conn: Conn) -> Request:
     except ValueError as exc:
         raise validate.Invalid(f"ckpt: {exc}") from None
     return Request(id=msg["id"], run=conn.run, attempt=conn.attempt, step=msg["step"],
-                   size=msg["size"], shm=Path(msg["shm"]), tree=msg.get("tree"),
+                   size=msg["size"], tree=msg.get("tree"),
                    tensors=msg["tensors"], metrics=metrics, blocked_s=msg.get("blocked_s"))
 
 
-def open_snapshot(daemon: Daemon, req: Request) -> int:
-    """Open the trainer's snapshot file now, before replying to anything.
+def claim_snapshot(conn: Conn, req: Request) -> int:
+    """The snapshot buffer that came with this request, checked before anything
+    reads it: a regular memory file of ours, sealed against shrinking (so
+    mapping it can never SIGBUS the daemon), holding ``req.size`` bytes.
 
-    Only this home's buffers, owned by us, regular files, no symlinks: the
-    CKPT message cannot make the daemon read anything else.
+    Descriptors arrive with the frames, in order; each request with tensors
+    takes the oldest one. Nothing is opened by name, so no path in a request
+    can make the daemon read another file.
 
-    :raises CheckpointError: the file is not an acceptable snapshot buffer.
+    :raises CheckpointError: no descriptor came, or it is not an acceptable buffer.
     """
-    if not req.shm.name.startswith(fmt.shm_prefix(daemon.home)):
-        raise CheckpointError(f"checkpoint step {req.step}: {req.shm} is not a snapshot "
-                              "buffer of this home")
+    if not conn.fds:
+        raise CheckpointError(f"checkpoint step {req.step}: no snapshot buffer came with the "
+                              "request (a client older than this daemon? upgrade it)")
+    fd = conn.fds.pop(0)
     try:
-        fd = os.open(req.shm, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint step {req.step}: open {req.shm}: "
-                              f"{exc.strerror}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_size < req.size:
+        st = os.fstat(fd)
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() \
+            or not seals & fcntl.F_SEAL_SHRINK or st.st_size < req.size:
         os.close(fd)
-        raise CheckpointError(f"checkpoint step {req.step}: {req.shm} is not a regular file "
-                              f"of ours holding {req.size} bytes")
+        raise CheckpointError(f"checkpoint step {req.step}: the snapshot buffer sent is not "
+                              f"a sealed memory file of ours holding {req.size} bytes")
     return fd
 
 
-#: Snapshot buffers being committed (never swept).
-_reading: set[Path] = set()
-
-
 def on_ckpt(daemon: Daemon, msg: dict[str, Any], conn: Conn) -> None:
-    """MESSAGE_HANDLERS[CKPT]: open the snapshot, commit it in a worker thread."""
+    """MESSAGE_HANDLERS[CKPT]: claim the snapshot, commit it in a worker thread."""
     req = parse_request(msg, conn)
     try:
-        fd = open_snapshot(daemon, req) if req.size else -1  # no tensors: no buffer
+        fd = claim_snapshot(conn, req) if req.size else -1  # no tensors: no buffer
     except CkptdError as exc:
         _reply(conn, req, None, exc)
         return
-    with _locks_guard:
-        _reading.add(req.shm)
     threading.Thread(target=_commit_worker, args=(daemon, conn, req, fd),
                      name=f"ckpt-{req.run}-{req.step}", daemon=True).start()
 
@@ -169,18 +169,12 @@ def _commit_worker(daemon: Daemon, conn: Conn, req: Request, fd: int) -> None:
             error = CheckpointError(f"checkpoint step {req.step}: internal error: {exc}")
         finally:
             if fd >= 0:
-                os.close(fd)
-            with _locks_guard:
-                _reading.discard(req.shm)
+                os.close(fd)  # the last holder once the trainer is gone: the kernel frees it
     if error is not None:
         log.error("run %s: %s", req.run, error)
         _record(daemon, req.run, req.attempt, f"checkpoint step {req.step} failed: {error}",
                 "error", step=req.step)
-    if not _reply(conn, req, row, error):
-        # The trainer is gone (killed right after checkpoint(), or finished
-        # while we wrote): nobody will reuse its buffer, so we delete it.
-        with contextlib.suppress(OSError):
-            os.unlink(req.shm)
+    _reply(conn, req, row, error)
     if row is not None:
         try:
             prune(daemon, req.run)
@@ -437,8 +431,8 @@ def delete_checkpoint(daemon: Daemon, run_id: str, step: int, why: str) -> None:
 def sweep_leftovers(home: Path) -> list[tuple[str, int, Path]]:
     """Synchronous part of the start-up reconcile (no client is connected yet).
 
-    Removes staging directories, finishes interrupted replacements, deletes
-    snapshot buffers of dead trainers; returns every ``(run, step, dir)``.
+    Removes staging directories, finishes interrupted replacements; returns
+    every ``(run, step, dir)``.
     """
     found: list[tuple[str, int, Path]] = []
     root = home / paths.RUNS_DIR
@@ -466,32 +460,7 @@ def sweep_leftovers(home: Path) -> list[tuple[str, int, Path]]:
             step = fmt.parse_step_dir(entry.name)
             if step is not None and entry.is_dir():
                 found.append((run_dir.name, step, entry))
-    _sweep_buffers(home)
     return found
-
-
-def _sweep_buffers(home: Path, connected: set[int] | None = None) -> None:
-    """Delete snapshot buffers of this home whose trainer is dead (a trainer
-    killed after its last checkpoint was confirmed leaves its buffer behind)."""
-    shm = fmt.shm_dir(home)
-    prefix = fmt.shm_prefix(home)
-    try:
-        names = os.listdir(shm)
-    except OSError:
-        return
-    for name in names:
-        if not name.startswith(prefix):
-            continue
-        pid_text = name[len(prefix):].split("-", 1)[0]
-        if shm / name in _reading:
-            continue  # its trainer may be dead, but we are committing it right now
-        if not pid_text.isdigit() or int(pid_text) in (connected or ()):
-            # A connection of that trainer is still open: it may hold a CKPT
-            # message we have not read yet (the trainer died right after sending).
-            continue
-        if not psutil.pid_exists(int(pid_text)):
-            with contextlib.suppress(OSError):
-                os.unlink(shm / name)
 
 
 def reconcile_rows(daemon: Daemon, found: list[tuple[str, int, Path]]) -> dict[str, int]:
@@ -739,15 +708,7 @@ def export(home: Path, run_id: str, rows: list[dict[str, Any]], step: int | None
             "bytes": out.stat().st_size}
 
 
-def sweep_buffers(daemon: Daemon) -> None:
-    """PERIODIC_HOOK: remove snapshot buffers left by dead trainers."""
-    with daemon.conns_lock:
-        connected = {c.pid for c in daemon.conns}
-    _sweep_buffers(daemon.home, connected)
-
-
 MESSAGE_HANDLERS[protocol.CKPT] = on_ckpt
 STARTUP_HOOKS.append(startup)
-PERIODIC_HOOKS.append(sweep_buffers)
 
 __all__ = ["commit_checkpoint", "reconcile_rows", "sweep_leftovers", "prune", "export"]

@@ -52,6 +52,8 @@ QUEUE_MAX = 200_000
 BATCH_MAX = 20_000
 #: Seconds a send to a client may block before that client is dropped.
 SEND_TIMEOUT = 2
+#: Most descriptors (checkpoint buffers) a connection may send ahead of its frames.
+MAX_FDS = 4
 
 
 class DaemonAlreadyRunning(CkptdError):
@@ -72,6 +74,9 @@ class Conn:
     mute: bool = False
     acked: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: descriptors received with the frames (SCM_RIGHTS), oldest first, not yet
+    #: claimed by a message handler; closed with the connection
+    fds: list[int] = field(default_factory=list)
 
     def send(self, msg: dict[str, Any]) -> bool:
         data = protocol.encode(msg)
@@ -327,12 +332,16 @@ class Daemon:
         try:
             while True:  # to EOF, also at shutdown (see shutdown)
                 try:
-                    data = conn.sock.recv(1 << 18)
+                    data, fds, _, _ = socket.recv_fds(conn.sock, 1 << 18, MAX_FDS,
+                                                      socket.MSG_CMSG_CLOEXEC)
                 except OSError:
                     break
+                conn.fds += fds
                 if not data:
                     break
                 try:
+                    if len(conn.fds) > MAX_FDS:
+                        raise protocol.ProtocolError("too many descriptors sent")
                     for msg in reader.feed(data):
                         self._dispatch(conn, msg)
                 except (protocol.ProtocolError, validate.Invalid) as exc:
@@ -341,6 +350,8 @@ class Daemon:
                     break
         finally:
             conn.close()
+            for fd in conn.fds:
+                os.close(fd)
             with self.conns_lock:
                 self.conns.discard(conn)
 
