@@ -17,8 +17,11 @@ Each step's crash window is named at the step. "Latest" always comes from
 committed rows, never from directory listings or modification times.
 
 At start (:func:`reconcile`) staging leftovers are removed, a ``step-<N>/``
-that verifies but has no row is recorded, and a row whose files are missing
-or fail their hash is marked corrupt. Snapshot buffers need no sweeping: the
+without a row is recorded only if it is the one this daemon was publishing
+(its commit record names its manifest's hash, and the manifest names this
+run and step), and a row whose files are missing or fail their hash is
+marked corrupt. A step directory that appeared from anywhere else (copied
+from another run or step, planted) is never adopted. Snapshot buffers need no sweeping: the
 kernel frees a memfd once its last descriptor is closed.
 """
 
@@ -241,6 +244,15 @@ def commit_checkpoint(daemon: Daemon, req: Request, fd: int) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint step {req.step}: write {staging}: "
                               f"{exc.strerror or exc}") from None
     crashpoint("ckpt.before_rename")
+    digest = fmt.content_hash(body)
+    intent = ckpt_root / (name + fmt.INTENT_SUFFIX)
+    # CRASH WINDOW: a commit record without step-<N>/ (or with the old one):
+    # reconcile finds no directory holding that manifest and removes the record.
+    # Its directory entry becomes durable with the fsync after the rename; a
+    # power cut that loses it loses only this unacknowledged checkpoint.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(intent)
+    write_file(intent, digest.encode())
     replaced = ckpt_root / (name + fmt.REPLACED_SUFFIX)
     if final.exists():
         # Same step committed before (by an attempt that was later resumed
@@ -263,7 +275,7 @@ def commit_checkpoint(daemon: Daemon, req: Request, fd: int) -> dict[str, Any]:
     row = {
         "run_id": req.run, "step": req.step, "attempt": req.attempt, "status": "committed",
         "path": os.fspath(final.relative_to(daemon.home)), "bytes": req.size + len(body),
-        "hash": fmt.content_hash(body), "metrics": req.metrics, "blocked_s": req.blocked_s,
+        "hash": digest, "metrics": req.metrics, "blocked_s": req.blocked_s,
         "persist_s": round(time.monotonic() - t0, 6), "created": manifest["created"],
         "reason": None,
     }
@@ -284,11 +296,16 @@ def commit_checkpoint(daemon: Daemon, req: Request, fd: int) -> dict[str, Any]:
         if replaced is not None:
             os.rename(replaced, final)
             fsync_dir(ckpt_root)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(intent)
         raise CheckpointError(f"checkpoint step {req.step}: cannot record it in the store: "
                               f"{exc}; the checkpoint was removed") from None
     # CRASH WINDOW: committed, trainer not told yet. Its handle reports a lost
     # connection; `ckptd ckpt ls` shows the checkpoint committed.
     crashpoint("ckpt.after_row")
+    # a record left by a crash here is harmless (the row matches) and removed at start
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(intent)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
     timings["row"] = time.monotonic() - t0 - sum(timings.values())
@@ -428,13 +445,17 @@ def delete_checkpoint(daemon: Daemon, run_id: str, step: int, why: str) -> None:
 
 # ----------------------------------------------------------- reconcile
 
-def sweep_leftovers(home: Path) -> list[tuple[str, int, Path]]:
+#: What start-up found on disk: ``(run, step, dir or None, commit record or None)``.
+Found = list[tuple[str, int, "Path | None", "str | None"]]
+
+
+def sweep_leftovers(home: Path) -> Found:
     """Synchronous part of the start-up reconcile (no client is connected yet).
 
     Removes staging directories, finishes interrupted replacements; returns
-    every ``(run, step, dir)``.
+    every step directory and commit record (see :data:`Found`).
     """
-    found: list[tuple[str, int, Path]] = []
+    found: Found = []
     root = home / paths.RUNS_DIR
     for run_dir in sorted(root.iterdir()) if root.is_dir() else []:
         ckpt_root = paths.checkpoints_dir(home, run_dir.name)
@@ -456,14 +477,49 @@ def sweep_leftovers(home: Path) -> list[tuple[str, int, Path]]:
                 changed = True
         if changed:
             fsync_dir(ckpt_root)
+        records: dict[int, str | None] = {}
+        dirs: dict[int, Path] = {}
         for entry in sorted(ckpt_root.iterdir()):
+            if entry.name.endswith(fmt.INTENT_SUFFIX):
+                step = fmt.parse_step_dir(entry.name[: -len(fmt.INTENT_SUFFIX)])
+                if step is not None:
+                    records[step] = _read_record(entry)
+                continue
             step = fmt.parse_step_dir(entry.name)
-            if step is not None and entry.is_dir():
-                found.append((run_dir.name, step, entry))
+            if step is not None and entry.is_dir() and not entry.is_symlink():
+                dirs[step] = entry
+        for step in sorted(dirs.keys() | records.keys()):
+            found.append((run_dir.name, step, dirs.get(step), records.get(step)))
     return found
 
 
-def reconcile_rows(daemon: Daemon, found: list[tuple[str, int, Path]]) -> dict[str, int]:
+def _read_record(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read(200).decode("ascii", "replace").strip() or None
+    except OSError:
+        return None
+
+
+def _adoptable(run: str, step: int, d: Path, record: str | None) -> tuple[dict[str, Any], str]:
+    """Check a step directory the store has no (matching) row for before recording it.
+
+    Only what this daemon was publishing qualifies: its commit record names
+    this manifest's hash, and the manifest names this run and step. A
+    directory copied from another run or step, or planted, is refused.
+
+    :raises CheckpointError: saying why it is not adopted.
+    """
+    if record is None:
+        raise CheckpointError(f"{d}: no commit record (ckptd did not write it here)")
+    manifest, digest = fmt.verify_dir(d, record)
+    if manifest.get("run") != run or manifest.get("step") != step:
+        raise CheckpointError(f"{d}: its manifest is of run {manifest.get('run')!r} step "
+                              f"{manifest.get('step')!r}, not this run and step")
+    return manifest, digest
+
+
+def reconcile_rows(daemon: Daemon, found: Found) -> dict[str, int]:
     """Make rows agree with directories (see the module docstring); returns counts.
 
     The newest committed checkpoint of each run (the one a restore picks)
@@ -472,23 +528,25 @@ def reconcile_rows(daemon: Daemon, found: list[tuple[str, int, Path]]) -> dict[s
     """
     rows = daemon.call_writer(lambda store: store.checkpoint_rows(None))
     by_key = {(r["run_id"], r["step"]): r for r in rows}
-    on_disk = {(run, step): d for run, step, d in found}
+    on_disk = {(run, step): d for run, step, d, _ in found if d is not None}
+    records = {(run, step): rec for run, step, _, rec in found if rec is not None}
     newest: dict[str, int] = {}
     for r in rows:
         if r["status"] == "committed":
             newest[r["run_id"]] = max(newest.get(r["run_id"], -1), r["step"])
-    counts = {"recorded": 0, "corrupt": 0}
+    counts = {"recorded": 0, "corrupt": 0, "not adopted": 0}
     for (run, step), d in sorted(on_disk.items()):
         row = by_key.get((run, step))
         if row is not None:
             continue
         with run_lock(run):
             try:
-                manifest, digest = fmt.verify_dir(d)
+                manifest, digest = _adoptable(run, step, d, records.get((run, step)))
             except CheckpointError as exc:
-                log.warning("run %s: %s has no row and fails verification: %s", run, d, exc)
-                _put(daemon, _row_for(daemon, run, step, d, None, None, "corrupt", str(exc)))
-                counts["corrupt"] += 1
+                # Not ours to vouch for (planted, copied, or torn before its
+                # record): never listed, never restored; left for a person to look at.
+                log.warning("run %s: not adopting %s: %s", run, d, exc)
+                counts["not adopted"] += 1
                 continue
             log.info("run %s: recording checkpoint step %d (committed on disk, no row: a "
                      "crash right before its row)", run, step)
@@ -515,7 +573,7 @@ def reconcile_rows(daemon: Daemon, found: list[tuple[str, int, Path]]) -> dict[s
                     reason = str(exc)
                     with contextlib.suppress(CheckpointError):
                         # a replacement committed on disk whose row was not yet updated
-                        manifest, digest = fmt.verify_dir(d)
+                        manifest, digest = _adoptable(run, step, d, records.get((run, step)))
                         _put(daemon, _row_for(daemon, run, step, d, manifest, digest,
                                               "committed", None))
                         continue
@@ -525,6 +583,14 @@ def reconcile_rows(daemon: Daemon, found: list[tuple[str, int, Path]]) -> dict[s
                 log.warning("run %s: checkpoint step %d is corrupt: %s", run, step, reason)
                 _mark(daemon, run, step, reason)
                 counts["corrupt"] += 1
+    for (run, step), rec in records.items():
+        # every record is settled now: adopted, or nothing of it left to adopt
+        # (unless a new commit of that step, which holds the run lock, wrote it anew)
+        path = paths.checkpoints_dir(daemon.home, run) / (fmt.step_dir_name(step)
+                                                           + fmt.INTENT_SUFFIX)
+        with run_lock(run), contextlib.suppress(OSError):
+            if _read_record(path) == rec:
+                os.unlink(path)
     return counts
 
 

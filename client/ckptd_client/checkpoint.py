@@ -82,6 +82,10 @@ STEP_PREFIX = "step-"
 STAGING_SUFFIX = ".ckptd-tmp"
 #: A committed step moved aside while a new checkpoint of the same step replaces it.
 REPLACED_SUFFIX = ".ckptd-old"
+#: The daemon's record of the step it is publishing (its manifest hash), written
+#: before the rename and removed once the row is in: at start, a ``step-<N>/``
+#: without a row is adopted only if such a record names exactly its manifest.
+INTENT_SUFFIX = ".ckptd-commit"
 #: Tensor offsets are aligned so every dtype can be viewed in place.
 ALIGN = 64
 #: Unit of hashing: chunks are hashed in parallel on write and on verify.
