@@ -59,8 +59,14 @@ def _root(version: bool = typer.Option(False, "--version", is_eager=True,
 
 
 def home() -> Path:
-    """The data home of this invocation: the last ``--home`` given, else the default."""
-    return paths.checked_home(STATE["home"])
+    """The data home of this invocation: the last ``--home`` given, else the default;
+    refused when it is not a directory, or when another user owns it (she could
+    have swapped the store: ``ckptd resume`` would run her command)."""
+    path = paths.checked_home(STATE["home"])
+    if STATE.get("checked") != path:
+        paths.secure_home(path, create=False)
+        STATE["checked"] = path
+    return path
 
 
 def _set_home(value: str | None) -> None:

@@ -52,6 +52,8 @@ QUEUE_MAX = 200_000
 BATCH_MAX = 20_000
 #: Seconds a send to a client may block before that client is dropped.
 SEND_TIMEOUT = 2
+#: Most descriptors (checkpoint buffers) a connection may send ahead of its frames.
+MAX_FDS = 4
 
 
 class DaemonAlreadyRunning(CkptdError):
@@ -72,6 +74,9 @@ class Conn:
     mute: bool = False
     acked: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: descriptors received with the frames (SCM_RIGHTS), oldest first, not yet
+    #: claimed by a message handler; closed with the connection
+    fds: list[int] = field(default_factory=list)
 
     def send(self, msg: dict[str, Any]) -> bool:
         data = protocol.encode(msg)
@@ -171,8 +176,9 @@ class Daemon:
 
     def acquire_lock(self) -> None:
         """One daemon per home: an flock held for the daemon's lifetime."""
-        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.home / paths.LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        paths.secure_home(self.home)
+        fd = os.open(self.home / paths.LOCK_NAME,
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -191,11 +197,10 @@ class Daemon:
     def bind(self) -> None:
         """Listen on the socket inside a 0700 directory, the socket itself 0600."""
         sock_dir = self.socket_path.parent
-        sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        st = os.stat(sock_dir)
-        if st.st_uid != os.getuid():
-            raise CkptdError(f"bind {sock_dir}: directory is owned by uid {st.st_uid}, not you")
-        os.chmod(sock_dir, 0o700)
+        sock_dir.parent.mkdir(parents=True, exist_ok=True)
+        # /tmp/ckptd-<uid> and $XDG_RUNTIME_DIR/ckptd may have been planted
+        # (a symlink, another user's directory): never follow or chmod those.
+        paths.private_dir(sock_dir)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)  # stale: we hold the home's lock
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -327,12 +332,16 @@ class Daemon:
         try:
             while True:  # to EOF, also at shutdown (see shutdown)
                 try:
-                    data = conn.sock.recv(1 << 18)
+                    data, fds, _, _ = socket.recv_fds(conn.sock, 1 << 18, MAX_FDS,
+                                                      socket.MSG_CMSG_CLOEXEC)
                 except OSError:
                     break
+                conn.fds += fds
                 if not data:
                     break
                 try:
+                    if len(conn.fds) > MAX_FDS:
+                        raise protocol.ProtocolError("too many descriptors sent")
                     for msg in reader.feed(data):
                         self._dispatch(conn, msg)
                 except (protocol.ProtocolError, validate.Invalid) as exc:
@@ -341,6 +350,8 @@ class Daemon:
                     break
         finally:
             conn.close()
+            for fd in conn.fds:
+                os.close(fd)
             with self.conns_lock:
                 self.conns.discard(conn)
 
@@ -628,7 +639,15 @@ def main(argv: list[str] | None = None) -> int:
     return run_foreground(paths.home_dir(args.home))
 
 
+#: The umask the daemon was started with; what it gives the runs it relaunches.
+USER_UMASK = -1
+
+
 def run_foreground(home: Path) -> int:
+    global USER_UMASK
+    # Everything the daemon creates (store, WAL, logs, checkpoints, run dirs
+    # made by mkdir -p) is for the owner's eyes only, whatever umask we got.
+    USER_UMASK = os.umask(0o077)
     logging.basicConfig(
         level=os.environ.get("CKPTD_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

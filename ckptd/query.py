@@ -95,7 +95,7 @@ class Reader:
         out = summary(run)
         out.update(
             project=run.get("project"),
-            command=_loads(run.get("command")),
+            command=_redact_command(_loads(run.get("command"))),
             cwd=run.get("cwd"),
             env=redact(_loads(run.get("env")) or {}),
             provenance=_loads(run.get("provenance")),
@@ -247,9 +247,29 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: ``scheme://user:password@`` in a URL (DATABASE_URL, REDIS_URL, a --db argument).
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:]*:)[^/?#@\s]*@")
+#: ``?token=...``/``&X-Amz-Signature=...``: query parameters with secret-looking names.
+_SECRET_PARAM = re.compile(r"([?&;][^=&;#\s]*(?:" + "|".join(
+    (*SECRET_WORDS, "SIGNATURE", "SIG", "AUTH")) + r")[^=&;#\s]*=)[^&;#\s]*", re.I)
+
+
+def redact_text(text: str) -> str:
+    """Credentials inside a value hidden: a URL's password, secret query parameters."""
+    return _SECRET_PARAM.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
+
+
+def _redact_command(command: Any) -> Any:
+    if isinstance(command, list):
+        return [redact_text(a) if isinstance(a, str) else a for a in command]
+    return command
+
+
 def redact(env: dict[str, Any]) -> dict[str, Any]:
-    """Environment as displayed: values of secret-looking names hidden."""
-    return {k: ("***" if any(w in k.upper() for w in SECRET_WORDS) else v)
+    """Environment as displayed: values of secret-looking names hidden, and
+    credentials inside any other value (``postgres://u:pw@h/db``)."""
+    return {k: ("***" if any(w in k.upper() for w in SECRET_WORDS)
+                else redact_text(v) if isinstance(v, str) else v)
             for k, v in env.items()}
 
 

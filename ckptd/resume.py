@@ -85,12 +85,17 @@ def spawn_supervisor(home: Path, run_id: str, *, force: bool = False,
     if report:
         read_fd, write_fd = os.pipe()
         cmd += ["--report-fd", str(write_fd)]
-    with open(log_path, "ab") as log:
+    from .daemon import USER_UMASK
+
+    # the run's output: as private as the store
+    with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600),
+              "ab") as log:
         try:
             proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/",
                 start_new_session=True, close_fds=True,
-                pass_fds=(write_fd,) if report else (), env=env)
+                pass_fds=(write_fd,) if report else (), env=env,
+                umask=USER_UMASK)  # a relaunch by the daemon: not the daemon's 077
         finally:
             if report:
                 os.close(write_fd)

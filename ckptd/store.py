@@ -16,17 +16,19 @@ ingested twice) changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sqlite3
+import stat
 import time
 import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ckptd_client import protocol
+from ckptd_client import paths, protocol
 from ckptd_client.errors import CkptdError, NotFound, ResumeRefused
 
 if TYPE_CHECKING:
@@ -74,6 +76,27 @@ def _read_only_fs(path: Path) -> bool:
         return bool(os.statvfs(path.parent).f_flag & os.ST_RDONLY)
     except OSError:
         return False
+
+
+def private_files(path: Path) -> None:
+    """Create the store 0600 (SQLite gives its -wal and -shm the store's mode)
+    and take group/other access away from a store left readable: it holds
+    every run's environment (tokens, keys, database URLs)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StoreError(f"open {path}: {exc.strerror}") from None
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in paths.DB_SIDECARS:
+        with contextlib.suppress(FileNotFoundError):
+            side = path.with_name(path.name + suffix)
+            st = os.lstat(side)
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+                os.chmod(side, 0o600)
 
 
 def check_version(path: Path) -> int:
@@ -162,6 +185,7 @@ class Store:
     def __init__(self, path: Path) -> None:
         check_version(path)
         self.path = path
+        private_files(path)
         try:
             self.conn = _connect(path)
             # imported here, not at the top: read-only commands (`ckptd ls`,

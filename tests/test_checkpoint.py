@@ -7,6 +7,7 @@ a full disk is an error the loop handles), and section 4's restore().
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -125,11 +126,16 @@ os.kill(os.getpid(), signal.SIGKILL)  # the instant checkpoint() returns
     assert ckpt_dirs(home, run_id) == ["step-7"]
     verify = ckptd(home, "ckpt", "verify", run_id)
     assert verify.returncode == 0, verify.stderr
-    # the dead trainer's snapshot buffer does not leak
-    from ckptd_client.checkpoint import shm_dir, shm_prefix
+    # the dead trainer's snapshot buffer does not leak: the daemon let go of its memfd
+    def memfds() -> list[str]:
+        fd_dir = Path(f"/proc/{daemon.pid}/fd")
+        out = []
+        for name in os.listdir(fd_dir):
+            with contextlib.suppress(OSError):
+                out.append(os.readlink(fd_dir / name))
+        return [t for t in out if t.startswith("/memfd:ckptd")]
 
-    wait_for(lambda: not [n for n in os.listdir(shm_dir(home)) if n.startswith(
-        shm_prefix(home))], what="shm buffer removed")
+    wait_for(lambda: not memfds(), what="snapshot buffer released")
 
 
 CRASH_SCRIPT = """

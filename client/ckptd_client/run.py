@@ -653,6 +653,7 @@ def init(
     ``ckptd resume`` needs to relaunch it.
     """
     home_path = paths.checked_home(home)
+    paths.secure_home(home_path)
     env_id = os.environ.get("CKPTD_RUN_ID") if resume != "never" else None
     if env_id:
         if not valid_run_id(env_id):
