@@ -52,6 +52,8 @@ QUEUE_MAX = 200_000
 BATCH_MAX = 20_000
 #: Seconds a send to a client may block before that client is dropped.
 SEND_TIMEOUT = 2
+#: Most file descriptors one connection may hand us (``ckptd run``: its output pipes).
+MAX_PASSED_FDS = 4
 
 
 class DaemonAlreadyRunning(CkptdError):
@@ -72,6 +74,10 @@ class Conn:
     mute: bool = False
     acked: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: file descriptors the peer passed (SCM_RIGHTS) that no handler claimed yet
+    fds: list[int] = field(default_factory=list)
+    #: called (from its reader thread) once the connection has ended
+    on_close: list[Callable[[], None]] = field(default_factory=list)
 
     def send(self, msg: dict[str, Any]) -> bool:
         data = protocol.encode(msg)
@@ -327,9 +333,15 @@ class Daemon:
         try:
             while True:  # to EOF, also at shutdown (see shutdown)
                 try:
-                    data = conn.sock.recv(1 << 18)
+                    # recvmsg, not recv: a supervisor hands us its output pipes
+                    # (ckptd.console); recv would silently drop (close) them
+                    data, fds, _flags, _addr = socket.recv_fds(conn.sock, 1 << 18,
+                                                               MAX_PASSED_FDS)
                 except OSError:
                     break
+                conn.fds.extend(fds)
+                while len(conn.fds) > MAX_PASSED_FDS:
+                    os.close(conn.fds.pop())
                 if not data:
                     break
                 try:
@@ -343,6 +355,14 @@ class Daemon:
             conn.close()
             with self.conns_lock:
                 self.conns.discard(conn)
+            for fn in conn.on_close:
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - one failing hook must not leak the rest
+                    log.exception("connection close hook failed")
+            for fd in conn.fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def _dispatch(self, conn: Conn, msg: dict[str, Any]) -> None:
         kind = msg["t"]
