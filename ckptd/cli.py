@@ -127,10 +127,14 @@ def start() -> None:
 
 
 @app.command()
-def stop(timeout: float = typer.Option(60.0, help="seconds to wait for a clean stop")) -> None:
-    """Stop the daemon: it commits everything queued, then exits."""
+def stop(timeout: float = typer.Option(60.0, help="seconds to wait for a clean stop"),
+         force: bool = typer.Option(False, "--force",
+                                    help="stop even while runs are connected (they restart "
+                                         "a daemon at once)")) -> None:
+    """Stop the daemon: it commits everything queued, then exits (refused while runs
+    are connected, unless --force)."""
     try:
-        info = transport.call(home(), "stop", autostart=False)
+        info = transport.call(home(), "stop", {"force": force}, autostart=False)
     except DaemonUnavailable:
         echo("ckptd daemon is not running")
         return
@@ -147,6 +151,12 @@ def stop(timeout: float = typer.Option(60.0, help="seconds to wait for a clean s
     if sock.exists() or process_alive(pid, None):
         raise CkptdError(f"stop: daemon pid {info['stopping']} did not exit within {timeout} s")
     echo(f"ckptd daemon stopped (pid {info['stopping']})")
+    if info.get("connected"):
+        from .control import describe
+
+        print(f"ckptd: warning: {len(info['connected'])} run(s) were connected "
+              f"({describe(info['connected'])}); their clients start a new daemon",
+              file=sys.stderr)
 
 
 @app.command()
