@@ -33,6 +33,7 @@ import shutil
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -632,24 +633,45 @@ def _run_ids(daemon: Daemon, args: dict[str, Any]) -> list[str]:
     return [run]
 
 
+#: ``ckpt_verify`` status of a checkpoint that retention deleted while the
+#: verify ran: gone on purpose, not corrupt.
+PRUNED = "pruned"
+
+
 @rpc("ckpt_verify")
 def rpc_verify(daemon: Daemon, args: dict[str, Any], conn: Conn) -> list[dict[str, Any]]:
-    """Re-hash every committed checkpoint of a run (or all runs); mark failures corrupt."""
+    """Re-hash every committed checkpoint of a run (or all runs); mark failures corrupt.
+
+    Each row is read again under the run's lock, which pruning holds while
+    it deletes: a checkpoint retention removed after the listing is reported
+    ``pruned``, never corrupt (its files are gone on purpose).
+    """
     out = []
     for run in _run_ids(daemon, args):
         rows = daemon.call_writer(lambda store, run=run: store.checkpoint_rows(run))
-        for row in rows:
-            status, reason = row["status"], row["reason"]
-            if status == "committed":
-                with run_lock(run):
-                    d = paths.checkpoints_dir(daemon.home, run) / fmt.step_dir_name(row["step"])
+        for listed in rows:
+            step = listed["step"]
+            with run_lock(run):
+                row = _row(daemon, run, step)
+                if row is None:
+                    out.append({"run": run, "step": step, "status": PRUNED,
+                                "reason": "deleted by the retention policy while verifying"})
+                    continue
+                status, reason = row["status"], row["reason"]
+                if status == "committed":
+                    d = paths.checkpoints_dir(daemon.home, run) / fmt.step_dir_name(step)
                     try:
                         fmt.verify_dir(d, row["hash"])
                     except CheckpointError as exc:
                         status, reason = "corrupt", str(exc)
-                        _mark(daemon, run, row["step"], reason)
-            out.append({"run": run, "step": row["step"], "status": status, "reason": reason})
+                        _mark(daemon, run, step, reason)
+            out.append({"run": run, "step": step, "status": status, "reason": reason})
     return out
+
+
+def _row(daemon: Daemon, run: str, step: int) -> dict[str, Any] | None:
+    rows = daemon.call_writer(lambda store: store.checkpoint_rows(run))
+    return next((r for r in rows if r["step"] == step), None)
 
 
 @rpc("ckpt_mark_corrupt")
@@ -659,8 +681,7 @@ def rpc_mark_corrupt(daemon: Daemon, args: dict[str, Any], conn: Conn) -> bool:
     if not isinstance(run, str) or not valid_run_id(run) or not isinstance(step, int):
         raise NotFound("ckpt_mark_corrupt needs a run id and a step")
     with run_lock(run):
-        rows = daemon.call_writer(lambda store: store.checkpoint_rows(run))
-        row = next((r for r in rows if r["step"] == step), None)
+        row = _row(daemon, run, step)
         if row is None or row["status"] != "committed":
             return False
         try:
@@ -690,37 +711,35 @@ def rpc_gc(daemon: Daemon, args: dict[str, Any], conn: Conn) -> list[dict[str, A
 
 # ------------------------------------------------------------------ export
 
-def export(home: Path, run_id: str, rows: list[dict[str, Any]], step: int | None,
-           out: Path) -> dict[str, Any]:
+#: How often ``export`` lists again when retention deleted what it listed.
+EXPORT_RELISTS = 20
+
+
+def export(home: Path, run_id: str, list_rows: Callable[[], list[dict[str, Any]]],
+           step: int | None, out: Path) -> dict[str, Any]:
     """Write one plain ``torch.save`` file of a checkpoint (newest committed that
     verifies, or ``step``); loadable with ``torch.load(weights_only=True)``.
 
-    Reads the files directly; the daemon is not needed.
+    Reads the files directly; the daemon is not needed. The daemon may prune
+    meanwhile (retention): a checkpoint whose directory vanished and whose row
+    is gone when listed again was deleted on purpose, so it is skipped, never
+    reported as failing verification. Once its files are open they stay
+    readable (Linux keeps unlinked files for their readers).
 
     :raises NotFound: no such (committed) checkpoint.
     :raises CheckpointError: it fails verification.
     """
-    import torch
+    import torch  # first: importing it takes seconds, during which retention may prune
 
-    candidates = [r for r in rows if r["status"] == "committed"]
-    if step is not None:
-        candidates = [r for r in candidates if r["step"] == step]
-        if not candidates:
-            raise NotFound(f"export: run {run_id} has no committed checkpoint at step {step}; "
-                           "`ckptd ckpt ls` lists them")
-    if not candidates:
-        raise NotFound(f"export: run {run_id} has no committed checkpoint")
-    errors = []
-    for row in sorted(candidates, key=lambda r: -r["step"]):
-        d = paths.checkpoints_dir(home, run_id) / fmt.step_dir_name(row["step"])
-        try:
-            payload, manifest = fmt.load_dir(d, row["hash"], verify=fmt.HASH_ALGO)
+    vanished: set[int] = set()
+    for _ in range(EXPORT_RELISTS):
+        found = _load_newest(home, run_id, list_rows(), step, vanished)
+        if found is not None:
             break
-        except CheckpointError as exc:
-            errors.append(str(exc))
     else:
-        raise CheckpointError(f"export: no checkpoint of run {run_id} verifies: "
-                              + "; ".join(errors))
+        raise CheckpointError(f"export: retention deleted the checkpoints of run {run_id} "
+                              f"{EXPORT_RELISTS} times while they were being read; try again")
+    row, payload = found
     # clone: each tensor gets its own storage, not a view of the whole data file
     obj = {"format": "ckptd-export/1", "run": run_id, "step": row["step"],
            "metrics": row.get("metrics") or {},
@@ -737,6 +756,34 @@ def export(home: Path, run_id: str, rows: list[dict[str, Any]], step: int | None
         fsync_dir(out.parent)
     return {"run": run_id, "step": row["step"], "path": os.fspath(out),
             "bytes": out.stat().st_size}
+
+
+def _load_newest(home: Path, run_id: str, rows: list[dict[str, Any]], step: int | None,
+                 vanished: set[int]) -> tuple[dict[str, Any], Any] | None:
+    """The newest listed checkpoint that loads and verifies; None when one
+    vanished (pruned since the listing: list again). A step that is listed
+    again after its directory vanished is truly missing: an error."""
+    candidates = [r for r in rows if r["status"] == "committed"]
+    if step is not None:
+        candidates = [r for r in candidates if r["step"] == step]
+        if not candidates:
+            raise NotFound(f"export: run {run_id} has no committed checkpoint at step {step} "
+                           "(retention may have deleted it); `ckptd ckpt ls` lists them")
+    if not candidates:
+        raise NotFound(f"export: run {run_id} has no committed checkpoint")
+    errors = []
+    for row in sorted(candidates, key=lambda r: -r["step"]):
+        d = paths.checkpoints_dir(home, run_id) / fmt.step_dir_name(row["step"])
+        try:
+            payload, _ = fmt.load_dir(d, row["hash"], verify=fmt.HASH_ALGO)
+            return row, payload
+        except CheckpointError as exc:
+            if not d.exists() and row["step"] not in vanished:
+                vanished.add(row["step"])
+                return None
+            errors.append(str(exc))
+    raise CheckpointError(f"export: no checkpoint of run {run_id} verifies: "
+                          + "; ".join(errors))
 
 
 def sweep_buffers(daemon: Daemon) -> None:
