@@ -58,6 +58,14 @@ def begin_attempt(daemon: Daemon, args: dict[str, Any], conn: Conn) -> dict[str,
         raise CkptdError("begin_attempt: run must be a run id")
     if after is not None and (not isinstance(after, int) or isinstance(after, bool)):
         raise CkptdError("begin_attempt: after_attempt must be an integer")
+    # A checkpoint the interrupted attempt sent may still be committing (or
+    # unread in its connection): the step to resume from is chosen after it.
+    from .checkpoints import await_commits
+
+    pending = await_commits(daemon, run_id)
+    if pending:
+        log.warning("run %s: resuming with %d checkpoint commit(s) still in flight", run_id,
+                    pending)
     # What the interrupted attempt left in the spool belongs before the cut.
     daemon.ingest_spools_now()
     current_boot = boot_id()

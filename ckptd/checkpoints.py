@@ -46,7 +46,7 @@ from ckptd_client.run import valid_run_id
 from ckptd_client.spool import fsync_dir
 
 from . import retention, validate
-from .crashpoints import crashpoint
+from .crashpoints import crashpoint, slow_commit
 from .daemon import MESSAGE_HANDLERS, PERIODIC_HOOKS, STARTUP_HOOKS, Conn, Daemon, rpc
 
 if TYPE_CHECKING:
@@ -141,6 +141,44 @@ def open_snapshot(daemon: Daemon, req: Request) -> int:
 
 #: Snapshot buffers being committed (never swept).
 _reading: set[Path] = set()
+#: Commits in flight per run; a resume waits for them before a step is chosen.
+_inflight: dict[str, int] = {}
+_inflight_changed = threading.Condition()
+#: How long a resume waits for a run's in-flight commits (a multi-GB one on
+#: a slow disk takes minutes); after that it goes on with what is committed.
+COMMIT_WAIT_S = 300.0
+
+
+def await_commits(daemon: Daemon, run_id: str, timeout: float = COMMIT_WAIT_S) -> int:
+    """Wait until no checkpoint of ``run_id`` is being committed; return how many
+    still are when ``timeout`` ran out (0: none).
+
+    A trainer killed right after ``checkpoint()`` returned may have left its
+    CKPT message unread in a connection: those of dead peers count too until
+    their reader reached the end. Without this wait a resume picked the step
+    before the one still committing.
+    """
+    from .liveness import process_alive
+
+    deadline = time.monotonic() + timeout
+    with _inflight_changed:
+        while True:
+            with daemon.conns_lock:
+                unread = [c for c in daemon.conns if c.run == run_id and not c.closed]
+            pending = _inflight.get(run_id, 0) + sum(
+                not process_alive(c.pid, None) for c in unread)
+            left = deadline - time.monotonic()
+            if not pending or left <= 0:
+                return pending
+            _inflight_changed.wait(min(left, 0.1))
+
+
+def _commit_started(run_id: str, delta: int) -> None:
+    with _inflight_changed:
+        _inflight[run_id] = _inflight.get(run_id, 0) + delta
+        if _inflight[run_id] <= 0:
+            del _inflight[run_id]
+        _inflight_changed.notify_all()
 
 
 def on_ckpt(daemon: Daemon, msg: dict[str, Any], conn: Conn) -> None:
@@ -153,6 +191,7 @@ def on_ckpt(daemon: Daemon, msg: dict[str, Any], conn: Conn) -> None:
         return
     with _locks_guard:
         _reading.add(req.shm)
+    _commit_started(req.run, 1)
     threading.Thread(target=_commit_worker, args=(daemon, conn, req, fd),
                      name=f"ckpt-{req.run}-{req.step}", daemon=True).start()
 
@@ -173,6 +212,7 @@ def _commit_worker(daemon: Daemon, conn: Conn, req: Request, fd: int) -> None:
                 os.close(fd)
             with _locks_guard:
                 _reading.discard(req.shm)
+            _commit_started(req.run, -1)
     if error is not None:
         log.error("run %s: %s", req.run, error)
         _record(daemon, req.run, req.attempt, f"checkpoint step {req.step} failed: {error}",
@@ -232,6 +272,7 @@ def commit_checkpoint(daemon: Daemon, req: Request, fd: int) -> dict[str, Any]:
         timings: dict[str, float] = {}
         checks = write_data(fd, req.size, staging / fmt.DATA_FILE, timings)
         crashpoint("ckpt.staged")
+        slow_commit()
         manifest["files"] = {fmt.DATA_FILE: {"bytes": req.size, "chunk": fmt.CHUNK,
                                               **checks}}
         body = json.dumps(manifest, separators=(",", ":")).encode()
@@ -672,6 +713,17 @@ def rpc_verify(daemon: Daemon, args: dict[str, Any], conn: Conn) -> list[dict[st
 def _row(daemon: Daemon, run: str, step: int) -> dict[str, Any] | None:
     rows = daemon.call_writer(lambda store: store.checkpoint_rows(run))
     return next((r for r in rows if r["step"] == step), None)
+
+
+@rpc("ckpt_await_commits")
+def rpc_await_commits(daemon: Daemon, args: dict[str, Any], conn: Conn) -> dict[str, int]:
+    """``restore()`` in a new attempt: wait (bounded) for the run's in-flight commits."""
+    run, timeout = args.get("run"), args.get("timeout", COMMIT_WAIT_S)
+    if not isinstance(run, str) or not valid_run_id(run):
+        raise NotFound(f"no run {run!r}")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
+        raise CkptdError("ckpt_await_commits: timeout must be a number of seconds")
+    return {"pending": await_commits(daemon, run, min(float(timeout), COMMIT_WAIT_S))}
 
 
 @rpc("ckpt_mark_corrupt")
