@@ -167,3 +167,35 @@ def test_a_name_the_daemon_would_refuse_is_refused_before_launching(
     assert "Traceback" not in res.stderr
     assert not marker.exists()
     assert json.loads(ckptd(home, "ls", "--json", check=True).stdout) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_stopping_an_orphaned_trainer_sticks(home: Path, sig: signal.Signals) -> None:
+    """``kill -9`` of ``ckptd run``, then the person kills the trainer too: auto-resume
+    must not relaunch what they are trying to stop."""
+    d = DaemonProc(home, env=env_for(home, CKPTD_RESTART_BACKOFF="0"))
+    d.start()
+    sup = supervise(home, "--auto-resume", "--", sys.executable, "-c",
+                    "import time, ckptd_client as c; c.init(); print('up', flush=True);"
+                    " time.sleep(60)")
+    pid = None
+    try:
+        wait_for(lambda: ("s", "up") in console(home), timeout=60, what="start")
+        pid = run_row(home)["pid"]
+        sup.kill()
+        sup.wait(timeout=10)
+        time.sleep(2.5)  # a sweep: the orphan runs on
+        assert run_row(home)["status"] == "running"
+        os.kill(pid, sig)
+        row = wait_for(lambda: (r := run_row(home))["status"] != "running" and r, timeout=30)
+        assert row["status"] == "interrupted" and row["auto_resume"] == 0, row
+        time.sleep(4.5)  # two sweeps: nothing relaunches it
+        (attempt,), = db_rows(home, "SELECT attempt FROM runs")
+        assert attempt == 1
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait()
+        if pid:
+            reap(pid)
+        d.stop()
