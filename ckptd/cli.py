@@ -110,11 +110,14 @@ def emit_json(value: Any) -> None:
 # ----------------------------------------------------------------- daemon
 
 @app.command()
-def daemon() -> None:
+def daemon(max_concurrent_resumes: int | None = typer.Option(
+        None, "--max-concurrent-resumes", min=1,
+        help="auto-resumed runs starting up at once (default 2, or "
+             "$CKPTD_MAX_CONCURRENT_RESUMES); the others wait, `queued`")) -> None:
     """Run the daemon in the foreground (what systemd runs)."""
     from .daemon import run_foreground
 
-    raise typer.Exit(run_foreground(home()))
+    raise typer.Exit(run_foreground(home(), max_concurrent_resumes))
 
 
 @app.command()
@@ -183,9 +186,9 @@ def status(as_json: bool = typer.Option(False, "--json", help="machine-readable 
 def ls(status: str | None = typer.Option(None, "--status", help="only runs in this state"),
        as_json: bool = typer.Option(False, "--json")) -> None:
     """List runs, oldest first."""
-    if status and status not in ("running", "finished", "failed", "interrupted"):
-        raise CkptdError(f"unknown status {status!r}; use running, finished, failed or "
-                         "interrupted")
+    if status and status not in ("running", "finished", "failed", "interrupted", "queued"):
+        raise CkptdError(f"unknown status {status!r}; use running, finished, failed, "
+                         "interrupted or queued")
     try:
         reader = query.Reader(home())
     except query.NotFound:

@@ -172,6 +172,8 @@ class Daemon:
         self._writer_exited = False
         self._signals = 0
         self.started = time.time()
+        #: ``--max-concurrent-resumes`` (None: $CKPTD_MAX_CONCURRENT_RESUMES or the default)
+        self.max_concurrent_resumes: int | None = None
 
     # ----------------------------------------------------------- lifecycle
 
@@ -644,11 +646,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m ckptd.daemon`` (what auto-start runs)."""
     parser = argparse.ArgumentParser(prog="ckptd-daemon")
     parser.add_argument("--home", default=None)
+    parser.add_argument("--max-concurrent-resumes", type=int, default=None)
     args = parser.parse_args(argv)
-    return run_foreground(paths.home_dir(args.home))
+    return run_foreground(paths.home_dir(args.home), args.max_concurrent_resumes)
 
 
-def run_foreground(home: Path) -> int:
+def run_foreground(home: Path, max_concurrent_resumes: int | None = None) -> int:
     logging.basicConfig(
         level=os.environ.get("CKPTD_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -663,6 +666,7 @@ def run_foreground(home: Path) -> int:
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
     daemon = Daemon(home)
+    daemon.max_concurrent_resumes = max_concurrent_resumes
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
