@@ -39,6 +39,7 @@ import shutil
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,7 +52,7 @@ from ckptd_client.run import valid_run_id
 from ckptd_client.spool import fsync_dir
 
 from . import retention, validate
-from .crashpoints import crashpoint
+from .crashpoints import crashpoint, slow_commit
 from .daemon import MESSAGE_HANDLERS, STARTUP_HOOKS, Conn, Daemon, rpc
 
 if TYPE_CHECKING:
@@ -147,6 +148,46 @@ def claim_snapshot(conn: Conn, req: Request) -> int:
     return fd
 
 
+#: Commits in flight per run; a resume waits for them before a step is chosen.
+_inflight: dict[str, int] = {}
+_inflight_changed = threading.Condition()
+#: How long a resume waits for a run's in-flight commits (a multi-GB one on
+#: a slow disk takes minutes); after that it goes on with what is committed.
+COMMIT_WAIT_S = 300.0
+
+
+def await_commits(daemon: Daemon, run_id: str, timeout: float = COMMIT_WAIT_S) -> int:
+    """Wait until no checkpoint of ``run_id`` is being committed; return how many
+    still are when ``timeout`` ran out (0: none).
+
+    A trainer killed right after ``checkpoint()`` returned may have left its
+    CKPT message unread in a connection: those of dead peers count too until
+    their reader reached the end. Without this wait a resume picked the step
+    before the one still committing.
+    """
+    from .liveness import process_alive
+
+    deadline = time.monotonic() + timeout
+    with _inflight_changed:
+        while True:
+            with daemon.conns_lock:
+                unread = [c for c in daemon.conns if c.run == run_id and not c.closed]
+            pending = _inflight.get(run_id, 0) + sum(
+                not process_alive(c.pid, None) for c in unread)
+            left = deadline - time.monotonic()
+            if not pending or left <= 0:
+                return pending
+            _inflight_changed.wait(min(left, 0.1))
+
+
+def _commit_started(run_id: str, delta: int) -> None:
+    with _inflight_changed:
+        _inflight[run_id] = _inflight.get(run_id, 0) + delta
+        if _inflight[run_id] <= 0:
+            del _inflight[run_id]
+        _inflight_changed.notify_all()
+
+
 def on_ckpt(daemon: Daemon, msg: dict[str, Any], conn: Conn) -> None:
     """MESSAGE_HANDLERS[CKPT]: claim the snapshot, commit it in a worker thread."""
     req = parse_request(msg, conn)
@@ -155,6 +196,7 @@ def on_ckpt(daemon: Daemon, msg: dict[str, Any], conn: Conn) -> None:
     except CkptdError as exc:
         _reply(conn, req, None, exc)
         return
+    _commit_started(req.run, 1)
     threading.Thread(target=_commit_worker, args=(daemon, conn, req, fd),
                      name=f"ckpt-{req.run}-{req.step}", daemon=True).start()
 
@@ -173,6 +215,7 @@ def _commit_worker(daemon: Daemon, conn: Conn, req: Request, fd: int) -> None:
         finally:
             if fd >= 0:
                 os.close(fd)  # the last holder once the trainer is gone: the kernel frees it
+            _commit_started(req.run, -1)
     if error is not None:
         log.error("run %s: %s", req.run, error)
         _record(daemon, req.run, req.attempt, f"checkpoint step {req.step} failed: {error}",
@@ -228,6 +271,7 @@ def commit_checkpoint(daemon: Daemon, req: Request, fd: int) -> dict[str, Any]:
         timings: dict[str, float] = {}
         checks = write_data(fd, req.size, staging / fmt.DATA_FILE, timings)
         crashpoint("ckpt.staged")
+        slow_commit()
         manifest["files"] = {fmt.DATA_FILE: {"bytes": req.size, "chunk": fmt.CHUNK,
                                               **checks}}
         body = json.dumps(manifest, separators=(",", ":")).encode()
@@ -667,24 +711,56 @@ def _run_ids(daemon: Daemon, args: dict[str, Any]) -> list[str]:
     return [run]
 
 
+#: ``ckpt_verify`` status of a checkpoint that retention deleted while the
+#: verify ran: gone on purpose, not corrupt.
+PRUNED = "pruned"
+
+
 @rpc("ckpt_verify")
 def rpc_verify(daemon: Daemon, args: dict[str, Any], conn: Conn) -> list[dict[str, Any]]:
-    """Re-hash every committed checkpoint of a run (or all runs); mark failures corrupt."""
+    """Re-hash every committed checkpoint of a run (or all runs); mark failures corrupt.
+
+    Each row is read again under the run's lock, which pruning holds while
+    it deletes: a checkpoint retention removed after the listing is reported
+    ``pruned``, never corrupt (its files are gone on purpose).
+    """
     out = []
     for run in _run_ids(daemon, args):
         rows = daemon.call_writer(lambda store, run=run: store.checkpoint_rows(run))
-        for row in rows:
-            status, reason = row["status"], row["reason"]
-            if status == "committed":
-                with run_lock(run):
-                    d = paths.checkpoints_dir(daemon.home, run) / fmt.step_dir_name(row["step"])
+        for listed in rows:
+            step = listed["step"]
+            with run_lock(run):
+                row = _row(daemon, run, step)
+                if row is None:
+                    out.append({"run": run, "step": step, "status": PRUNED,
+                                "reason": "deleted by the retention policy while verifying"})
+                    continue
+                status, reason = row["status"], row["reason"]
+                if status == "committed":
+                    d = paths.checkpoints_dir(daemon.home, run) / fmt.step_dir_name(step)
                     try:
                         fmt.verify_dir(d, row["hash"])
                     except CheckpointError as exc:
                         status, reason = "corrupt", str(exc)
-                        _mark(daemon, run, row["step"], reason)
-            out.append({"run": run, "step": row["step"], "status": status, "reason": reason})
+                        _mark(daemon, run, step, reason)
+            out.append({"run": run, "step": step, "status": status, "reason": reason})
     return out
+
+
+def _row(daemon: Daemon, run: str, step: int) -> dict[str, Any] | None:
+    rows = daemon.call_writer(lambda store: store.checkpoint_rows(run))
+    return next((r for r in rows if r["step"] == step), None)
+
+
+@rpc("ckpt_await_commits")
+def rpc_await_commits(daemon: Daemon, args: dict[str, Any], conn: Conn) -> dict[str, int]:
+    """``restore()`` in a new attempt: wait (bounded) for the run's in-flight commits."""
+    run, timeout = args.get("run"), args.get("timeout", COMMIT_WAIT_S)
+    if not isinstance(run, str) or not valid_run_id(run):
+        raise NotFound(f"no run {run!r}")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
+        raise CkptdError("ckpt_await_commits: timeout must be a number of seconds")
+    return {"pending": await_commits(daemon, run, min(float(timeout), COMMIT_WAIT_S))}
 
 
 @rpc("ckpt_mark_corrupt")
@@ -694,8 +770,7 @@ def rpc_mark_corrupt(daemon: Daemon, args: dict[str, Any], conn: Conn) -> bool:
     if not isinstance(run, str) or not valid_run_id(run) or not isinstance(step, int):
         raise NotFound("ckpt_mark_corrupt needs a run id and a step")
     with run_lock(run):
-        rows = daemon.call_writer(lambda store: store.checkpoint_rows(run))
-        row = next((r for r in rows if r["step"] == step), None)
+        row = _row(daemon, run, step)
         if row is None or row["status"] != "committed":
             return False
         try:
@@ -725,37 +800,35 @@ def rpc_gc(daemon: Daemon, args: dict[str, Any], conn: Conn) -> list[dict[str, A
 
 # ------------------------------------------------------------------ export
 
-def export(home: Path, run_id: str, rows: list[dict[str, Any]], step: int | None,
-           out: Path) -> dict[str, Any]:
+#: How often ``export`` lists again when retention deleted what it listed.
+EXPORT_RELISTS = 20
+
+
+def export(home: Path, run_id: str, list_rows: Callable[[], list[dict[str, Any]]],
+           step: int | None, out: Path) -> dict[str, Any]:
     """Write one plain ``torch.save`` file of a checkpoint (newest committed that
     verifies, or ``step``); loadable with ``torch.load(weights_only=True)``.
 
-    Reads the files directly; the daemon is not needed.
+    Reads the files directly; the daemon is not needed. The daemon may prune
+    meanwhile (retention): a checkpoint whose directory vanished and whose row
+    is gone when listed again was deleted on purpose, so it is skipped, never
+    reported as failing verification. Once its files are open they stay
+    readable (Linux keeps unlinked files for their readers).
 
     :raises NotFound: no such (committed) checkpoint.
     :raises CheckpointError: it fails verification.
     """
-    import torch
+    import torch  # first: importing it takes seconds, during which retention may prune
 
-    candidates = [r for r in rows if r["status"] == "committed"]
-    if step is not None:
-        candidates = [r for r in candidates if r["step"] == step]
-        if not candidates:
-            raise NotFound(f"export: run {run_id} has no committed checkpoint at step {step}; "
-                           "`ckptd ckpt ls` lists them")
-    if not candidates:
-        raise NotFound(f"export: run {run_id} has no committed checkpoint")
-    errors = []
-    for row in sorted(candidates, key=lambda r: -r["step"]):
-        d = paths.checkpoints_dir(home, run_id) / fmt.step_dir_name(row["step"])
-        try:
-            payload, manifest = fmt.load_dir(d, row["hash"], verify=fmt.HASH_ALGO)
+    vanished: set[int] = set()
+    for _ in range(EXPORT_RELISTS):
+        found = _load_newest(home, run_id, list_rows(), step, vanished)
+        if found is not None:
             break
-        except CheckpointError as exc:
-            errors.append(str(exc))
     else:
-        raise CheckpointError(f"export: no checkpoint of run {run_id} verifies: "
-                              + "; ".join(errors))
+        raise CheckpointError(f"export: retention deleted the checkpoints of run {run_id} "
+                              f"{EXPORT_RELISTS} times while they were being read; try again")
+    row, payload = found
     # clone: each tensor gets its own storage, not a view of the whole data file
     obj = {"format": "ckptd-export/1", "run": run_id, "step": row["step"],
            "metrics": row.get("metrics") or {},
@@ -772,6 +845,34 @@ def export(home: Path, run_id: str, rows: list[dict[str, Any]], step: int | None
         fsync_dir(out.parent)
     return {"run": run_id, "step": row["step"], "path": os.fspath(out),
             "bytes": out.stat().st_size}
+
+
+def _load_newest(home: Path, run_id: str, rows: list[dict[str, Any]], step: int | None,
+                 vanished: set[int]) -> tuple[dict[str, Any], Any] | None:
+    """The newest listed checkpoint that loads and verifies; None when one
+    vanished (pruned since the listing: list again). A step that is listed
+    again after its directory vanished is truly missing: an error."""
+    candidates = [r for r in rows if r["status"] == "committed"]
+    if step is not None:
+        candidates = [r for r in candidates if r["step"] == step]
+        if not candidates:
+            raise NotFound(f"export: run {run_id} has no committed checkpoint at step {step} "
+                           "(retention may have deleted it); `ckptd ckpt ls` lists them")
+    if not candidates:
+        raise NotFound(f"export: run {run_id} has no committed checkpoint")
+    errors = []
+    for row in sorted(candidates, key=lambda r: -r["step"]):
+        d = paths.checkpoints_dir(home, run_id) / fmt.step_dir_name(row["step"])
+        try:
+            payload, _ = fmt.load_dir(d, row["hash"], verify=fmt.HASH_ALGO)
+            return row, payload
+        except CheckpointError as exc:
+            if not d.exists() and row["step"] not in vanished:
+                vanished.add(row["step"])
+                return None
+            errors.append(str(exc))
+    raise CheckpointError(f"export: no checkpoint of run {run_id} verifies: "
+                          + "; ".join(errors))
 
 
 MESSAGE_HANDLERS[protocol.CKPT] = on_ckpt

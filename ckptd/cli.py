@@ -182,11 +182,14 @@ def emit_json(value: Any) -> None:
 # ----------------------------------------------------------------- daemon
 
 @app.command()
-def daemon() -> None:
+def daemon(max_concurrent_resumes: int | None = typer.Option(
+        None, "--max-concurrent-resumes", min=1,
+        help="auto-resumed runs starting up at once (default 2, or "
+             "$CKPTD_MAX_CONCURRENT_RESUMES); the others wait, `queued`")) -> None:
     """Run the daemon in the foreground (what systemd runs)."""
     from .daemon import run_foreground
 
-    raise typer.Exit(run_foreground(home()))
+    raise typer.Exit(run_foreground(home(), max_concurrent_resumes))
 
 
 @app.command()
@@ -199,10 +202,14 @@ def start() -> None:
 
 
 @app.command()
-def stop(timeout: float = typer.Option(60.0, help="seconds to wait for a clean stop")) -> None:
-    """Stop the daemon: it commits everything queued, then exits."""
+def stop(timeout: float = typer.Option(60.0, help="seconds to wait for a clean stop"),
+         force: bool = typer.Option(False, "--force",
+                                    help="stop even while runs are connected (they restart "
+                                         "a daemon at once)")) -> None:
+    """Stop the daemon: it commits everything queued, then exits (refused while runs
+    are connected, unless --force)."""
     try:
-        info = transport.call(home(), "stop", autostart=False)
+        info = transport.call(home(), "stop", {"force": force}, autostart=False)
     except DaemonUnavailable:
         echo("ckptd daemon is not running")
         return
@@ -219,6 +226,12 @@ def stop(timeout: float = typer.Option(60.0, help="seconds to wait for a clean s
     if sock.exists() or process_alive(pid, None):
         raise CkptdError(f"stop: daemon pid {info['stopping']} did not exit within {timeout} s")
     echo(f"ckptd daemon stopped (pid {info['stopping']})")
+    if info.get("connected"):
+        from .control import describe
+
+        print(f"ckptd: warning: {len(info['connected'])} run(s) were connected "
+              f"({describe(info['connected'])}); their clients start a new daemon",
+              file=sys.stderr)
 
 
 @app.command()
@@ -245,9 +258,9 @@ def status(as_json: bool = typer.Option(False, "--json", help="machine-readable 
 def ls(status: str | None = typer.Option(None, "--status", help="only runs in this state"),
        as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """List runs, oldest first."""
-    if status and status not in ("running", "finished", "failed", "interrupted"):
-        raise CkptdError(f"unknown status {status!r}; use running, finished, failed or "
-                         "interrupted")
+    if status and status not in ("running", "finished", "failed", "interrupted", "queued"):
+        raise CkptdError(f"unknown status {status!r}; use running, finished, failed, "
+                         "interrupted or queued")
     try:
         reader = query.Reader(home())
     except query.NotFound:

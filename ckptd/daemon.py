@@ -74,9 +74,10 @@ class Conn:
     mute: bool = False
     acked: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
-    #: descriptors received with the frames (SCM_RIGHTS), oldest first, not yet
-    #: claimed by a message handler; closed with the connection
+    #: file descriptors the peer passed (SCM_RIGHTS) that no handler claimed yet
     fds: list[int] = field(default_factory=list)
+    #: called (from its reader thread) once the connection has ended
+    on_close: list[Callable[[], None]] = field(default_factory=list)
 
     def send(self, msg: dict[str, Any]) -> bool:
         data = protocol.encode(msg)
@@ -171,6 +172,8 @@ class Daemon:
         self._writer_exited = False
         self._signals = 0
         self.started = time.time()
+        #: ``--max-concurrent-resumes`` (None: $CKPTD_MAX_CONCURRENT_RESUMES or the default)
+        self.max_concurrent_resumes: int | None = None
 
     # ----------------------------------------------------------- lifecycle
 
@@ -350,10 +353,17 @@ class Daemon:
                     break
         finally:
             conn.close()
-            for fd in conn.fds:
-                os.close(fd)
             with self.conns_lock:
                 self.conns.discard(conn)
+            for fn in conn.on_close:
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - one failing hook must not leak the rest
+                    log.exception("connection close hook failed")
+            for fd in conn.fds:  # descriptors no handler claimed
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            conn.fds.clear()
 
     def _dispatch(self, conn: Conn, msg: dict[str, Any]) -> None:
         kind = msg["t"]
@@ -635,15 +645,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m ckptd.daemon`` (what auto-start runs)."""
     parser = argparse.ArgumentParser(prog="ckptd-daemon")
     parser.add_argument("--home", default=None)
+    parser.add_argument("--max-concurrent-resumes", type=int, default=None)
     args = parser.parse_args(argv)
-    return run_foreground(paths.home_dir(args.home))
+    return run_foreground(paths.home_dir(args.home), args.max_concurrent_resumes)
 
 
 #: The umask the daemon was started with; what it gives the runs it relaunches.
 USER_UMASK = -1
 
 
-def run_foreground(home: Path) -> int:
+def run_foreground(home: Path, max_concurrent_resumes: int | None = None) -> int:
     global USER_UMASK
     # Everything the daemon creates (store, WAL, logs, checkpoints, run dirs
     # made by mkdir -p) is for the owner's eyes only, whatever umask we got.
@@ -662,6 +673,7 @@ def run_foreground(home: Path) -> int:
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
     daemon = Daemon(home)
+    daemon.max_concurrent_resumes = max_concurrent_resumes
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

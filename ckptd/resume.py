@@ -144,7 +144,7 @@ def write_report(fd: int, answer: dict[str, Any]) -> None:
 
 
 def resume(home: Path, ref: str | None, *, detach: bool = False, force: bool = False,
-           out: Callable[[str], None] = print) -> int:
+           out: Callable[[str], None] = print, stop_grace: float | None = None) -> int:
     """``ckptd resume RUN``: relaunch ``ref`` as its next attempt.
 
     In the foreground this process supervises the attempt and returns its
@@ -153,7 +153,12 @@ def resume(home: Path, ref: str | None, *, detach: bool = False, force: bool = F
     with query.Reader(home) as reader:
         run = reader.resolve(ref)
     if detach:
-        proc, begun = spawn_supervisor(home, run["id"], force=force)
+        env = None
+        if stop_grace is not None:
+            from .supervise import STOP_GRACE_ENV
+
+            env = dict(os.environ, **{STOP_GRACE_ENV: str(stop_grace)})
+        proc, begun = spawn_supervisor(home, run["id"], force=force, env=env)
         assert begun is not None
         out(f"resumed run {run['id']} as attempt {begun['attempt']} in the background "
             f"(supervisor pid {proc.pid}); follow it with `ckptd tail -f {run['id']}`; "
@@ -163,7 +168,7 @@ def resume(home: Path, ref: str | None, *, detach: bool = False, force: bool = F
     print(f"ckptd: resuming run {run['id']} as attempt {begun['attempt']}", file=sys.stderr)
     from .supervise import attach_run
 
-    return attach_run(home, begun)
+    return attach_run(home, begun, stop_grace)
 
 
 __all__ = ["begin_attempt", "resume", "spawn_supervisor", "write_report"]

@@ -345,7 +345,8 @@ class Store:
         if after_attempt is not None and run["attempt"] != after_attempt:
             raise ResumeRefused(f"resume {run_id}: attempt {run['attempt']} already "
                                 f"replaced attempt {after_attempt}")
-        if auto and (not run["auto_resume"] or run["status"] not in ("interrupted", "failed")):
+        if auto and (not run["auto_resume"]
+                     or run["status"] not in ("interrupted", "failed", "queued")):
             raise ResumeRefused(f"resume {run_id}: auto-resume no longer applies "
                                 f"(status {run['status']})")
         if not force and run["status"] == "running":
@@ -385,12 +386,26 @@ class Store:
                 "env": json.loads(run["env"]) if run["env"] else {}}
 
     def auto_resume_candidates(self) -> list[dict[str, Any]]:
-        """Runs with auto-resume on whose last attempt ended badly."""
+        """Runs with auto-resume on whose last attempt ended badly (or that wait
+        for a resume slot: ``queued``)."""
         cur = self.conn.execute(
             "SELECT id, attempt, status, ended, restarts, max_restarts, reason FROM runs"
-            " WHERE auto_resume = 1 AND status IN ('interrupted', 'failed')")
+            " WHERE auto_resume = 1 AND status IN ('interrupted', 'failed', 'queued')")
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+    def settling_resumes(self, now: float, settle: float) -> list[str]:
+        """Auto-resumed runs still starting up: their attempt began less than
+        ``settle`` s ago (or has no process yet) and has logged no step past
+        the one it restored. Each holds a resume slot."""
+        rows = self.conn.execute(
+            "SELECT r.id FROM runs r JOIN attempts a ON a.run_id = r.id AND"
+            " a.attempt = r.attempt WHERE r.status = 'running' AND r.restarts > 0"
+            " AND a.started > ? AND (r.pid IS NULL OR a.started > ?)"
+            " AND NOT (a.restored_step IS NOT NULL AND r.step IS NOT NULL"
+            " AND r.step > a.restored_step)",
+            (now - 10 * max(settle, 60.0), now - settle)).fetchall()
+        return [r[0] for r in rows]
 
     def attempt_peaks(self, run_id: str, last: int) -> list[tuple[int, int | None]]:
         """``(attempt, highest step it logged)`` for the newest ``last`` attempts,

@@ -816,6 +816,7 @@ def restore(run: Run, map_location: Any = None) -> Any:
     """
     from . import rng
 
+    _await_commits(run)
     for row in committed_rows(run.home, run.id):
         if row["status"] == "corrupt":
             _skip(run, row["step"], f"marked corrupt earlier ({row['reason'] or 'no reason'})")
@@ -867,6 +868,16 @@ def _announce(run: Run, step: int | None) -> None:
         run._report_restored(step)
     except Exception:  # noqa: BLE001 - a courtesy record; the state is already restored
         pass
+
+
+def _await_commits(run: Run) -> None:
+    """Let the daemon finish committing what an earlier attempt sent (a trainer
+    killed right after checkpoint() returned), so the newest step is chosen."""
+    try:
+        transport.call(run.home, "ckpt_await_commits", {"run": run.id, "timeout": 300},
+                       autostart=False, timeout=310)
+    except CkptdError:
+        pass  # no daemon: nothing can be committing
 
 
 def _report_corrupt(run: Run, step: int, reason: str) -> None:

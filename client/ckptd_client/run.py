@@ -305,7 +305,7 @@ class Run:
         if exc_type is None:
             self.finish()
         elif issubclass(exc_type, KeyboardInterrupt):
-            self.finish(status="interrupted", exit_code=None)
+            self.finish(status="interrupted", exit_code=None, **STOPPED_BY_CTRL_C)
         else:
             text = "".join(traceback.format_exception(exc_type, exc, tb))
             self.finish(status="failed", exit_code=1, traceback_text=text)
@@ -540,7 +540,8 @@ class Run:
                     text = "".join(traceback.format_exception(exc_type, exc, tb))
                     self.finish(status="failed", exit_code=1, timeout=10, traceback_text=text)
                 else:
-                    self.finish(status="interrupted", exit_code=None, timeout=10)
+                    self.finish(status="interrupted", exit_code=None, timeout=10,
+                                **STOPPED_BY_CTRL_C)
             finally:
                 previous(exc_type, exc, tb)
 
@@ -565,6 +566,11 @@ class _RunHandler(logging.Handler):
             self._run.event(record.getMessage(), level=level, logger=record.name)
         except Exception:
             self.handleError(record)
+
+
+#: Ctrl-C (SIGINT) is a person's stop: auto-resume must not bring the run back.
+STOPPED_BY_CTRL_C: dict[str, Any] = {"auto_resume": 0,
+                                     "reason": "stopped: KeyboardInterrupt (SIGINT)"}
 
 
 def _utf8(text: str) -> str:
