@@ -140,6 +140,7 @@ def render_terminal(curves: list[dict[str, Any]], keys: list[str], *, smooth: fl
         fig.width, fig.height = max(20, width), max(5, height)
         fig.with_colors = color
         fig.color_mode = "names"
+        fig.origin = False
         fig.x_label, fig.y_label = "step", printable(key)
         colors = ["cyan", "yellow", "green", "magenta", "red", "blue"]
         steps = [v for cv in curves if cv["key"] == key for v in cv["series"].step]
