@@ -193,6 +193,9 @@ def serve(home: Path, host: str, port: int, out: Callable[[str], None],
 
         raise CkptdError(f"cannot listen on {host}:{port}: {exc.strerror}; "
                          "pick another with --port") from None
+    # listening before the URL is printed: a browser or script that opens it
+    # at once waits in the backlog instead of being refused
+    sock.listen(128)
     port = sock.getsockname()[1]
     shown = "localhost" if host in ("127.0.0.1", "::1", "localhost") else host
     out(f"ckptd ui: http://{shown}:{port}/?token={token}")

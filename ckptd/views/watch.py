@@ -167,7 +167,7 @@ class Watch(App[int]):
         self.rows: list[dict[str, Any]] = []
         self.selected: str | None = self.only[0] if self.only else None
         self.compare: set[str] = set()
-        self.key_index = 0
+        self.current_key: str | None = None  # kept by name: a new key must not move it
         self.all_keys = False
         self.zoom = 0
         self.version: int | None = None
@@ -245,8 +245,9 @@ class Watch(App[int]):
             chart.refresh()
             return
         keys = self.keys_of(run)
-        shown = keys if self.all_keys else keys[self.key_index % len(keys):][:1] if keys else []
-        shown = shown[:4]
+        if keys and self.current_key not in keys:  # first look, or a run without it
+            self.current_key = "loss" if "loss" in keys and not self.want_keys else keys[0]
+        shown = keys[:4] if self.all_keys else [self.current_key] if keys else []
         runs = [run["id"], *sorted(self.compare - {run["id"]})]
         width = max(40, chart.size.width * 2)
         curves = []
@@ -275,9 +276,9 @@ class Watch(App[int]):
         for k, v in vals.items():
             name = k[4:]
             if name.endswith("_bytes"):
-                lines.append(f"{name[:-6]:<12} {v / 2**20:8.1f} MiB")
+                lines.append(f"{name[:-6]:<11} {v / 2**20:8.1f}M")
             else:
-                lines.append(f"{name:<12} {fmt(v):>8}")
+                lines.append(f"{name:<11} {fmt(v):>9}")
         self.query_one("#sys", Static).update("\n".join(lines) or "no samples yet")
         dots = series.checkpoint_dots(self.reader, run["id"])
         self.query_one("#ckpts", Static).update(
@@ -344,7 +345,11 @@ class Watch(App[int]):
         self.draw_run()
 
     def action_key(self, delta: int) -> None:
-        self.key_index += delta
+        run = next((r for r in self.rows if r["id"] == self.selected), None)
+        keys = self.keys_of(run) if run else []
+        if keys:
+            i = keys.index(self.current_key) if self.current_key in keys else 0
+            self.current_key = keys[(i + delta) % len(keys)]
         self.draw_run()
 
     def action_all_keys(self) -> None:
