@@ -170,6 +170,21 @@ def exit_status(returncode: int, stopped_by: int | None,
             "reason": f"exited with status {returncode}"}
 
 
+def system_stopping() -> bool:
+    """True while systemd is shutting the machine down (``systemctl reboot``,
+    ``poweroff``, a kernel update): the SIGTERM a run gets then is not a
+    person's stop, so auto-resume must stay on. Without systemd, False."""
+    systemctl = shutil.which("systemctl")
+    if systemctl is None:
+        return False
+    try:
+        out = subprocess.run([systemctl, "is-system-running"], capture_output=True,
+                             text=True, timeout=3, stdin=subprocess.DEVNULL).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.strip() == "stopping"
+
+
 def stop_grace_default() -> float:
     try:
         return max(0.0, float(os.environ.get(STOP_GRACE_ENV, DEFAULT_STOP_GRACE)))
@@ -253,6 +268,12 @@ class Supervisor:
                 signal.signal(s, handler)
         ended = exit_status(returncode, self.stopped_by,
                             self.stop_grace if self._escalated else None)
+        if self.stopped_by is not None and system_stopping():
+            # The stop came from a clean shutdown or reboot, not from a person:
+            # the run comes back by itself at the next boot (tests/boot).
+            ended.pop("auto_resume", None)
+            ended["reason"] = (f"stopped by the system shutting down "
+                               f"({_signame(self.stopped_by)}); auto-resume at next boot")
         self.status, exit_code = ended.pop("status"), ended.pop("exit_code")
         run.finish(status=self.status, exit_code=exit_code, timeout=30, **ended)
         return returncode if returncode >= 0 else 128 - returncode

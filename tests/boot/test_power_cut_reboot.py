@@ -320,8 +320,6 @@ def test_two_cuts_one_during_a_checkpoint_commit(machine: Machine, home: Path,
     print(f"timeline (seed {seed}):\n{tl.text()}")
 
 
-@pytest.mark.xfail(strict=True, reason="a clean shutdown SIGTERMs `ckptd run`, which takes it "
-                   "for a person stopping the run and switches auto-resume off")
 def test_clean_reboot_resumes_by_itself(machine: Machine, home: Path,
                                         daemon: DaemonProc) -> None:
     """`systemctl reboot` (a kernel update) must not end a week-long run either."""
