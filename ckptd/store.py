@@ -32,7 +32,7 @@ from ckptd_client.errors import CkptdError, NotFound, ResumeRefused
 if TYPE_CHECKING:
     import sqlite_utils
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class SchemaTooNew(CkptdError):
@@ -149,7 +149,30 @@ def _create_v1(db: sqlite_utils.Database) -> None:
     db["runs"].create_index(["name"])
 
 
-MIGRATIONS = {1: _create_v1}
+def _add_groups_and_sweeps(db: sqlite_utils.Database) -> None:
+    """Run groups (``init(group=)``, ``ckptd run --group``) and the sweep queue.
+
+    The queue lives here, not in the ``ckptd sweep`` process, so a power cut in
+    the middle of a sweep loses nothing: the daemon that starts after it finds
+    every item that was not launched yet. Written to be safe on a store that
+    already has any part of it (the lead renumbers migrations at merge).
+    """
+    if "group_name" not in db["runs"].columns_dict:
+        db["runs"].add_column("group_name", str)
+    db["runs"].create_index(["group_name"], if_not_exists=True)
+    db["sweeps"].create(
+        {"name": str, "spec": str, "command": str, "cwd": str, "env": str,
+         "parallel": int, "created": float},
+        pk="name", if_not_exists=True,
+    )
+    db["sweep_items"].create(
+        {"sweep": str, "idx": int, "params": str, "command": str, "gpus": str,
+         "run_id": str, "launched": float, "launcher_pid": int, "launcher_started": float},
+        pk=("sweep", "idx"), if_not_exists=True,
+    )
+
+
+MIGRATIONS = {1: _create_v1, 2: _add_groups_and_sweeps}
 
 
 def _dumps(value: Any) -> str | None:
@@ -399,7 +422,7 @@ class Store:
         )
 
     def _register(self, run_id: str, attempt: int, msg: dict[str, Any], t: float) -> None:
-        row = self.conn.execute("SELECT attempt, name FROM runs WHERE id = ?",
+        row = self.conn.execute("SELECT attempt, name, group_name FROM runs WHERE id = ?",
                                 (run_id,)).fetchone()
         fields: dict[str, Any] = {
             "boot_id": msg.get("boot_id"), "host": msg.get("host"), "updated": t,
@@ -413,6 +436,8 @@ class Store:
                 fields[key] = msg[key]
         if msg.get("name") and (not msg.get("joined") or row is None or row[1] == run_id):
             fields["name"] = msg["name"]  # `ckptd run --name` wins over init(name=)
+        if msg.get("group") and (not msg.get("joined") or row is None or not row[2]):
+            fields["group_name"] = msg["group"]  # `ckptd run --group` wins over init(group=)
         if msg.get("config"):
             fields["config"] = _dumps(msg["config"])
         if msg.get("retention") is not None:
