@@ -79,4 +79,57 @@ def register(app: typer.Typer) -> None:
             print_comparison(result)
 
 
+    @app.command("reproduce")
+    def reproduce_cmd(
+        run: str | None = typer.Argument(None, help="run id, unique prefix or name "
+                                                    "(default: the newest run)"),
+        as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    ) -> None:
+        """Rerun a finished run from its recorded commit, diff, command and environment,
+        then compare the curves value by value (exit 1 when they differ)."""
+        import sys
+
+        from . import cli
+        from .analysis.reproduce import reproduce
+
+        # the rerun's own output goes to stderr: stdout is the report (or the JSON)
+        result = reproduce(cli.home(), run, out=sys.stderr)
+        if as_json:
+            cli.emit_json(result)
+        else:
+            print_reproduction(result)
+        if not result["identical"]:
+            raise typer.Exit(1)
+
+
+def print_reproduction(result: dict[str, Any]) -> None:
+    from .cli import echo
+    from .query import printable
+
+    echo(printable(f"run {result['run']} rerun as {result['reproduction']} in "
+                   f"{result['worktree']}"))
+    if result["identical"]:
+        echo(f"bit-identical: all {result['values_compared']} values of the effective "
+             "curves are equal")
+    elif result["first_diff_step"] is None:
+        echo(f"differs: exit status {result['exit_code']}, originally "
+             f"{result['original_exit_code']}")
+    else:
+        echo(f"differs: first at step {result['first_diff_step']} "
+             f"({result['differing_values']} of {result['values_compared']} values differ)")
+        for d in result["first_differences"]:
+            echo(printable(f"  step {d['step']} {d['key']}: original {_fmt(d['original'])}"
+                           f"  reproduced {_fmt(d['reproduced'])}"))
+    final = result["final"]
+    for key in sorted(set(final["original"]) | set(final["reproduced"])):
+        echo(printable(f"  final {key}: {_fmt(final['original'].get(key))} -> "
+                       f"{_fmt(final['reproduced'].get(key))}"))
+    if result["provenance_differences"]:
+        echo("provenance differences (what could explain a difference):")
+        for k, (a, b) in result["provenance_differences"].items():
+            echo(printable(f"  {k}: {a} -> {b}"))
+    else:
+        echo("provenance: no recorded difference")
+
+
 __all__ = ["register", "CkptdError"]
