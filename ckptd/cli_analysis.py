@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import typer
@@ -100,6 +101,128 @@ def register(app: typer.Typer) -> None:
             print_reproduction(result)
         if not result["identical"]:
             raise typer.Exit(1)
+
+
+    @app.command("sweep", context_settings={"allow_interspersed_args": False,
+                                            "ignore_unknown_options": True})
+    def sweep_cmd(
+        command: list[str] = typer.Argument(None, help="the command after --, with {NAME} "
+                                                       "and {seed} placeholders; or "
+                                                       "`status NAME`"),
+        name: str | None = typer.Option(None, "--name", help="the sweep's name (also the "
+                                                             "group of its runs)"),
+        seeds: str | None = typer.Option(None, "--seeds", help="seeds: 0-4 or 1,5,9"),
+        grid: list[str] = typer.Option(None, "--grid", help="NAME=V1,V2 (repeatable)"),
+        parallel: int | None = typer.Option(None, "--parallel", min=1,
+                                            help="at most this many runs at once (default: "
+                                                 "one per GPU slice, else 1)"),
+        gpus: str | None = typer.Option(None, "--gpus", help="GPU ids to share out, e.g. "
+                                                             "0,1,2,3"),
+        gpus_per_run: int | None = typer.Option(None, "--gpus-per-run", min=1,
+                                                help="GPUs in each run's CUDA_VISIBLE_DEVICES"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="print the commands, run none"),
+        detach: bool = typer.Option(False, "--detach",
+                                    help="return at once; the daemon runs the sweep"),
+        as_json: bool = typer.Option(False, "--json", help="machine-readable output "
+                                                           "(with status, --dry-run)"),
+    ) -> None:
+        """Run one command over a grid of settings and seeds, each combination a
+        supervised run in group NAME; `ckptd sweep status NAME` shows where it is."""
+        from . import cli
+
+        args = list(command or [])
+        if name is None and args[:1] == ["status"]:
+            rest = [a for a in args[1:] if a != "--json"]
+            if len(rest) != 1:
+                raise CkptdError("sweep status: give one sweep name")
+            raise typer.Exit(_sweep_status(cli.home(), rest[0], as_json or "--json" in args))
+        raise typer.Exit(_sweep_start(cli.home(), args, name, seeds, list(grid or []),
+                                      parallel, gpus, gpus_per_run, dry_run, detach, as_json))
+
+
+def _sweep_status(home: Any, name: str, as_json: bool, quiet: bool = False) -> int:
+    from . import cli, query
+    from .analysis.sweep import status
+
+    with query.Reader(home) as reader:
+        st = status(reader, name)
+    if as_json:
+        cli.emit_json(st)
+    elif not quiet:
+        counts = "  ".join(f"{k} {v}" for k, v in sorted(st["counts"].items()))
+        cli.echo(query.printable(f"sweep {name}: {st['total']} runs, parallel "
+                                 f"{st['parallel']}: {counts}"))
+        rows = [{"idx": str(i["idx"]), "params": " ".join(f"{k}={v}" for k, v in
+                                                          i["params"].items()),
+                 "run": i["run_id"], "status": i["status"], "attempt": i["attempt"],
+                 "step": i["step"], "gpus": i["gpus"]} for i in st["items"]]
+        cli.table(rows, ["idx", "params", "run", "status", "attempt", "step", "gpus"])
+    if not st["done"]:
+        return 0
+    return 0 if st["counts"].get("finished", 0) == st["total"] else 1
+
+
+def _sweep_start(home: Any, command: list[str], name: str | None, seeds: str | None,
+                 grid: list[str], parallel: int | None, gpus: str | None,
+                 gpus_per_run: int | None, dry_run: bool, detach: bool, as_json: bool) -> int:
+    import os
+    import shlex
+    import time
+
+    from ckptd_client import transport
+
+    from . import cli, query
+    from .analysis import sweep
+
+    if not name:
+        raise CkptdError("sweep: give it a --name (it is also the group of its runs)")
+    if not sweep.NAME_RE.match(name):
+        raise CkptdError(f"sweep: --name {name!r}: use letters, digits, '.', '_' or '-'")
+    if not command:
+        raise CkptdError("sweep: give the command after --, e.g. `ckptd sweep --name s "
+                         "--seeds 0-2 -- python train.py --seed {seed}`")
+    seed_list = sweep.parse_seeds(seeds)
+    grid_map = sweep.parse_grid(grid)
+    items = sweep.expand(command, grid_map, seed_list)
+    slices = sweep.gpu_slices(gpus, gpus_per_run)
+    parallel = parallel or max(len(slices), 1)
+    if slices and parallel > len(slices):
+        raise CkptdError(f"sweep: --parallel {parallel} but only {len(slices)} GPU slice(s)")
+    if dry_run:
+        if as_json:
+            cli.emit_json([{"idx": i, **it} for i, it in enumerate(items)])
+        for i, it in enumerate(items):
+            if not as_json:
+                cli.echo(query.printable(f"{i:>3}  {shlex.join(it['command'])}"))
+        return 0
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CKPTD_RUN_ID", "CKPTD_ATTEMPT", "CKPTD_AUTOSTARTED")}
+    spec = {"seeds": seed_list, "grid": grid_map, "gpu_slices": slices}
+    reply = transport.call(home, "sweep_create", {
+        "name": name, "items": items, "parallel": parallel, "env": env, "cwd": os.getcwd(),
+        "spec": spec, "template": command})
+    verb = "created" if reply["created"] else "resumed (same spec)"
+    print(f"ckptd: sweep {name} {verb}: {len(items)} runs, {parallel} at a time; the daemon "
+          f"runs it (`ckptd sweep status {name}`, `ckptd ls --group {name}`)",
+          file=sys.stderr, flush=True)
+    if detach:
+        return 0
+    last = None
+    try:
+        while True:
+            with query.Reader(home) as reader:
+                st = sweep.status(reader, name)
+            counts = "  ".join(f"{k} {v}" for k, v in sorted(st["counts"].items()))
+            if counts != last:
+                print(f"ckptd: sweep {name}: {counts}", file=sys.stderr, flush=True)
+                last = counts
+            if st["done"]:
+                break
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print(f"ckptd: sweep {name} goes on in the daemon", file=sys.stderr)
+        return 130
+    return _sweep_status(home, name, as_json)
 
 
 def print_reproduction(result: dict[str, Any]) -> None:

@@ -536,5 +536,46 @@ class Store:
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
+    # ------------------------------------------------------------- sweeps
+
+    def create_sweep(self, row: dict[str, Any], items: list[dict[str, Any]]) -> bool:
+        """Record a sweep and its queue in one transaction; False when a sweep of
+        that name with the same spec exists already (asking again resumes it).
+
+        :raises CkptdError: a sweep of that name exists with another spec.
+        """
+        found = self.conn.execute("SELECT spec, command FROM sweeps WHERE name = ?",
+                                  (row["name"],)).fetchone()
+        spec, command = _dumps(row["spec"]), _dumps(row["command"])
+        if found is not None:
+            if found[0] == spec and found[1] == command:
+                return False
+            raise CkptdError(f"sweep {row['name']!r} exists with other seeds, grid or command; "
+                             "pick another --name (`ckptd sweep status NAME` shows it)")
+        self.db["sweeps"].insert(dict(row, spec=spec, command=command, env=_dumps(row["env"])))
+        self.db["sweep_items"].insert_all(
+            {"sweep": row["name"], "idx": i, "params": _dumps(it["params"]),
+             "command": _dumps(it["command"])} for i, it in enumerate(items))
+        return True
+
+    def sweeps(self) -> list[dict[str, Any]]:
+        cur = self.conn.execute("SELECT * FROM sweeps ORDER BY created")
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def sweep_items(self, sweep: str) -> list[dict[str, Any]]:
+        """A sweep's items with the state of their runs (NULL before the run registered)."""
+        cur = self.conn.execute(
+            "SELECT i.*, r.status AS run_status, r.auto_resume AS run_auto_resume"
+            " FROM sweep_items i LEFT JOIN runs r ON r.id = i.run_id"
+            " WHERE i.sweep = ? ORDER BY i.idx", (sweep,))
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def update_sweep_item(self, sweep: str, idx: int, **fields: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self.conn.execute(f"UPDATE sweep_items SET {sets} WHERE sweep = ? AND idx = ?",
+                          [*fields.values(), sweep, idx])
+
     def transaction(self) -> Any:
         return self.db.atomic()
