@@ -102,6 +102,11 @@ def launch(home: Path, run: dict[str, Any], dest: Path, workdir: Path, new_id: s
     command = json.loads(run["command"])
     top = Path(_git(run["cwd"], "rev-parse", "--show-toplevel").strip())
     command = relocate(command, top, dest)
+    for arg in command[1:]:
+        if arg.startswith(os.fspath(dest) + os.sep) and not os.path.exists(arg):
+            raise ReproduceError(f"reproduce {run['id']}: {os.path.relpath(arg, dest)} is not "
+                                 "in the recorded commit (untracked files are not recorded); "
+                                 "commit it before the runs you want to reproduce")
     env = {k: v for k, v in (json.loads(run["env"]) if run.get("env") else {}).items()
            if not k.startswith("CKPTD_")}
     env.update({k: v for k, v in os.environ.items() if k.startswith("CKPTD_")})
