@@ -256,6 +256,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="machine-readable 
 
 @app.command("ls")
 def ls(status: str | None = typer.Option(None, "--status", help="only runs in this state"),
+       group: str | None = typer.Option(None, "--group", help="only runs in this group"),
        as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """List runs, oldest first."""
     if status and status not in ("running", "finished", "failed", "interrupted", "queued"):
@@ -270,7 +271,7 @@ def ls(status: str | None = typer.Option(None, "--status", help="only runs in th
             echo("no runs yet")
         return
     with reader:
-        rows = reader.list_runs(status)
+        rows = reader.list_runs(status, group)
     if as_json:
         emit_json(rows)
         return
@@ -290,8 +291,8 @@ def show(run: str | None = typer.Argument(None, help="run id, unique prefix or n
         emit_json(info)
         return
     say = _say
-    for key in ("id", "name", "status", "attempt", "step", "project", "seed", "cwd", "reason",
-                "exit_code", "signal_name", "auto_resume", "restarts", "max_restarts"):
+    for key in ("id", "name", "status", "attempt", "step", "project", "group", "seed", "cwd",
+                "reason", "exit_code", "signal_name", "auto_resume", "restarts", "max_restarts"):
         label = "signal" if key == "signal_name" else key
         say(f"{label + ':':<13} {info.get(key) if info.get(key) is not None else '-'}")
     say(f"{'started:':<13} {fmt_time(info['started'])}")
@@ -426,7 +427,7 @@ def _register_subcommands() -> None:
     """Feature modules add their commands here (checkpoints, supervision, service)."""
     import importlib
 
-    for name in ("cli_ckpt", "cli_runs", "cli_service", "cli_views"):
+    for name in ("cli_ckpt", "cli_runs", "cli_service", "cli_views", "cli_analysis"):
         try:
             module = importlib.import_module(f"ckptd.{name}")
         except ModuleNotFoundError as exc:

@@ -7,6 +7,7 @@ import sys
 
 import typer
 from ckptd_client.errors import CkptdError, ResumeRefused
+from ckptd_client.run import valid_run_id
 
 
 def register(app: typer.Typer) -> None:
@@ -28,6 +29,9 @@ def register(app: typer.Typer) -> None:
             None, "--stop-grace", min=0,
             help="seconds the command gets to exit after SIGTERM/SIGINT/SIGHUP before its "
                  "process group is killed (default 30, or $CKPTD_STOP_GRACE)"),
+        group: str | None = typer.Option(None, "--group", help="put the run in this group "
+                                         "(compare groups with `ckptd compare @G1 @G2`)"),
+        run_id: str | None = typer.Option(None, "--run-id", hidden=True),
         attach_run: str | None = typer.Option(None, "--attach-run", hidden=True),
         force: bool = typer.Option(False, "--force", hidden=True),
         after_attempt: int | None = typer.Option(None, "--after-attempt", hidden=True),
@@ -46,9 +50,13 @@ def register(app: typer.Typer) -> None:
             raise CkptdError("run: --max-restarts only makes sense with --auto-resume")
         from .supervise import run_command
 
+        if group is not None and not group.strip():
+            raise CkptdError("run: --group must not be empty")
+        if run_id is not None and not valid_run_id(run_id):
+            raise CkptdError(f"run: --run-id {run_id!r} is not a valid run id")
         raise typer.Exit(run_command(cli.home(), list(command), name=name,
                                      auto_resume=auto_resume, max_restarts=max_restarts,
-                                     stop_grace=stop_grace))
+                                     stop_grace=stop_grace, group=group, run_id=run_id))
 
     @app.command("resume")
     def resume_cmd(

@@ -26,7 +26,7 @@ from typing import Any
 
 
 def train(run: Any, steps: int, seed: int = 0, ckpt_every: int = 100,
-          restore: bool = False, sleep: float = 0.0) -> dict[str, Any]:
+          restore: bool = False, sleep: float = 0.0, lr: float = 3e-3) -> dict[str, Any]:
     """The demo's training loop; returns the final metrics.
 
     ``restore``: continue from the run's newest checkpoint, if it has one
@@ -41,7 +41,7 @@ def train(run: Any, steps: int, seed: int = 0, ckpt_every: int = 100,
     y = x @ true_w + 0.1 * torch.randn(2048, 1, generator=g)
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(),
                                 torch.nn.Dropout(0.1), torch.nn.Linear(64, 1))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     loss = torch.tensor(0.0)
     start, handle = 0, None
     if restore and (state := run.restore()) is not None:

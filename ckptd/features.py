@@ -7,3 +7,4 @@ from . import (
     control,  # noqa: F401
     sysmetrics,  # noqa: F401
 )
+from .analysis import sweep  # noqa: F401

@@ -82,13 +82,17 @@ class Reader:
             return rows[0]
         raise NotFound(f"no run {ref!r} in {self.home}; `ckptd ls` lists the runs")
 
-    def list_runs(self, status: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM runs"
-        args: tuple[Any, ...] = ()
+    def list_runs(self, status: str | None = None,
+                  group: str | None = None) -> list[dict[str, Any]]:
+        where, args = [], []
         if status:
-            sql += " WHERE status = ?"
-            args = (status,)
-        return [summary(r) for r in self.rows(sql + " ORDER BY started, rowid", args)]
+            where.append("status = ?")
+            args.append(status)
+        if group is not None:
+            where.append("group_name = ?")
+            args.append(group)
+        sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
+        return [summary(r) for r in self.rows(sql + " ORDER BY started, rowid", tuple(args))]
 
     def show(self, ref: str | None) -> dict[str, Any]:
         run = self.resolve(ref)
@@ -244,6 +248,7 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
         "step": run.get("step"),
         "started": run.get("started"),
         "ended": run.get("ended"),
+        "group": run.get("group_name"),
     }
 
 

@@ -34,7 +34,7 @@ from ckptd_client.errors import CkptdError, NotFound, ResumeRefused
 if TYPE_CHECKING:
     import sqlite_utils
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class SchemaTooNew(CkptdError):
@@ -172,7 +172,30 @@ def _create_v1(db: sqlite_utils.Database) -> None:
     db["runs"].create_index(["name"])
 
 
-MIGRATIONS = {1: _create_v1}
+def _add_groups_and_sweeps(db: sqlite_utils.Database) -> None:
+    """Run groups (``init(group=)``, ``ckptd run --group``) and the sweep queue.
+
+    The queue lives here, not in the ``ckptd sweep`` process, so a power cut in
+    the middle of a sweep loses nothing: the daemon that starts after it finds
+    every item that was not launched yet. Written to be safe on a store that
+    already has any part of it (the lead renumbers migrations at merge).
+    """
+    if "group_name" not in db["runs"].columns_dict:
+        db["runs"].add_column("group_name", str)
+    db["runs"].create_index(["group_name"], if_not_exists=True)
+    db["sweeps"].create(
+        {"name": str, "spec": str, "command": str, "cwd": str, "env": str,
+         "parallel": int, "created": float},
+        pk="name", if_not_exists=True,
+    )
+    db["sweep_items"].create(
+        {"sweep": str, "idx": int, "params": str, "command": str, "gpus": str,
+         "run_id": str, "launched": float, "launcher_pid": int, "launcher_started": float},
+        pk=("sweep", "idx"), if_not_exists=True,
+    )
+
+
+MIGRATIONS = {1: _create_v1, 2: _add_groups_and_sweeps}
 
 
 def _dumps(value: Any) -> str | None:
@@ -438,7 +461,7 @@ class Store:
         )
 
     def _register(self, run_id: str, attempt: int, msg: dict[str, Any], t: float) -> None:
-        row = self.conn.execute("SELECT attempt, name FROM runs WHERE id = ?",
+        row = self.conn.execute("SELECT attempt, name, group_name FROM runs WHERE id = ?",
                                 (run_id,)).fetchone()
         fields: dict[str, Any] = {
             "boot_id": msg.get("boot_id"), "host": msg.get("host"), "updated": t,
@@ -452,6 +475,8 @@ class Store:
                 fields[key] = msg[key]
         if msg.get("name") and (not msg.get("joined") or row is None or row[1] == run_id):
             fields["name"] = msg["name"]  # `ckptd run --name` wins over init(name=)
+        if msg.get("group") and (not msg.get("joined") or row is None or not row[2]):
+            fields["group_name"] = msg["group"]  # `ckptd run --group` wins over init(group=)
         if msg.get("config"):
             fields["config"] = _dumps(msg["config"])
         if msg.get("retention") is not None:
@@ -549,6 +574,47 @@ class Store:
         cur = self.conn.execute("SELECT * FROM runs WHERE status = 'running'")
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+    # ------------------------------------------------------------- sweeps
+
+    def create_sweep(self, row: dict[str, Any], items: list[dict[str, Any]]) -> bool:
+        """Record a sweep and its queue in one transaction; False when a sweep of
+        that name with the same spec exists already (asking again resumes it).
+
+        :raises CkptdError: a sweep of that name exists with another spec.
+        """
+        found = self.conn.execute("SELECT spec, command FROM sweeps WHERE name = ?",
+                                  (row["name"],)).fetchone()
+        spec, command = _dumps(row["spec"]), _dumps(row["command"])
+        if found is not None:
+            if found[0] == spec and found[1] == command:
+                return False
+            raise CkptdError(f"sweep {row['name']!r} exists with other seeds, grid or command; "
+                             "pick another --name (`ckptd sweep status NAME` shows it)")
+        self.db["sweeps"].insert(dict(row, spec=spec, command=command, env=_dumps(row["env"])))
+        self.db["sweep_items"].insert_all(
+            {"sweep": row["name"], "idx": i, "params": _dumps(it["params"]),
+             "command": _dumps(it["command"])} for i, it in enumerate(items))
+        return True
+
+    def sweeps(self) -> list[dict[str, Any]]:
+        cur = self.conn.execute("SELECT * FROM sweeps ORDER BY created")
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def sweep_items(self, sweep: str) -> list[dict[str, Any]]:
+        """A sweep's items with the state of their runs (NULL before the run registered)."""
+        cur = self.conn.execute(
+            "SELECT i.*, r.status AS run_status, r.auto_resume AS run_auto_resume"
+            " FROM sweep_items i LEFT JOIN runs r ON r.id = i.run_id"
+            " WHERE i.sweep = ? ORDER BY i.idx", (sweep,))
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def update_sweep_item(self, sweep: str, idx: int, **fields: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self.conn.execute(f"UPDATE sweep_items SET {sets} WHERE sweep = ? AND idx = ?",
+                          [*fields.values(), sweep, idx])
 
     def transaction(self) -> Any:
         return self.db.atomic()

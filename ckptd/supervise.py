@@ -505,8 +505,12 @@ def check_register(register: dict[str, Any]) -> None:
 
 def run_command(home: Path, command: list[str], *, name: str | None = None,
                 auto_resume: bool = False, max_restarts: int | None = None,
-                stop_grace: float | None = None) -> int:
+                stop_grace: float | None = None, group: str | None = None,
+                run_id: str | None = None) -> int:
     """``ckptd run -- CMD``: register a new run for ``command`` and supervise it.
+
+    ``run_id`` is given by a launcher that recorded the id before starting us
+    (``ckptd sweep``), so a crash right after the launch cannot start it twice.
 
     :raises InvalidRun: the name, command or environment cannot be recorded.
     """
@@ -514,14 +518,15 @@ def run_command(home: Path, command: list[str], *, name: str | None = None,
     env = dict(os.environ)
     for key in ("CKPTD_RUN_ID", "CKPTD_ATTEMPT"):
         env.pop(key, None)
-    run_id = new_run_id()
+    run_id = run_id or new_run_id()
     provenance = collect(cwd)
     provenance.update(seed=None, command_executable=shutil.which(command[0],
                                                                  path=env.get("PATH")))
     if provenance.get("cuda") is None:
         provenance["cuda"] = torch_cuda_version()
     register = {
-        "name": name, "command": command, "cwd": cwd, "env": env, "provenance": provenance,
+        "name": name, "group": group, "command": command, "cwd": cwd, "env": env,
+        "provenance": provenance,
         "supervisor_pid": os.getpid(), "supervisor_started": process_start_time(),
         "boot_id": boot_id(), "host": socket.gethostname(), "joined": False,
         "auto_resume": int(auto_resume),

@@ -650,6 +650,7 @@ def init(
     home: str | os.PathLike[str] | None = None,
     retention: Any = None,
     autostart: bool = True,
+    group: str | None = None,
 ) -> Run:
     """Start (or join, or resume) a run and return it.
 
@@ -680,6 +681,11 @@ def init(
         # the daemon refuses such a registration: the run would lose it
         raise CkptdError(f"project {project!r} must be UTF-8 text of at most 4096 "
                          "characters without NUL")
+    if group is not None and (not isinstance(group, str) or not group.strip() or "\0" in group
+                              or len(group) > 200 or not protocol.is_utf8(group)):
+        # the daemon refuses such a registration: the run would lose it
+        raise CkptdError(f"group {group!r} must be non-empty UTF-8 text of at most 200 "
+                         "characters without NUL")
     if config is not None and not isinstance(config, dict):
         raise TypeError("config must be a dict")
     if seed is not None:
@@ -690,6 +696,7 @@ def init(
     register: dict[str, Any] = {
         "name": name,
         "project": project,
+        "group": group,
         "config": {str(k): _plain(v) for k, v in (config or {}).items()},
         "seed": seed,
         "pid": os.getpid(),
