@@ -805,9 +805,11 @@ EXPORT_RELISTS = 20
 
 
 def export(home: Path, run_id: str, list_rows: Callable[[], list[dict[str, Any]]],
-           step: int | None, out: Path) -> dict[str, Any]:
+           step: int | None, out: Path,
+           write: Callable[[dict[str, Any], Any], None] | None = None) -> dict[str, Any]:
     """Write one plain ``torch.save`` file of a checkpoint (newest committed that
     verifies, or ``step``); loadable with ``torch.load(weights_only=True)``.
+    ``write(obj, file)`` writes another format instead (``ckptd.exports.safetensors``).
 
     Reads the files directly; the daemon is not needed. The daemon may prune
     meanwhile (retention): a checkpoint whose directory vanished and whose row
@@ -837,7 +839,7 @@ def export(home: Path, run_id: str, list_rows: Callable[[], list[dict[str, Any]]
     out = out.absolute()
     tmp = out.with_name(out.name + ".ckptd-tmp")
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        (write or torch.save)(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, out)
