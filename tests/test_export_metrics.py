@@ -163,3 +163,20 @@ def test_jsonl_export_and_bad_input(home: Path, resumed_run: str, tmp_path: Path
         assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr
     bad = ckptd(home, "export", "nope", "--format", "csv", "-o", str(out))
     assert bad.returncode == 2 and "no run 'nope'" in bad.stderr
+
+
+def test_a_missing_extra_is_one_line_naming_the_install(home: Path, resumed_run: str,
+                                                        tmp_path: Path) -> None:
+    import os
+
+    # a pyarrow that fails to import, first on the path: what a machine without it sees
+    broken = tmp_path / "broken"
+    (broken / "pyarrow").mkdir(parents=True)
+    (broken / "pyarrow" / "__init__.py").write_text("raise ImportError('no pyarrow here')\n")
+    env = env_for(home, PYTHONPATH=os.pathsep.join([str(broken), os.environ.get("PYTHONPATH",
+                                                                                 "")]))
+    bad = ckptd(home, "export", "exp", "--format", "parquet", "-o", str(tmp_path / "p"), env=env)
+    assert bad.returncode == 1, bad.stderr
+    assert bad.stderr.strip() == ("ckptd: error: export --format parquet needs the 'pyarrow' "
+                                  "package: pip install 'ckptd[export]'")
+    assert not (tmp_path / "p" / f"{resumed_run}.parquet").exists()
