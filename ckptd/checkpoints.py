@@ -241,8 +241,13 @@ def _reply(conn: Conn, req: Request, row: dict[str, Any] | None,
 
 # ------------------------------------------------------- commit protocol
 
-def commit_checkpoint(daemon: Daemon, req: Request, fd: int) -> dict[str, Any]:
+def commit_checkpoint(daemon: Daemon, req: Request, fd: int,
+                      stage: Callable[[Path], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Make the snapshot in ``fd`` a committed checkpoint; returns its row.
+
+    ``stage(staging_dir)`` puts more files into the staging directory, made
+    durable, before the manifest is written; what it returns is stored in
+    the manifest as ``"adopted"`` (``ckptd.adopt``: framework checkpoints).
 
     :raises DiskFull: not enough space (checked first, or ENOSPC mid-write);
         the staging directory is removed and nothing earlier is touched.
@@ -270,6 +275,8 @@ def commit_checkpoint(daemon: Daemon, req: Request, fd: int) -> dict[str, Any]:
         # which no reader looks at and reconcile() removes at the next start.
         timings: dict[str, float] = {}
         checks = write_data(fd, req.size, staging / fmt.DATA_FILE, timings)
+        if stage is not None:
+            manifest["adopted"] = stage(staging)
         crashpoint("ckpt.staged")
         slow_commit()
         manifest["files"] = {fmt.DATA_FILE: {"bytes": req.size, "chunk": fmt.CHUNK,
@@ -805,9 +812,11 @@ EXPORT_RELISTS = 20
 
 
 def export(home: Path, run_id: str, list_rows: Callable[[], list[dict[str, Any]]],
-           step: int | None, out: Path) -> dict[str, Any]:
+           step: int | None, out: Path,
+           write: Callable[[dict[str, Any], Any], None] | None = None) -> dict[str, Any]:
     """Write one plain ``torch.save`` file of a checkpoint (newest committed that
     verifies, or ``step``); loadable with ``torch.load(weights_only=True)``.
+    ``write(obj, file)`` writes another format instead (``ckptd.exports.safetensors``).
 
     Reads the files directly; the daemon is not needed. The daemon may prune
     meanwhile (retention): a checkpoint whose directory vanished and whose row
@@ -837,7 +846,7 @@ def export(home: Path, run_id: str, list_rows: Callable[[], list[dict[str, Any]]
     out = out.absolute()
     tmp = out.with_name(out.name + ".ckptd-tmp")
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        (write or torch.save)(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, out)

@@ -427,7 +427,8 @@ def _register_subcommands() -> None:
     """Feature modules add their commands here (checkpoints, supervision, service)."""
     import importlib
 
-    for name in ("cli_ckpt", "cli_runs", "cli_service", "cli_views", "cli_analysis"):
+    for name in ("cli_ckpt", "cli_runs", "cli_service", "cli_views", "cli_analysis",
+                 "cli_export"):
         try:
             module = importlib.import_module(f"ckptd.{name}")
         except ModuleNotFoundError as exc:

@@ -14,7 +14,7 @@ from typing import Any
 import typer
 from ckptd_client import transport
 from ckptd_client.checkpoint import human_bytes
-from ckptd_client.errors import CheckpointError
+from ckptd_client.errors import CheckpointError, CkptdError
 
 from . import query
 
@@ -115,11 +115,20 @@ def register(app: typer.Typer) -> None:
                    step: int | None = typer.Option(None, "--step",
                                                    help="this step (default: newest)"),
                    output: Path = typer.Option(..., "-o", "--output",
-                                               help="file to write (torch.save format)"),
+                                               help="file to write"),
+                   fmt: str = typer.Option("torch", "--format",
+                                           help="torch (torch.save, loads with "
+                                                "weights_only=True) or safetensors"),
                    ) -> None:
-        """Write one checkpoint as a plain torch.save file (loads with weights_only=True)."""
+        """Write one checkpoint as a plain torch.save or safetensors file."""
         from . import cli
         from .checkpoints import export
+
+        write = None
+        if fmt == "safetensors":
+            from .exports.safetensors import write
+        elif fmt != "torch":
+            raise CkptdError(f"ckpt export: --format {fmt!r} is not one of torch, safetensors")
 
         with query.Reader(cli.home()) as reader:
             info = reader.resolve(run)
@@ -128,7 +137,7 @@ def register(app: typer.Typer) -> None:
             with query.Reader(cli.home()) as reader:
                 return reader.checkpoints(info["id"])
 
-        result = export(cli.home(), info["id"], list_rows, step, output)
+        result = export(cli.home(), info["id"], list_rows, step, output, write)
         cli.echo(f"exported {info['id']} step {result['step']} to {result['path']} "
                  f"({human_bytes(result['bytes'])})")
 

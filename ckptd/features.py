@@ -1,6 +1,7 @@
 """Importing this module registers every RPC handler and daemon hook."""
 
 from . import (
+    adopt,  # noqa: F401
     autoresume,  # noqa: F401
     checkpoints,  # noqa: F401
     console,  # noqa: F401

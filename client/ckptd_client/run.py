@@ -219,6 +219,23 @@ class Run:
 
         return restore(self, map_location)
 
+    def adopt_checkpoint(self, path: str | os.PathLike[str], step: int,
+                         metrics: dict[str, Any] | None = None) -> Any:
+        """Hand a framework's own checkpoint file or folder to the daemon, which
+        copies it into the run, makes it durable, hashes, records and retains it
+        like a native checkpoint. Returns a handle; ``.wait()`` raises on failure.
+        :meth:`latest_checkpoint_path` gives it back after a resume."""
+        from .integrations.adopt import adopt
+
+        return adopt(self, path, step, metrics)
+
+    def latest_checkpoint_path(self) -> str | None:
+        """The newest adopted checkpoint that verifies (skipping, with a warning,
+        those that do not), as a path to give the framework; None if none."""
+        from .integrations.adopt import latest_path
+
+        return latest_path(self)
+
     def logging_handler(self, level: int = logging.INFO) -> logging.Handler:
         """A ``logging.Handler`` that records each log record as a run event."""
         return _RunHandler(self, level)
