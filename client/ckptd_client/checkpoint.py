@@ -458,6 +458,7 @@ class CheckpointHandle:
         self.result: dict[str, Any] | None = None
         self._exc: BaseException | None = None
         self._event = threading.Event()
+        self._via: Any = None  # the daemon connection it was sent over
 
     def done(self) -> bool:
         """True once the checkpoint is committed or has failed."""
@@ -594,6 +595,9 @@ class Checkpointer:
 
     #: How long a new checkpoint waits for the previous one to be committed.
     previous_timeout = 600.0
+    #: How long a checkpoint waits for a daemon to start or come back (bounded:
+    #: training must not hang on a daemon that cannot start).
+    connect_wait = 15.0
 
     def __init__(self, run: Run) -> None:
         self.run = run
@@ -635,7 +639,15 @@ class Checkpointer:
                 msg = self._snapshot_locked(tree, tensors, step, values)
                 handle.blocked_s = encode_s + time.perf_counter() - t1
                 msg["blocked_s"] = handle.blocked_s
-                self._send_locked(msg, handle)
+                try:
+                    self._send_locked(msg, handle)
+                except DaemonUnavailable:
+                    # The daemon died under a connection that looked alive (a
+                    # kill -9 or restart whose EOF the reader has not seen yet).
+                    # The snapshot is in the buffer already: reconnect (starting
+                    # a daemon, bounded) and hand it over once more.
+                    self._connect_locked()
+                    self._send_locked(msg, handle)
             except CkptdError as exc:
                 return self._fail(handle, exc)
             self._last = handle
@@ -702,6 +714,7 @@ class Checkpointer:
                 raise DaemonUnavailable(f"checkpoint step {handle.step}: the daemon "
                                         "connection closed")
             self._inflight[msg["id"]] = handle
+            handle._via = sock
             try:
                 # Blocking sendall: when it returns, the request is in the
                 # kernel and survives our death (the daemon still reads it).
@@ -719,14 +732,19 @@ class Checkpointer:
             if self._sock is not None:
                 return self._sock
         try:
-            sock = transport.connect(paths.socket_path(self.run.home))
+            # Start one (or wait for one being started, e.g. by log() after a
+            # daemon crash) for a bounded time, like log() does: a checkpoint
+            # asked for while the daemon restarts is not dropped.
+            sock = transport.connect_or_start(self.run.home, autostart=self.run._autostart,
+                                              wait=self.connect_wait)
             sock.settimeout(10)
             sock.sendall(protocol.encode({"t": protocol.HELLO, "run": self.run.id,
                                           "attempt": self.run.attempt, "src": "c",
                                           "pid": os.getpid()}))
         except DaemonUnavailable as exc:
             raise DaemonUnavailable(f"checkpoint: {exc}; the daemon must be running to take "
-                                    "checkpoints (`ckptd start`)") from None
+                                    "checkpoints (`ckptd start`; none started within "
+                                    f"{self.connect_wait:.0f} s)") from None
         except OSError as exc:
             raise DaemonUnavailable(f"checkpoint: cannot reach the daemon: {exc}") from None
         # The reader thread blocks in recv() with no timeout; sends still get
@@ -779,7 +797,11 @@ class Checkpointer:
                 self._sock = None
             pending: dict[int, CheckpointHandle] = {}
             if exc is not None:
-                pending, self._inflight = self._inflight, {}
+                # only what went over this connection: a checkpoint resent over
+                # a newer one (after a daemon restart) is still in flight
+                pending = {k: h for k, h in self._inflight.items() if h._via is sock}
+                for k in pending:
+                    del self._inflight[k]
         try:
             sock.close()
         except OSError:
