@@ -26,7 +26,7 @@ try:  # typer >= 0.2x vendors its own click; its exceptions are not click's
 except ImportError:  # pragma: no cover - older typer on real click
     from click import exceptions as click_exc
 from ckptd_client import paths, transport
-from ckptd_client.errors import CkptdError, DaemonUnavailable
+from ckptd_client.errors import CkptdError, DaemonUnavailable, UsageError
 
 from . import __version__, query
 from .follow import follow, output_closed
@@ -240,7 +240,7 @@ def ls(status: str | None = typer.Option(None, "--status", help="only runs in th
        as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """List runs, oldest first."""
     if status and status not in ("running", "finished", "failed", "interrupted"):
-        raise CkptdError(f"unknown status {status!r}; use running, finished, failed or "
+        raise UsageError(f"unknown status {status!r}; use running, finished, failed or "
                          "interrupted")
     try:
         reader = query.Reader(home())
@@ -330,9 +330,9 @@ def tail(
     try:
         pattern = re.compile(grep) if grep else None
     except re.error as exc:
-        raise CkptdError(f"--grep {grep!r} is not a valid regular expression: {exc}") from None
+        raise UsageError(f"--grep {grep!r} is not a valid regular expression: {exc}") from None
     if n < 0:
-        raise CkptdError("-n must be >= 0")
+        raise UsageError("-n must be >= 0")
     with query.Reader(home()) as reader:
         info = reader.resolve(run)
         lines, cursor = reader.lines(info["id"], with_metrics=metrics,
@@ -367,7 +367,7 @@ def metrics_cmd(
 ) -> None:
     """Print a run's metrics: the effective timeline unless --all-attempts."""
     if fmt not in ("table", "csv", "jsonl"):
-        raise CkptdError(f"--format {fmt!r} is not one of table, csv, jsonl")
+        raise UsageError(f"--format {fmt!r} is not one of table, csv, jsonl")
     with query.Reader(home()) as reader:
         info = reader.resolve(run)
         rows = reader.metrics(info["id"], key, all_attempts)

@@ -171,7 +171,7 @@ class Reader:
         ev = self.rows(
             "SELECT rowid AS rid, attempt, time, kind, level, step, message, fields FROM events"
             f" WHERE {_run_filter(cursor.event)} AND rowid > ?{sup} AND kind != 'register'"
-            " ORDER BY rowid",
+            f" AND NOT ({_SAID_BEFORE}) ORDER BY rowid",
             (run_id, cursor.event),
         )
         out = [Line(r["time"], r["attempt"], r["kind"], r["level"], r["step"], r["message"],
@@ -205,6 +205,16 @@ class Reader:
                                 (run_id,)).fetchone()
         return row is not None and (row[0] == "running" or (
             bool(row[1]) and row[0] in ("interrupted", "failed")))
+
+
+#: The supervisor's status line of an attempt whose own process already said
+#: it ended the same way ("attempt 1 finished" then "attempt 1 finished:
+#: exited with status 0"): one line per ending. The supervisor reports last,
+#: so ``tail -f`` never has to take back a line it printed.
+_SAID_BEFORE = ("events.kind = 'status' AND events.src = 's' AND EXISTS (SELECT 1 FROM"
+                " events AS c WHERE c.run_id = events.run_id AND c.attempt = events.attempt"
+                " AND c.src = 'c' AND c.kind = 'status' AND c.rowid < events.rowid AND"
+                " substr(events.message, 1, length(c.message)) = c.message)")
 
 
 def _run_filter(after: int) -> str:

@@ -230,8 +230,10 @@ class Store:
                 message, level = msg.get("text", ""), msg.get("stream", "stdout")
             elif kind == protocol.RESTORED:
                 restored = msg.get("step")
+                # a first attempt that restores (a rollback) never resumed anything
+                verb = "resumed after" if attempt > 1 else "restored"
                 message, level = (
-                    f"attempt {attempt} resumed after checkpoint step {restored}"
+                    f"attempt {attempt} {verb} checkpoint step {restored}"
                     if restored is not None and restored >= 0
                     else f"attempt {attempt} started over: no checkpoint to restore"), "info"
             else:
