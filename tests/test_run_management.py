@@ -217,3 +217,23 @@ def test_a_half_removed_run_directory_is_swept_at_startup(home: Path) -> None:
         wait_for(lambda: not left.parent.exists(), what="the sweep of a half-removed run")
     finally:
         daemon.stop()
+
+
+def test_every_managing_runs_command_in_the_readme_works(home: Path, daemon: DaemonProc) -> None:
+    import re
+    import shlex
+
+    from helpers import REPO
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Managing runs"):text.index("## Surviving crashes")]
+    commands = [shlex.split(m, comments=True) for m in
+                re.findall(r"^ {4}(ckptd .*)$", section, re.M)]
+    assert len(commands) == 6, commands
+    train(home, "1e-4", "baseline")
+    for argv in commands:
+        proc = ckptd(home, *argv[1:])
+        assert proc.returncode == 0, (argv, proc.stderr)
+        if argv[1] == "ls":  # the filter finds the tagged run and shows its columns
+            assert "baseline" in proc.stdout and "0.0001" in proc.stdout, proc.stdout
+    assert ls_json(home) == []  # the last command removed it
