@@ -620,6 +620,7 @@ class Checkpointer:
         if metrics is not None and not isinstance(metrics, dict):
             raise TypeError(f"checkpoint metrics must be a dict, not {type(metrics).__name__}")
         values = {k: protocol.check_metric(k, v) for k, v in (metrics or {}).items()}
+        self.run._check_rng_placement()
         from . import rng
 
         t0 = time.perf_counter()
@@ -852,10 +853,21 @@ def restore(run: Run, map_location: Any = None) -> Any:
         if payload.get("rng"):
             # own storage: the generators reject views into the mapped file
             rng.restore(clone_tensors(payload["rng"]))  # last: nothing after draws a number
+            run._rng_watch = rng.PlacementWatch(lambda text: _misplaced(run, text))
         _announce(run, row["step"])
         return payload["state"]
     _announce(run, None)
     return None
+
+
+def _misplaced(run: Run, text: str) -> None:
+    """Say it where a person looks: a warning at their log()/checkpoint() line
+    (stderr), and the run's events (``ckptd tail``)."""
+    warnings.warn(text, stacklevel=6)
+    try:
+        run.event(text, level="warning")
+    except Exception:  # noqa: BLE001 - the warnings above already said it
+        pass
 
 
 def _skip(run: Run, step: int, why: str) -> None:
