@@ -93,14 +93,6 @@ class Reader:
                                " give the run id (or rename one: `ckptd rename ID NEW`)")
         raise NotFound(f"no run {ref!r} in {self.home}; `ckptd ls` lists the runs")
 
-    def list_runs(self, status: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM runs"
-        args: tuple[Any, ...] = ()
-        if status:
-            sql += " WHERE status = ?"
-            args = (status,)
-        return [summary(r) for r in self.rows(sql + " ORDER BY started, rowid", args)]
-
     def tags(self, run_ids: list[str] | None = None) -> dict[str, list[str]]:
         """Tags per run id (of the given runs, or all)."""
         if self.version < 2:
