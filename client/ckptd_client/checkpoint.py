@@ -459,6 +459,8 @@ class CheckpointHandle:
         self._exc: BaseException | None = None
         self._event = threading.Event()
         self._via: Any = None  # the daemon connection it was sent over
+        self._msg: dict[str, Any] = {}  # the request, to resend after a daemon restart
+        self._resends = 0
 
     def done(self) -> bool:
         """True once the checkpoint is committed or has failed."""
@@ -589,6 +591,11 @@ class _SharedBuffer:
                 pass
 
 
+#: How often a checkpoint is handed to a new daemon after the one it was sent
+#: to died without confirming it (each time bounded by ``connect_wait``).
+MAX_RESENDS = 3
+
+
 class Checkpointer:
     """The checkpoint side of a ``Run``: one dedicated daemon connection, one
     shared buffer, at most one checkpoint in flight."""
@@ -715,7 +722,7 @@ class Checkpointer:
                 raise DaemonUnavailable(f"checkpoint step {handle.step}: the daemon "
                                         "connection closed")
             self._inflight[msg["id"]] = handle
-            handle._via = sock
+            handle._via, handle._msg = sock, msg
             try:
                 # Blocking sendall: when it returns, the request is in the
                 # kernel and survives our death (the daemon still reads it).
@@ -768,9 +775,12 @@ class Checkpointer:
             except (OSError, protocol.ProtocolError):
                 msgs = None
             if msgs is None:
+                resend = self._take_resendable(sock)
                 self._drop(sock, DaemonUnavailable(
                     "checkpoint: the daemon connection closed before the commit was "
                     "confirmed; it may or may not be committed (see `ckptd ckpt ls`)"))
+                if resend:
+                    self._resend(resend)
                 return
             for msg in msgs:
                 if msg.get("t") == CKPT_DONE:
@@ -778,6 +788,51 @@ class Checkpointer:
                 elif msg.get("t") == protocol.ERROR:
                     self.run._warn("ckpt-daemon", f"daemon refused a checkpoint: "
                                    f"{msg.get('error')}")
+
+    def _take_resendable(self, sock: socket.socket) -> list[CheckpointHandle]:
+        """Checkpoints sent over ``sock`` that its daemon died without confirming.
+
+        Their snapshot is still in the buffer (the next checkpoint waits for
+        them before it copies), so they can be handed to the next daemon: a
+        daemon killed (or restarting) just after it read the request would
+        otherwise lose a checkpoint the loop was told was taken. A few times
+        each (:data:`MAX_RESENDS`); not while the run finishes. A step the dead daemon did commit is
+        committed again, which replaces it with the same content.
+        """
+        with self._mu:
+            if self._closed:
+                return []
+            handles = {k: h for k, h in self._inflight.items()
+                       if h._via is sock and h._resends < MAX_RESENDS}
+            for k in handles:
+                del self._inflight[k]
+        return list(handles.values())
+
+    def _resend(self, handles: list[CheckpointHandle]) -> None:
+        """Hand ``handles`` to a daemon within ``connect_wait``: one that is still
+        dying may take the connection and then close it, so try again."""
+        deadline = time.monotonic() + self.connect_wait
+        for h in handles:
+            h._resends += 1
+        while True:
+            try:
+                self._connect_locked()
+                for h in handles:
+                    self._send_locked(h._msg, h)
+                return
+            except DaemonUnavailable as exc:
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                error: CkptdError = exc
+            except CkptdError as exc:
+                error = exc
+            for h in handles:
+                if not h.done():
+                    h._resolve(None, DaemonUnavailable(
+                        f"checkpoint step {h.step}: the daemon went away before confirming "
+                        f"the commit, and handing it to a new one failed: {error}"))
+            return
 
     def _on_done(self, msg: dict[str, Any]) -> None:
         with self._mu:
