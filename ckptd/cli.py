@@ -26,7 +26,7 @@ try:  # typer >= 0.2x vendors its own click; its exceptions are not click's
 except ImportError:  # pragma: no cover - older typer on real click
     from click import exceptions as click_exc
 from ckptd_client import paths, transport
-from ckptd_client.errors import CkptdError, DaemonUnavailable
+from ckptd_client.errors import CkptdError, DaemonUnavailable, UsageError
 
 from . import __version__, query
 from .follow import follow, output_closed
@@ -257,11 +257,26 @@ def status(as_json: bool = typer.Option(False, "--json", help="machine-readable 
 @app.command("ls")
 def ls(status: str | None = typer.Option(None, "--status", help="only runs in this state"),
        group: str | None = typer.Option(None, "--group", help="only runs in this group"),
+       project: str | None = typer.Option(None, "--project", help="only runs of this project"),
+       tag: list[str] = typer.Option([], "--tag", help="only runs with this tag (repeatable: "
+                                     "all of them)"),
+       name: str | None = typer.Option(None, "--name", help="only runs whose name matches "
+                                       "this glob, e.g. 'lr-*'"),
+       where: str | None = typer.Option(None, "--where", help="only runs where KEY OP VALUE "
+                                        "holds (clauses joined by `and`; KEY is config.PATH, "
+                                        "a run field or a metric's last value), e.g. "
+                                        "'config.lr<1e-3 and loss<0.5'"),
+       columns: str | None = typer.Option(None, "--columns", help="extra columns, e.g. "
+                                          "config.lr,loss"),
        as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """List runs, oldest first."""
+    from . import runfilter
+
     if status and status not in ("running", "finished", "failed", "interrupted", "queued"):
-        raise CkptdError(f"unknown status {status!r}; use running, finished, failed, "
+        raise UsageError(f"unknown status {status!r}; use running, finished, failed, "
                          "interrupted or queued")
+    clauses = runfilter.parse_where(where) if where else []
+    extra = [c.strip() for c in columns.split(",") if c.strip()] if columns else []
     try:
         reader = query.Reader(home())
     except query.NotFound:
@@ -271,14 +286,17 @@ def ls(status: str | None = typer.Option(None, "--status", help="only runs in th
             echo("no runs yet")
         return
     with reader:
-        rows = reader.list_runs(status, group)
+        rows = runfilter.list_runs(
+            reader, status=status, group=group, project=project, tags=tag, name=name, where=clauses,
+            with_last=as_json or runfilter.needs_last([c.key for c in clauses] + extra))
     if as_json:
         emit_json(rows)
         return
-    for r in rows:
-        r["started"] = fmt_time(r["started"])
-        r["ended"] = fmt_time(r["ended"])
-    table(rows, ["id", "name", "status", "attempt", "step", "started", "ended"])
+    shown = [r | {"started": fmt_time(r["started"]), "ended": fmt_time(r["ended"]),
+                  "tags": " ".join(r["tags"]) or None}
+             | {c: runfilter.cell(r, c) for c in extra} for r in rows]
+    table(shown, ["id", "name", "status", "attempt", "step", "started", "ended",
+                  *(["tags"] if any(r["tags"] for r in rows) else []), *extra])
 
 
 @app.command()
@@ -291,10 +309,12 @@ def show(run: str | None = typer.Argument(None, help="run id, unique prefix or n
         emit_json(info)
         return
     say = _say
-    for key in ("id", "name", "status", "attempt", "step", "project", "group", "seed", "cwd",
-                "reason", "exit_code", "signal_name", "auto_resume", "restarts", "max_restarts"):
+    for key in ("id", "name", "status", "attempt", "step", "project", "group", "tags", "note",
+                "seed", "cwd", "reason",
+                "exit_code", "signal_name", "auto_resume", "restarts", "max_restarts"):
         label = "signal" if key == "signal_name" else key
-        say(f"{label + ':':<13} {info.get(key) if info.get(key) is not None else '-'}")
+        value = " ".join(info[key]) or None if key == "tags" else info.get(key)
+        say(f"{label + ':':<13} {value if value is not None else '-'}")
     say(f"{'started:':<13} {fmt_time(info['started'])}")
     say(f"{'ended:':<13} {fmt_time(info['ended'])}")
     if info.get("command"):
@@ -350,9 +370,9 @@ def tail(
     try:
         pattern = re.compile(grep) if grep else None
     except re.error as exc:
-        raise CkptdError(f"--grep {grep!r} is not a valid regular expression: {exc}") from None
+        raise UsageError(f"--grep {grep!r} is not a valid regular expression: {exc}") from None
     if n < 0:
-        raise CkptdError("-n must be >= 0")
+        raise UsageError("-n must be >= 0")
     with query.Reader(home()) as reader:
         info = reader.resolve(run)
         lines, cursor = reader.lines(info["id"], with_metrics=metrics,
@@ -387,7 +407,7 @@ def metrics_cmd(
 ) -> None:
     """Print a run's metrics: the effective timeline unless --all-attempts."""
     if fmt not in ("table", "csv", "jsonl"):
-        raise CkptdError(f"--format {fmt!r} is not one of table, csv, jsonl")
+        raise UsageError(f"--format {fmt!r} is not one of table, csv, jsonl")
     with query.Reader(home()) as reader:
         info = reader.resolve(run)
         rows = reader.metrics(info["id"], key, all_attempts)
@@ -428,7 +448,7 @@ def _register_subcommands() -> None:
     import importlib
 
     for name in ("cli_ckpt", "cli_runs", "cli_service", "cli_views", "cli_analysis",
-                 "cli_export"):
+                 "cli_export", "cli_manage"):
         try:
             module = importlib.import_module(f"ckptd.{name}")
         except ModuleNotFoundError as exc:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 import typer
-from ckptd_client.errors import CkptdError, ResumeRefused
+from ckptd_client.errors import CkptdError, ResumeRefused, UsageError
 from ckptd_client.run import valid_run_id
 
 
@@ -44,10 +44,10 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(_attach(cli.home(), attach_run, force, after_attempt, report_fd,
                                      stop_grace))
         if not command:
-            raise CkptdError("run: give the command to run after --, e.g. "
+            raise UsageError("run: give the command to run after --, e.g. "
                              "`ckptd run -- python train.py`")
         if max_restarts is not None and not auto_resume:
-            raise CkptdError("run: --max-restarts only makes sense with --auto-resume")
+            raise UsageError("run: --max-restarts only makes sense with --auto-resume")
         from .supervise import run_command
 
         if group is not None and not group.strip():

@@ -27,6 +27,10 @@ class UnknownKey(NotFound):
     """``--key`` names a metric the run never logged (a typo, usually)."""
 
 
+class AmbiguousRun(NotFound):
+    """A run name that several runs share: which one is meant is not guessed."""
+
+
 SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
 
 
@@ -41,7 +45,8 @@ class Reader:
                 f"no ckptd store in {home}; run a training script that calls "
                 "ckptd_client.init() or `ckptd demo` first (or pass --home)"
             )
-        check_version(db)
+        #: schema version: a store not yet migrated by a daemon has no tags table
+        self.version = check_version(db)
         self.conn = connect_readonly(db)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA busy_timeout=30000")
@@ -78,8 +83,14 @@ class Reader:
             ids = ", ".join(r["id"] for r in rows[:5])
             raise NotFound(f"run prefix {ref!r} is ambiguous: {ids}; give more characters")
         rows = self.rows("SELECT * FROM runs WHERE name = ? ORDER BY started DESC", (ref,))
-        if rows:
+        if len(rows) == 1:
             return rows[0]
+        if rows:
+            listed = "; ".join(f"{r['id']} ({r['status']}, started "
+                               f"{_stamp(r['started'])})" for r in rows[:10])
+            more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+            raise AmbiguousRun(f"{len(rows)} runs are named {printable(ref)!r}: {listed}{more};"
+                               " give the run id (or rename one: `ckptd rename ID NEW`)")
         raise NotFound(f"no run {ref!r} in {self.home}; `ckptd ls` lists the runs")
 
     def list_runs(self, status: str | None = None,
@@ -94,10 +105,56 @@ class Reader:
         sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
         return [summary(r) for r in self.rows(sql + " ORDER BY started, rowid", tuple(args))]
 
+    def tags(self, run_ids: list[str] | None = None) -> dict[str, list[str]]:
+        """Tags per run id (of the given runs, or all)."""
+        if self.version < 3:  # tags came with schema version 3
+            return {}
+        sql, args = "SELECT run_id, tag FROM tags", ()
+        if run_ids is not None and len(run_ids) == 1:
+            sql, args = sql + " WHERE run_id = ?", (run_ids[0],)
+        out: dict[str, list[str]] = {}
+        for r in self.conn.execute(sql + " ORDER BY run_id, tag", args):
+            out.setdefault(r[0], []).append(r[1])
+        return out
+
+    def last_values(self, run_id: str) -> dict[str, float]:
+        """The last value of each metric key on the effective timeline.
+
+        One index seek per key (``metrics (run_id, key, step)`` read backwards),
+        so a long run costs its number of keys, not its number of rows.
+        """
+        out: dict[str, float] = {}
+        for key in self.keys(run_id):
+            row = self.conn.execute(
+                "SELECT value FROM metrics WHERE run_id = ? AND key = ? AND src = 'c' AND"
+                " superseded = 0 ORDER BY step DESC, attempt DESC, seq DESC LIMIT 1",
+                (run_id, key)).fetchone()
+            if row is not None:
+                out[key] = float("nan") if row[0] is None else row[0]
+        return out
+
+    def key_stats(self, run_id: str) -> list[dict[str, Any]]:
+        """Every metric key of a run (``sys/`` samples of the daemon included):
+        how many values on the effective timeline, the last one and its step."""
+        rows = self.rows(
+            "SELECT key, src, COUNT(*) AS count, MAX(step) AS step FROM metrics"
+            " WHERE run_id = ? AND superseded = 0 GROUP BY src, key ORDER BY src, key",
+            (run_id,))
+        for r in rows:
+            last = self.conn.execute(
+                "SELECT value FROM metrics WHERE run_id = ? AND key = ? AND src = ? AND"
+                " superseded = 0 ORDER BY step DESC, attempt DESC, seq DESC LIMIT 1",
+                (run_id, r["key"], r["src"])).fetchone()
+            r["last"] = float("nan") if last is None or last[0] is None else last[0]
+            r["system"] = r.pop("src") == "d"
+        return rows
+
     def show(self, ref: str | None) -> dict[str, Any]:
         run = self.resolve(ref)
         out = summary(run)
         out.update(
+            tags=self.tags([run["id"]]).get(run["id"], []),
+            note=run.get("note"),
             project=run.get("project"),
             command=_redact_command(_loads(run.get("command"))),
             cwd=run.get("cwd"),
@@ -175,7 +232,7 @@ class Reader:
         ev = self.rows(
             "SELECT rowid AS rid, attempt, time, kind, level, step, message, fields FROM events"
             f" WHERE {_run_filter(cursor.event)} AND rowid > ?{sup} AND kind != 'register'"
-            " ORDER BY rowid",
+            f" AND NOT ({_SAID_BEFORE}) ORDER BY rowid",
             (run_id, cursor.event),
         )
         out = [Line(r["time"], r["attempt"], r["kind"], r["level"], r["step"], r["message"],
@@ -209,6 +266,22 @@ class Reader:
                                 (run_id,)).fetchone()
         return row is not None and (row[0] == "running" or (
             bool(row[1]) and row[0] in ("interrupted", "failed")))
+
+
+#: The supervisor's status line of an attempt whose own process already said
+#: it ended the same way ("attempt 1 finished" then "attempt 1 finished:
+#: exited with status 0"): one line per ending. The supervisor reports last,
+#: so ``tail -f`` never has to take back a line it printed.
+_SAID_BEFORE = ("events.kind = 'status' AND events.src = 's' AND EXISTS (SELECT 1 FROM"
+                " events AS c WHERE c.run_id = events.run_id AND c.attempt = events.attempt"
+                " AND c.src = 'c' AND c.kind = 'status' AND c.rowid < events.rowid AND"
+                " substr(events.message, 1, length(c.message)) = c.message)")
+
+
+def _stamp(t: float | None) -> str:
+    import datetime as dt
+
+    return "-" if t is None else dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _run_filter(after: int) -> str:

@@ -34,7 +34,7 @@ from ckptd_client.errors import CkptdError, NotFound, ResumeRefused
 if TYPE_CHECKING:
     import sqlite_utils
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class SchemaTooNew(CkptdError):
@@ -195,7 +195,20 @@ def _add_groups_and_sweeps(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS = {1: _create_v1, 2: _add_groups_and_sweeps}
+
+def _add_tags_and_notes(db: sqlite_utils.Database) -> None:
+    """Run management: tags (a table: a run has any number) and a note."""
+    db["tags"].create({"run_id": str, "tag": str}, pk=("run_id", "tag"), if_not_exists=True)
+    db["tags"].create_index(["tag"], if_not_exists=True)
+    if "note" not in db["runs"].columns_dict:
+        db["runs"].add_column("note", str)
+
+
+MIGRATIONS = {1: _create_v1, 2: _add_groups_and_sweeps, 3: _add_tags_and_notes}
+
+#: Tables holding a run's rows, removed together by :meth:`Store.remove_run`.
+RUN_TABLES = {"runs": "id", "attempts": "run_id", "events": "run_id", "metrics": "run_id",
+              "checkpoints": "run_id", "tags": "run_id"}
 
 
 def _dumps(value: Any) -> str | None:
@@ -277,8 +290,10 @@ class Store:
                 message, level = msg.get("text", ""), msg.get("stream", "stdout")
             elif kind == protocol.RESTORED:
                 restored = msg.get("step")
+                # a first attempt that restores (a rollback) never resumed anything
+                verb = "resumed after" if attempt > 1 else "restored"
                 message, level = (
-                    f"attempt {attempt} resumed after checkpoint step {restored}"
+                    f"attempt {attempt} {verb} checkpoint step {restored}"
                     if restored is not None and restored >= 0
                     else f"attempt {attempt} started over: no checkpoint to restore"), "info"
             else:
@@ -615,6 +630,62 @@ class Store:
         sets = ", ".join(f"{k} = ?" for k in fields)
         self.conn.execute(f"UPDATE sweep_items SET {sets} WHERE sweep = ? AND idx = ?",
                           [*fields.values(), sweep, idx])
+
+    # ------------------------------------------------------- run management
+
+    def _run_row(self, op: str, run_id: str) -> dict[str, Any]:
+        cur = self.conn.execute("SELECT id, name, status, pid FROM runs WHERE id = ?",
+                                (run_id,))
+        row = cur.fetchone()
+        if row is None:
+            raise NotFound(f"{op}: no run {run_id!r}; `ckptd ls` lists the runs")
+        return dict(zip([d[0] for d in cur.description], row, strict=True))
+
+    def rename_run(self, run_id: str, name: str) -> None:
+        self._run_row("rename", run_id)
+        self.conn.execute("UPDATE runs SET name = ?, updated = ? WHERE id = ?",
+                          (name, time.time(), run_id))
+
+    def note_run(self, run_id: str, text: str | None) -> None:
+        self._run_row("note", run_id)
+        self.conn.execute("UPDATE runs SET note = ?, updated = ? WHERE id = ?",
+                          (text, time.time(), run_id))
+
+    def tag_run(self, run_id: str, tags: list[str], untag: bool) -> list[str]:
+        """Add (or remove) tags; returns the run's tags afterwards."""
+        self._run_row("tag", run_id)
+        if untag:
+            self.conn.executemany("DELETE FROM tags WHERE run_id = ? AND tag = ?",
+                                  [(run_id, t) for t in tags])
+        else:
+            self.conn.executemany("INSERT OR IGNORE INTO tags (run_id, tag) VALUES (?,?)",
+                                  [(run_id, t) for t in tags])
+        self.conn.execute("UPDATE runs SET updated = ? WHERE id = ?", (time.time(), run_id))
+        return [r[0] for r in self.conn.execute(
+            "SELECT tag FROM tags WHERE run_id = ? ORDER BY tag", (run_id,))]
+
+    def removable(self, run_id: str) -> dict[str, Any]:
+        """The run's row, unless it is running (its process would write on).
+
+        :raises CkptdError: the run is running.
+        """
+        run = self._run_row("rm", run_id)
+        if run["status"] == "running":
+            raise CkptdError(f"rm {run_id}: the run is running (pid {run['pid']}); stop "
+                             "it first (Ctrl-C its `ckptd run`, or kill its process)")
+        return run
+
+    def remove_run(self, run_id: str) -> dict[str, Any]:
+        """Delete every row of a run (not its files: the caller removes those).
+
+        :raises CkptdError: the run is running.
+        """
+        run = self.removable(run_id)
+        counts = {}
+        for table, column in RUN_TABLES.items():
+            counts[table] = self.conn.execute(f"DELETE FROM {table} WHERE {column} = ?",
+                                              (run_id,)).rowcount
+        return {"id": run_id, "name": run["name"], "rows": counts}
 
     def transaction(self) -> Any:
         return self.db.atomic()

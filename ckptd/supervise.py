@@ -540,6 +540,15 @@ def run_command(home: Path, command: list[str], *, name: str | None = None,
     if auto_resume and sup.status != "finished" and sup.stopped_by is None:
         print(f"ckptd: run {run_id} {sup.status}; the daemon relaunches it from its newest "
               f"checkpoint (follow it with `ckptd tail -f {run_id}`)", file=sys.stderr)
+    elif sup.status in ("interrupted", "failed"):
+        # the exact line to type (the id: names may repeat; --home only when not implied)
+        import shlex
+
+        from ckptd_client import paths
+
+        where = "" if home == paths.home_dir() else f" --home {shlex.quote(os.fspath(home))}"
+        print(f"ckptd: run {run_id} {sup.status}; resume it from its newest checkpoint "
+              f"with:\n  ckptd resume{where} {run_id}", file=sys.stderr)
     return code
 
 

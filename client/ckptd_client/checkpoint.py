@@ -468,6 +468,9 @@ class CheckpointHandle:
         self.result: dict[str, Any] | None = None
         self._exc: BaseException | None = None
         self._event = threading.Event()
+        self._via: Any = None  # the daemon connection it was sent over
+        self._msg: dict[str, Any] = {}  # the request, to resend after a daemon restart
+        self._resends = 0
 
     def done(self) -> bool:
         """True once the checkpoint is committed or has failed."""
@@ -584,12 +587,20 @@ class _SharedBuffer:
             self.fd = -1
 
 
+#: How often a checkpoint is handed to a new daemon after the one it was sent
+#: to died without confirming it (each time bounded by ``connect_wait``).
+MAX_RESENDS = 3
+
+
 class Checkpointer:
     """The checkpoint side of a ``Run``: one dedicated daemon connection, one
     shared buffer, at most one checkpoint in flight."""
 
     #: How long a new checkpoint waits for the previous one to be committed.
     previous_timeout = 600.0
+    #: How long a checkpoint waits for a daemon to start or come back (bounded:
+    #: training must not hang on a daemon that cannot start).
+    connect_wait = 15.0
 
     def __init__(self, run: Run) -> None:
         self.run = run
@@ -611,6 +622,7 @@ class Checkpointer:
         if metrics is not None and not isinstance(metrics, dict):
             raise TypeError(f"checkpoint metrics must be a dict, not {type(metrics).__name__}")
         values = {k: protocol.check_metric(k, v) for k, v in (metrics or {}).items()}
+        self.run._check_rng_placement()
         from . import rng
 
         t0 = time.perf_counter()
@@ -630,7 +642,15 @@ class Checkpointer:
                 msg = self._snapshot_locked(tree, tensors, step, values)
                 handle.blocked_s = encode_s + time.perf_counter() - t1
                 msg["blocked_s"] = handle.blocked_s
-                self._send_locked(msg, handle)
+                try:
+                    self._send_locked(msg, handle)
+                except DaemonUnavailable:
+                    # The daemon died under a connection that looked alive (a
+                    # kill -9 or restart whose EOF the reader has not seen yet).
+                    # The snapshot is in the buffer already: reconnect (starting
+                    # a daemon, bounded) and hand it over once more.
+                    self._connect_locked()
+                    self._send_locked(msg, handle)
             except CkptdError as exc:
                 return self._fail(handle, exc)
             self._last = handle
@@ -695,6 +715,7 @@ class Checkpointer:
                 raise DaemonUnavailable(f"checkpoint step {handle.step}: the daemon "
                                         "connection closed")
             self._inflight[msg["id"]] = handle
+            handle._via, handle._msg = sock, msg
             try:
                 # Blocking sends: when they return, the request and the
                 # buffer's descriptor are in the kernel and survive our death
@@ -719,14 +740,19 @@ class Checkpointer:
             if self._sock is not None:
                 return self._sock
         try:
-            sock = transport.connect(paths.socket_path(self.run.home))
+            # Start one (or wait for one being started, e.g. by log() after a
+            # daemon crash) for a bounded time, like log() does: a checkpoint
+            # asked for while the daemon restarts is not dropped.
+            sock = transport.connect_or_start(self.run.home, autostart=self.run._autostart,
+                                              wait=self.connect_wait)
             sock.settimeout(10)
             sock.sendall(protocol.encode({"t": protocol.HELLO, "run": self.run.id,
                                           "attempt": self.run.attempt, "src": "c",
                                           "pid": os.getpid()}))
         except DaemonUnavailable as exc:
             raise DaemonUnavailable(f"checkpoint: {exc}; the daemon must be running to take "
-                                    "checkpoints (`ckptd start`)") from None
+                                    "checkpoints (`ckptd start`; none started within "
+                                    f"{self.connect_wait:.0f} s)") from None
         except OSError as exc:
             raise DaemonUnavailable(f"checkpoint: cannot reach the daemon: {exc}") from None
         # The reader thread blocks in recv() with no timeout; sends still get
@@ -749,9 +775,12 @@ class Checkpointer:
             except (OSError, protocol.ProtocolError):
                 msgs = None
             if msgs is None:
+                resend = self._take_resendable(sock)
                 self._drop(sock, DaemonUnavailable(
                     "checkpoint: the daemon connection closed before the commit was "
                     "confirmed; it may or may not be committed (see `ckptd ckpt ls`)"))
+                if resend:
+                    self._resend(resend)
                 return
             for msg in msgs:
                 if msg.get("t") == CKPT_DONE:
@@ -759,6 +788,51 @@ class Checkpointer:
                 elif msg.get("t") == protocol.ERROR:
                     self.run._warn("ckpt-daemon", f"daemon refused a checkpoint: "
                                    f"{msg.get('error')}")
+
+    def _take_resendable(self, sock: socket.socket) -> list[CheckpointHandle]:
+        """Checkpoints sent over ``sock`` that its daemon died without confirming.
+
+        Their snapshot is still in the buffer (the next checkpoint waits for
+        them before it copies), so they can be handed to the next daemon: a
+        daemon killed (or restarting) just after it read the request would
+        otherwise lose a checkpoint the loop was told was taken. A few times
+        each (:data:`MAX_RESENDS`); not while the run finishes. A step the dead daemon did commit is
+        committed again, which replaces it with the same content.
+        """
+        with self._mu:
+            if self._closed:
+                return []
+            handles = {k: h for k, h in self._inflight.items()
+                       if h._via is sock and h._resends < MAX_RESENDS}
+            for k in handles:
+                del self._inflight[k]
+        return list(handles.values())
+
+    def _resend(self, handles: list[CheckpointHandle]) -> None:
+        """Hand ``handles`` to a daemon within ``connect_wait``: one that is still
+        dying may take the connection and then close it, so try again."""
+        deadline = time.monotonic() + self.connect_wait
+        for h in handles:
+            h._resends += 1
+        while True:
+            try:
+                self._connect_locked()
+                for h in handles:
+                    self._send_locked(h._msg, h)
+                return
+            except DaemonUnavailable as exc:
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                error: CkptdError = exc
+            except CkptdError as exc:
+                error = exc
+            for h in handles:
+                if not h.done():
+                    h._resolve(None, DaemonUnavailable(
+                        f"checkpoint step {h.step}: the daemon went away before confirming "
+                        f"the commit, and handing it to a new one failed: {error}"))
+            return
 
     def _on_done(self, msg: dict[str, Any]) -> None:
         with self._mu:
@@ -779,7 +853,11 @@ class Checkpointer:
                 self._sock = None
             pending: dict[int, CheckpointHandle] = {}
             if exc is not None:
-                pending, self._inflight = self._inflight, {}
+                # only what went over this connection: a checkpoint resent over
+                # a newer one (after a daemon restart) is still in flight
+                pending = {k: h for k, h in self._inflight.items() if h._via is sock}
+                for k in pending:
+                    del self._inflight[k]
         try:
             sock.close()
         except OSError:
@@ -831,10 +909,21 @@ def restore(run: Run, map_location: Any = None) -> Any:
         if payload.get("rng"):
             # own storage: the generators reject views into the mapped file
             rng.restore(clone_tensors(payload["rng"]))  # last: nothing after draws a number
+            run._rng_watch = rng.PlacementWatch(lambda text: _misplaced(run, text))
         _announce(run, row["step"])
         return payload["state"]
     _announce(run, None)
     return None
+
+
+def _misplaced(run: Run, text: str) -> None:
+    """Say it where a person looks: a warning at their log()/checkpoint() line
+    (stderr), and the run's events (``ckptd tail``)."""
+    warnings.warn(text, stacklevel=6)
+    try:
+        run.event(text, level="warning")
+    except Exception:  # noqa: BLE001 - the warnings above already said it
+        pass
 
 
 def _skip(run: Run, step: int, why: str) -> None:

@@ -9,6 +9,12 @@ class CkptdError(Exception):
     exit_code = 1
 
 
+class UsageError(CkptdError):
+    """A bad option value or argument on the command line (exit 2, like click's own)."""
+
+    exit_code = 2
+
+
 class DaemonUnavailable(CkptdError):
     """No daemon answered on the socket and none could be started."""
 

@@ -69,3 +69,61 @@ def restore(state: dict[str, Any]) -> None:
         if cuda and torch.cuda.is_available():
             for i, s in enumerate(cuda[: torch.cuda.device_count()]):
                 torch.cuda.set_rng_state(s.cpu(), device=i)
+
+
+#: What the misplacement warning tells the user to do.
+PLACEMENT_FIX = ("call run.restore() after the model and optimizer are built, right before "
+                 "the training loop")
+
+
+class PlacementWatch:
+    """Notices a ``restore()`` placed before the model is built.
+
+    ``restore()`` puts the generators back at once: for the usual placement
+    (model and optimizer built, then ``restore()``, then the loop) that is
+    exactly the state the checkpoint saw, whatever the loop draws before its
+    first ``log()`` (dropout, shuffling). Deferring the restore to the first
+    ``log()`` would break that placement, so it is not done. Placed earlier,
+    building the model draws its initial weights from the restored generators
+    and the loop then starts from another state: the run silently diverges.
+    That is what this watches for: a torch parameter created after
+    ``restore()`` (a global registration hook, so any ``nn.Module``), and at
+    the first ``log()``/``checkpoint()`` the torch generator no longer where
+    ``restore()`` left it. Then it warns once, naming the fix. (A model built
+    after ``restore()`` without drawing, and a loop that draws, also warns:
+    the fix is the same and harmless.)
+    """
+
+    def __init__(self, warn: Any) -> None:
+        self._warn = warn
+        self._built_after = False
+        self._handle: Any = None
+        torch = sys.modules.get("torch")
+        self._restored = None if torch is None else torch.get_rng_state()
+        if torch is None:
+            return
+        hooks = getattr(torch.nn.modules.module, "register_module_parameter_registration_hook",
+                        None)
+        if hooks is not None:
+            self._handle = hooks(self._on_parameter)
+
+    def _on_parameter(self, module: Any, name: str, param: Any) -> None:
+        self._built_after = True
+        self._remove()  # one is enough; keep module construction at full speed
+
+    def _remove(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.remove()
+
+    def check(self) -> None:
+        """At the first ``log()``/``checkpoint()`` after ``restore()``: warn if misplaced."""
+        self._remove()
+        if not self._built_after or self._restored is None:
+            return
+        torch = sys.modules["torch"]
+        if torch.equal(torch.get_rng_state(), self._restored):
+            return
+        self._warn(f"restore() ran before the model was built: building it drew from the "
+                   f"random generators restore() had just put back, so this resumed run will "
+                   f"not be bit-identical to an uninterrupted one; {PLACEMENT_FIX}")

@@ -131,6 +131,7 @@ class Run:
         self._hooks_installed = False
         self._checkpointer: Any = None
         self.restored_step: int | None = None  # set by restore()
+        self._rng_watch: Any = None  # set by restore(): rng.PlacementWatch
 
     # ------------------------------------------------------------------ public
 
@@ -146,6 +147,8 @@ class Run:
             raise ValueError(f"log() takes at most {protocol.MAX_METRICS} metrics per call, "
                              f"not {len(metrics)}")
         values = {k: protocol.check_metric(k, v) for k, v in metrics.items()}
+        if self._rng_watch is not None:
+            self._check_rng_placement()
         with self._lock:
             if step is None:
                 step = self._step + 1
@@ -185,6 +188,15 @@ class Run:
         with self._lock:
             self._emit_locked(msg)
 
+    def _check_rng_placement(self) -> None:
+        """First log()/checkpoint() after restore(): was restore() placed too early?"""
+        watch, self._rng_watch = self._rng_watch, None
+        if watch is not None:
+            try:
+                watch.check()
+            except Exception:  # noqa: BLE001 - a diagnostic must never stop training
+                pass
+
     def _report_restored(self, step: int | None) -> None:
         """Tell the daemon this attempt continues after checkpoint ``step``
         (``None``: nothing to restore, it starts over), so what earlier
@@ -214,7 +226,17 @@ class Run:
         return checkpointer_for(self).checkpoint(state, step, metrics)
 
     def restore(self, map_location: Any = None) -> Any:
-        """The newest checkpoint that verifies (RNG states restored last), or None."""
+        """The newest checkpoint that verifies (RNG states restored last), or None.
+
+        Call it after the model and optimizer are built, right before the
+        training loop: the RNG states are put back at once, so the loop
+        (dropout, shuffling before its first ``log()``) draws exactly what
+        the interrupted run would have. Called earlier, building the model
+        would draw from the restored generators and the resumed run would
+        diverge; ckptd notices that (a parameter created after ``restore()``
+        and the generator moved by the first ``log()``/``checkpoint()``) and
+        warns once, on stderr and as a run event, naming this fix.
+        """
         from .checkpoint import restore
 
         return restore(self, map_location)
