@@ -52,6 +52,9 @@ QUEUE_MAX = 200_000
 BATCH_MAX = 20_000
 #: Seconds a send to a client may block before that client is dropped.
 SEND_TIMEOUT = 2
+#: Seconds a clean stop waits for in-flight work (checkpoint commits). Inside
+#: the systemd unit's TimeoutStopSec (90 s), with room for the final commit.
+WORKER_DRAIN_TIMEOUT = 60
 
 
 class DaemonAlreadyRunning(CkptdError):
@@ -166,6 +169,9 @@ class Daemon:
         self._writer_exited = False
         self._signals = 0
         self.started = time.time()
+        #: work a clean stop must finish (checkpoint commits), by thread
+        self._workers: set[threading.Thread] = set()
+        self._workers_lock = threading.Lock()
 
     # ----------------------------------------------------------- lifecycle
 
@@ -234,6 +240,52 @@ class Daemon:
         t.start()
         self._threads.append(t)
 
+    def start_worker(self, target: Callable[..., None], args: tuple[Any, ...],
+                     name: str) -> None:
+        """Run ``target(*args)`` in a thread that a clean stop waits for.
+
+        A checkpoint whose snapshot was taken must be committed even when the
+        daemon is told to stop (SPEC promise 3): shutdown joins these threads
+        before the writer may exit, since they still need it for their row.
+        """
+
+        def body() -> None:
+            try:
+                target(*args)
+            finally:
+                with self._workers_lock:
+                    self._workers.discard(threading.current_thread())
+
+        t = threading.Thread(target=body, name=name, daemon=True)
+        with self._workers_lock:
+            self._workers.add(t)
+        t.start()
+
+    def _drain_workers(self) -> None:
+        """Let in-flight commits finish (bounded), saying so in the log."""
+        with self._workers_lock:
+            workers = sorted(self._workers, key=lambda t: t.name)
+        if not workers:
+            return
+        names = ", ".join(t.name for t in workers)
+        log.info("stopping: finishing %d in-flight commit(s) first (%s); up to %d s",
+                 len(workers), names, WORKER_DRAIN_TIMEOUT)
+        t0 = time.monotonic()
+        deadline = t0 + WORKER_DRAIN_TIMEOUT
+        for t in workers:
+            t.join(timeout=max(deadline - time.monotonic(), 0))
+        left = [t.name for t in workers if t.is_alive()]
+        if left:
+            # CRASH WINDOW: what is left is cut as a kill -9 would cut it:
+            # staging leftovers are removed at the next start, the trainer's
+            # handle reports the failure and the previous checkpoint stays.
+            log.error("stopping: gave up on %d in-flight commit(s) after %d s (%s); "
+                      "they are discarded at the next start", len(left),
+                      WORKER_DRAIN_TIMEOUT, ", ".join(left))
+        else:
+            log.info("stopping: %d in-flight commit(s) finished in %.1f s", len(workers),
+                     time.monotonic() - t0)
+
     def request_stop(self, signum: int = 0, frame: Any = None) -> None:
         """Signal handler: set flags only. A second signal exits at once."""
         self._signals += 1
@@ -269,6 +321,9 @@ class Daemon:
         for t in self._threads:
             if t.name != "writer":
                 t.join(timeout=30)
+        # Readers are done, so no new checkpoint can start; the ones running
+        # still need the writer for their row.
+        self._drain_workers()
         self._readers_done.set()
         for t in self._threads:
             t.join(timeout=60)
