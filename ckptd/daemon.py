@@ -37,7 +37,7 @@ from typing import Any
 
 from ckptd_client import paths, protocol
 from ckptd_client.errors import CkptdError
-from ckptd_client.spool import PARTIAL_SUFFIX, SUFFIX, fsync_dir, read_records, try_lock
+from ckptd_client.spool import PARTIAL_SUFFIX, SUFFIX, fsync_dir, read_batch, try_lock
 
 from . import __version__, notify, validate
 from .crashpoints import crashpoint
@@ -45,11 +45,21 @@ from .store import Store
 
 log = logging.getLogger("ckptd.daemon")
 
-#: Queue bound: when the writer falls behind, reader threads block, the
-#: kernel socket buffers fill and clients spill to their spool. Memory stays bounded.
+#: Queue bounds, in events and in bytes (frame sizes): when the writer falls
+#: behind, reader threads stop reading, the kernel socket buffers fill and
+#: clients spill to their spool. Memory stays bounded whatever the event size
+#: (1 MiB messages under a count bound alone took the daemon to 1.7 GB).
 QUEUE_MAX = 200_000
-#: Most events in one transaction (bounds the time a commit holds the lock).
+QUEUE_MAX_BYTES = 64 << 20
+#: Most events, and bytes, in one transaction: bounds the time a commit holds
+#: the lock and the WAL it writes (the WAL holds whole transactions).
 BATCH_MAX = 20_000
+BATCH_MAX_BYTES = 16 << 20
+#: Bytes of a spool file ingested per transaction: the daemon holds one batch,
+#: never a whole file (a 391 MB spool took 3.6 GB and outlived its timeout).
+SPOOL_BATCH_BYTES = 4 << 20
+#: Seconds between attempts to truncate an oversized WAL.
+WAL_CHECK_INTERVAL = 1.0
 #: Seconds a send to a client may block before that client is dropped.
 SEND_TIMEOUT = 2
 #: Seconds a clean stop waits for in-flight work (checkpoint commits). Inside
@@ -114,6 +124,8 @@ class _Event:
     attempt: int
     src: str
     msg: dict[str, Any]
+    #: frame bytes, charged to the queue's byte budget until committed
+    size: int = 0
 
 
 @dataclass
@@ -162,6 +174,14 @@ class Daemon:
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._spool_kick = threading.Event()
+        #: one spool pass at a time (spool thread, flushes, RPCs)
+        self._spool_mutex = threading.Lock()
+        #: flushes answered after the next complete spool pass
+        self._spool_waiters: list[_Flush] = []
+        self._spool_waiters_lock = threading.Lock()
+        #: bytes of events queued or in the writer's batch (see QUEUE_MAX_BYTES)
+        self._queued_bytes = 0
+        self._budget = threading.Condition()
         #: set at shutdown once every reader has read its connection to EOF;
         #: only then may the writer stop (it commits what they queued)
         self._readers_done = threading.Event()
@@ -388,8 +408,8 @@ class Daemon:
                 if not data:
                     break
                 try:
-                    for msg in reader.feed(data):
-                        self._dispatch(conn, msg)
+                    for msg, size in reader.feed_sized(data):
+                        self._dispatch(conn, msg, size)
                 except (protocol.ProtocolError, validate.Invalid) as exc:
                     log.warning("bad frame from pid %d: %s", conn.pid, exc)
                     conn.send({"t": protocol.ERROR, "error": str(exc)})
@@ -399,13 +419,14 @@ class Daemon:
             with self.conns_lock:
                 self.conns.discard(conn)
 
-    def _dispatch(self, conn: Conn, msg: dict[str, Any]) -> None:
+    def _dispatch(self, conn: Conn, msg: dict[str, Any], size: int = 0) -> None:
         kind = msg["t"]
         if kind in protocol.SEQUENCED:
             if conn.run is None:
                 raise validate.Invalid(f"{kind} before hello")
             validate.event(msg)
-            self.queue.put(_Event(conn, conn.run, conn.attempt, conn.src, msg))
+            self._charge(size)
+            self.queue.put(_Event(conn, conn.run, conn.attempt, conn.src, msg, size))
         elif kind == protocol.HELLO:
             validate.hello(msg)
             conn.run, conn.attempt, conn.src = msg["run"], msg["attempt"], msg["src"]
@@ -440,6 +461,21 @@ class Daemon:
             return
         conn.send({"t": protocol.REPLY, "ok": True, "result": result})
 
+    def _charge(self, size: int) -> None:
+        """Backpressure by bytes: a reader waits here while the writer is over
+        budget, so it stops reading its socket; the kernel buffer fills and
+        the client spools. The writer keeps draining, also at shutdown."""
+        with self._budget:
+            while self._queued_bytes > QUEUE_MAX_BYTES:
+                self._budget.wait(1.0)
+            self._queued_bytes += size
+
+    def _release(self, size: int) -> None:
+        if size:
+            with self._budget:
+                self._queued_bytes -= size
+                self._budget.notify_all()
+
     def call_writer(self, fn: Callable[[Store], Any], timeout: float | None = 120) -> Any:
         """Run ``fn(store)`` inside the writer's next transaction and return its result.
 
@@ -458,25 +494,42 @@ class Daemon:
     def _writer_loop(self) -> None:
         assert self.store is not None
         store = self.store
+        wal_checked = 0.0
         while True:
+            now = time.monotonic()
+            if now - wal_checked > WAL_CHECK_INTERVAL:
+                wal_checked = now
+                # between transactions: the WAL only shrinks when we say so
+                with contextlib.suppress(Exception):
+                    if store.bound_wal():
+                        log.debug("truncated the WAL")
             try:
                 first = self.queue.get(timeout=0.1)
             except queue.Empty:
                 if self._readers_done.is_set():
                     late = self._close_writer()
                     if late:
-                        self._commit(store, late)
+                        self._commit_released(store, late)
                     return
                 continue
             batch = [first]
+            size = getattr(first, "size", 0)
             # Group commit: take everything already queued (up to a bound);
             # under load, batches grow while the previous commit fsyncs.
-            while len(batch) < BATCH_MAX:
+            while len(batch) < BATCH_MAX and size < BATCH_MAX_BYTES:
                 try:
-                    batch.append(self.queue.get_nowait())
+                    item = self.queue.get_nowait()
                 except queue.Empty:
                     break
+                batch.append(item)
+                size += getattr(item, "size", 0)
+            self._commit_released(store, batch)
+
+    def _commit_released(self, store: Store, batch: list[Any]) -> None:
+        try:
             self._commit(store, batch)
+        finally:
+            self._release(sum(getattr(i, "size", 0) for i in batch))
 
     def _close_writer(self) -> list[Any]:
         """Refuse further calls (so no caller waits on a writer that is gone)
@@ -495,7 +548,6 @@ class Daemon:
         acks: dict[Conn, int] = {}
         flushes: list[_Flush] = []
         calls: list[tuple[_Call, Any, BaseException | None]] = []
-        after_commit: list[Callable[[], None]] = []
         seen_runs: set[tuple[str, int]] = set()
         try:
             with store.transaction():
@@ -519,9 +571,6 @@ class Daemon:
                             calls.append((item, None, exc))
                 if events:
                     store.apply(events)
-                if flushes:
-                    # a flush also covers the spool files its client just handed over
-                    after_commit.extend(self._ingest_spools(store))
                 if seen_runs or flushes:
                     crashpoint("events.before_commit")
         except Exception as exc:  # noqa: BLE001 - disk full, I/O error: report, keep serving
@@ -538,16 +587,15 @@ class Daemon:
         # events and resend them after a reconnect; the inserts are idempotent.
         if seen_runs or flushes:
             crashpoint("events.after_commit")
-        for fn in after_commit:
-            fn()
         if seen_runs or flushes:
             crashpoint("events.before_ack")
         for conn, seq in acks.items():
             if seq > conn.acked:
                 conn.acked = seq
             conn.send({"t": protocol.ACK, "seq": conn.acked})
-        for f in flushes:
-            f.conn.send({"t": protocol.FLUSHED, "seq": f.seq})
+        if flushes:
+            # a flush also covers the spool files its client just handed over
+            self._after_spool_pass(flushes)
         if seen_runs or flushes:
             crashpoint("events.after_ack")
         for call, result, exc in calls:
@@ -558,70 +606,130 @@ class Daemon:
 
     # --------------------------------------------------------------- spool
 
-    def _ingest_spools(self, store: Store) -> list[Callable[[], None]]:
-        """Apply every spool file no writer holds; return their deletions.
+    def _after_spool_pass(self, flushes: list[_Flush]) -> None:
+        """Answer ``flushes`` now, or after the next complete spool pass when
+        spool files wait (they may hold what these clients just handed over)."""
+        try:
+            waiting = any(n.endswith(SUFFIX) for n in os.listdir(paths.spool_dir(self.home)))
+        except OSError:
+            waiting = False
+        if not waiting:
+            for f in flushes:
+                f.conn.send({"t": protocol.FLUSHED, "seq": f.seq})
+            return
+        with self._spool_waiters_lock:
+            self._spool_waiters.extend(flushes)
+        self._spool_kick.set()
 
-        Deletion happens only after the transaction commits (the caller
-        runs the returned callables then), so a crash in between leaves the
-        file to be ingested again: harmless, inserts are idempotent.
+    def ingest_spools_now(self) -> None:
+        """Ingest every spool file no writer holds, in bounded batches.
+
+        Each batch of about :data:`SPOOL_BATCH_BYTES` is one writer
+        transaction that also records how far the file is done, so memory
+        and commit time stay bounded whatever the file's size, and a restart
+        (or a stop between batches) resumes where the last commit ended.
+        Files are deleted only once all of them is committed.
         """
+        with self._spool_mutex:
+            with self._spool_waiters_lock:
+                waiters, self._spool_waiters = self._spool_waiters, []
+            try:
+                complete = self._spool_pass()
+            except BaseException:
+                with self._spool_waiters_lock:
+                    self._spool_waiters[:0] = waiters  # answered by a later pass
+                raise
+            if not complete:
+                with self._spool_waiters_lock:
+                    self._spool_waiters[:0] = waiters
+                return
+            for f in waiters:
+                f.conn.send({"t": protocol.FLUSHED, "seq": f.seq})
+
+    def _spool_pass(self) -> bool:
+        """One pass over the spool; False if it stopped early (shutdown)."""
         spool = paths.spool_dir(self.home)
-        cleanups: list[Callable[[], None]] = []
         try:
             names = sorted(os.listdir(spool))
         except FileNotFoundError:
-            return cleanups
-        for name in names:
-            path = spool / name
-            if name.endswith(PARTIAL_SUFFIX):
+            return True
+        offsets: dict[str, int] = self.call_writer(lambda store: store.spool_offsets())
+        gone = [n for n in offsets if n not in names]
+        if gone:
+            # progress of files deleted after their last batch committed
+            self.call_writer(lambda store: store.forget_spools(gone))
+        done: list[str] = []
+        try:
+            for name in names:
+                path = spool / name
+                if name.endswith(PARTIAL_SUFFIX):
+                    fd = try_lock(path)
+                    if fd is not None:  # a writer died between create and rename: empty
+                        os.unlink(path)
+                        os.close(fd)
+                    continue
+                if not name.endswith(SUFFIX):
+                    continue
                 fd = try_lock(path)
-                if fd is not None:  # a writer died between create and rename: empty
-                    os.unlink(path)
-                    os.close(fd)
-                continue
-            if not name.endswith(SUFFIX):
-                continue
-            fd = try_lock(path)
-            if fd is None:
-                continue  # still being written
-            # The lock only proves that its writer is done (writers never
-            # reopen a file). Release it now: held until after the commit, a
-            # failed commit (disk full) leaked it, and this daemon then skipped
-            # the file as "still being written" until a restart.
-            os.close(fd)
+                if fd is None:
+                    continue  # still being written
+                # The lock only proves that its writer is done (writers never
+                # reopen a file). Release it now: held across commits, a failed
+                # commit (disk full) leaked it, and this daemon then skipped the
+                # file as "still being written" until a restart.
+                os.close(fd)
+                if not self._ingest_file(path, offsets.get(name, 0)):
+                    return False
+                done.append(name)
+        finally:
+            if done:
+                for name in done:
+                    # CRASH WINDOW: all committed, file still here -> its recorded
+                    # offset is its end: nothing is applied again; unlinked but the
+                    # directory not fsynced -> it may reappear after power loss and
+                    # is ingested again (idempotent).
+                    crashpoint("spool.before_unlink")
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(spool / name)
+                    crashpoint("spool.after_unlink")
+                fsync_dir(spool)
+                self.call_writer(lambda store: store.forget_spools(done))
+        return True
+
+    def _ingest_file(self, path: Path, offset: int) -> bool:
+        """Apply one spool file from ``offset``, a batch per transaction; False
+        if the daemon is stopping (what is committed is recorded)."""
+        total = 0
+        while True:
+            if self.stop.is_set():
+                log.info("stopping: %s ingested up to byte %d; the rest at the next start",
+                         path.name, offset)
+                return False
+            records, end, at_end = read_batch(path, offset, SPOOL_BATCH_BYTES)
             events = []
-            for msg in read_records(path):
+            for msg in records:
                 try:
                     validate.spooled(msg)
                 except validate.Invalid as exc:
                     log.warning("skipping bad spool record in %s: %s", path, exc)
                     continue
                 events.append((msg.pop("run"), msg.pop("a"), msg.pop("src"), msg))
-            for run, attempt in {(e[0], e[1]) for e in events}:
-                store.ensure_run(run, attempt)
-            store.apply(events)
-            log.info("ingested %d events from %s", len(events), name)
+            del records
 
-            def cleanup(path: Path = path) -> None:
-                # CRASH WINDOW: committed, file still here -> ingested again at
-                # restart (idempotent); unlinked but the directory not fsynced ->
-                # the file may reappear after power loss, same outcome.
-                crashpoint("spool.before_unlink")
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                crashpoint("spool.after_unlink")
+            def work(store: Store, events: list[Any] = events, end: int = end) -> None:
+                for run, attempt in {(e[0], e[1]) for e in events}:
+                    store.ensure_run(run, attempt)
+                store.apply(events)
+                # the same transaction records the progress: a crash after it
+                # resumes at ``end``, before it replays this batch (idempotent)
+                store.set_spool_offset(path.name, end)
 
-            cleanups.append(cleanup)
-        if cleanups:
-            cleanups.append(lambda: fsync_dir(spool))
-        return cleanups
-
-    def ingest_spools_now(self) -> None:
-        def work(store: Store) -> list[Callable[[], None]]:
-            return self._ingest_spools(store)
-
-        for fn in self.call_writer(work):
-            fn()
+            self.call_writer(work)
+            total += len(events)
+            offset = end
+            if at_end:
+                log.info("ingested %d events from %s", total, path.name)
+                return True
 
     def _spool_loop(self) -> None:
         """Ingest spool files as clients hand them over (watchdog), or every few seconds."""

@@ -17,7 +17,7 @@ from typing import Any
 from ckptd_client import paths
 from ckptd_client.errors import CkptdError, NotFound
 
-from .store import check_version
+from .store import check_version, effective
 
 SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
 
@@ -124,14 +124,14 @@ class Reader:
         the step a later attempt resumed from) are left out unless asked for."""
         # the daemon's own samples (``sys/...``, src 'd') appear when asked for by key
         src = "d" if key is not None and key.startswith("sys/") else "c"
-        sql = ("SELECT step, key, value, attempt, time, superseded FROM metrics"
-               " WHERE run_id = ? AND src = ?")
+        sql = (f"SELECT step, key, value, attempt, time, NOT {effective('metrics')}"
+               " AS superseded FROM metrics WHERE run_id = ? AND src = ?")
         args: list[Any] = [run_id, src]
         if key is not None:
             sql += " AND key = ?"
             args.append(key)
         if not all_attempts:
-            sql += " AND superseded = 0"
+            sql += f" AND {effective('metrics')}"
         sql += " ORDER BY step, attempt, seq, key"
         rows = self.rows(sql, tuple(args))
         for r in rows:
@@ -151,10 +151,11 @@ class Reader:
         grow, so nothing is shown twice or skipped.
         """
         cursor = after or Cursor()
-        sup = "" if all_attempts else " AND superseded = 0"
+        ev_sup = "" if all_attempts else f" AND {effective('events')}"
+        m_sup = "" if all_attempts else f" AND {effective('metrics')}"
         ev = self.rows(
             "SELECT rowid AS rid, attempt, time, kind, level, step, message, fields FROM events"
-            f" WHERE {_run_filter(cursor.event)} AND rowid > ?{sup} AND kind != 'register'"
+            f" WHERE {_run_filter(cursor.event)} AND rowid > ?{ev_sup} AND kind != 'register'"
             " ORDER BY rowid",
             (run_id, cursor.event),
         )
@@ -165,7 +166,7 @@ class Reader:
         if with_metrics:
             mrows = self.rows(
                 "SELECT rowid AS rid, attempt, seq, step, key, value, time FROM metrics"
-                f" WHERE {_run_filter(cursor.metric)} AND rowid > ? AND src = 'c'{sup}"
+                f" WHERE {_run_filter(cursor.metric)} AND rowid > ? AND src = 'c'{m_sup}"
                 " ORDER BY rowid",
                 (run_id, cursor.metric),
             )
