@@ -183,6 +183,10 @@ class Reader:
         out.sort(key=lambda line: line.time)
         return out, Cursor(new_event, new_metric)
 
+    def data_version(self) -> int:
+        """Changes whenever anyone commits to the store (cheap: no I/O)."""
+        return self.conn.execute("PRAGMA data_version").fetchone()[0]
+
     def run_status(self, run_id: str) -> str:
         row = self.conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
         return row[0] if row else "unknown"

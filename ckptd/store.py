@@ -67,6 +67,18 @@ class StoreError(CkptdError):
     """The store cannot be opened or written (disk full, permissions, corruption)."""
 
 
+def not_a_store(path: Path, exc: sqlite3.Error) -> StoreError:
+    """The one message for a store SQLite cannot read (CLI and daemon alike)."""
+    return StoreError(
+        f"open {path}: not a ckptd store, or a damaged one (SQLite: {exc}); move it aside "
+        f"(mv {path} {path}.bad) and restore it from a backup, or start afresh without it")
+
+
+def _damaged(exc: sqlite3.Error) -> bool:
+    """Corruption, as opposed to a locked, full or unwritable store."""
+    return type(exc) is sqlite3.DatabaseError
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     conn.execute("PRAGMA busy_timeout=30000")
@@ -81,7 +93,7 @@ def check_version(path: Path) -> int:
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
     except sqlite3.DatabaseError as exc:
-        raise StoreError(f"open {path}: not a readable ckptd store ({exc})") from None
+        raise not_a_store(path, exc) from None
     finally:
         conn.close()
     if version > SCHEMA_VERSION:
@@ -181,6 +193,8 @@ class Store:
             self._wal = path.with_name(path.name + "-wal")
             self._migrate()
         except sqlite3.Error as exc:
+            if _damaged(exc):
+                raise not_a_store(path, exc) from None
             raise StoreError(f"open {path}: {exc}") from None
 
     def _migrate(self) -> None:
