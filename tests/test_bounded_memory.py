@@ -63,13 +63,13 @@ SPOOL_BYTES = 40 * MB
 KEYS = 20
 
 
-def write_spool(home: Path, run_id: str) -> int:
-    """A real client spool file of SPOOL_BYTES: what a fast trainer logs offline."""
+def write_spool(home: Path, run_id: str, size: int = SPOOL_BYTES) -> int:
+    """A real client spool file of ``size`` bytes: what a fast trainer logs offline."""
     writer = SpoolWriter(paths.spool_dir(home), run_id, 1)
     tag = {"run": run_id, "a": 1, "src": "c"}
     seq = written = 0
     chunk: list[bytes] = []
-    while written < SPOOL_BYTES:
+    while written < size:
         seq += 1
         rec = encode_record({"t": protocol.LOG, "seq": seq, "step": seq, "time": 1.8e9 + seq,
                              "m": {f"metric_{k}": seq * 0.001 + k for k in range(KEYS)},
@@ -162,3 +162,35 @@ def test_flood_of_large_events_keeps_rss_and_wal_bounded(home: Path) -> None:
 
 
 __all__ = ["time"]
+
+
+def test_spool_ingestion_stopped_midway_resumes_where_it_committed(home: Path) -> None:
+    """A clean stop in the middle of a large spool keeps what was committed and
+    the next start continues from the recorded offset, not from the start."""
+    run_id = "20260101-000000-000003"
+    n = write_spool(home, run_id, 12 * MB)  # three batches
+    d = DaemonProc(home)
+    d.start(wait=False)
+    try:
+        wait_for(lambda: (home / "ckptd.db").exists() and db_rows(
+            home, "SELECT 1 FROM sqlite_master WHERE name = 'spool_progress'") and db_rows(
+            home, "SELECT offset FROM spool_progress WHERE offset > 0"), timeout=120,
+            interval=0.05, what="a first batch committed")
+        assert d.terminate(timeout=60) == 0
+    finally:
+        d.stop()
+    log = (home / "daemon.log").read_text()
+    assert re.search(r"ingested up to byte \d+; the rest at the next start", log), log
+    d = DaemonProc(home)
+    d.start()
+    try:
+        wait_for(lambda: not any(paths.spool_dir(home).glob("*.spool")), timeout=300,
+                 interval=0.2, what="spool ingested")
+        rows = db_rows(home, "SELECT COUNT(*), COUNT(DISTINCT seq) FROM metrics"
+                       " WHERE run_id = ?", (run_id,))[0]
+        assert rows == (n * KEYS, n), rows
+        ingested = re.findall(r"ingested (\d+) events from",
+                              (home / "daemon.log").read_text())
+        assert len(ingested) == 1 and 0 < int(ingested[0]) < n, ingested
+    finally:
+        d.stop()
