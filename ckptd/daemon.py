@@ -607,19 +607,37 @@ class Daemon:
     # --------------------------------------------------------------- spool
 
     def _after_spool_pass(self, flushes: list[_Flush]) -> None:
-        """Answer ``flushes`` now, or after the next complete spool pass when
-        spool files wait (they may hold what these clients just handed over)."""
-        try:
-            waiting = any(n.endswith(SUFFIX) for n in os.listdir(paths.spool_dir(self.home)))
-        except OSError:
-            waiting = False
-        if not waiting:
-            for f in flushes:
-                f.conn.send({"t": protocol.FLUSHED, "seq": f.seq})
-            return
+        """Answer ``flushes`` now, or once their clients' spool files (which
+        may hold what they just handed over) are ingested."""
         with self._spool_waiters_lock:
             self._spool_waiters.extend(flushes)
-        self._spool_kick.set()
+        if not self._answer_waiters():
+            self._spool_kick.set()
+
+    def _answer_waiters(self, everyone: set[int] | None = None) -> bool:
+        """Send FLUSHED to each waiting flush whose client has no spool file
+        left (or that is in ``everyone``); True when none is left waiting.
+
+        Per client, not per pass: a flush never waits for another client's
+        large spool to be ingested.
+        """
+        try:
+            pending = [n for n in os.listdir(paths.spool_dir(self.home)) if n.endswith(SUFFIX)]
+        except OSError:
+            pending = []
+        with self._spool_waiters_lock:
+            answer, keep = [], []
+            for f in self._spool_waiters:
+                prefix = f"{f.conn.run}.{f.conn.attempt}.{f.conn.src}."
+                if (everyone is not None and id(f) in everyone) or \
+                        not any(n.startswith(prefix) for n in pending):
+                    answer.append(f)
+                else:
+                    keep.append(f)
+            self._spool_waiters = keep
+        for f in answer:
+            f.conn.send({"t": protocol.FLUSHED, "seq": f.seq})
+        return not keep
 
     def ingest_spools_now(self) -> None:
         """Ingest every spool file no writer holds, in bounded batches.
@@ -628,23 +646,15 @@ class Daemon:
         transaction that also records how far the file is done, so memory
         and commit time stay bounded whatever the file's size, and a restart
         (or a stop between batches) resumes where the last commit ended.
-        Files are deleted only once all of them is committed.
+        A file is deleted once all of it is committed.
         """
         with self._spool_mutex:
             with self._spool_waiters_lock:
-                waiters, self._spool_waiters = self._spool_waiters, []
-            try:
-                complete = self._spool_pass()
-            except BaseException:
-                with self._spool_waiters_lock:
-                    self._spool_waiters[:0] = waiters  # answered by a later pass
-                raise
-            if not complete:
-                with self._spool_waiters_lock:
-                    self._spool_waiters[:0] = waiters
-                return
-            for f in waiters:
-                f.conn.send({"t": protocol.FLUSHED, "seq": f.seq})
+                # a complete pass answers these even if a same-named file
+                # stayed locked (its writer is still appending)
+                before = {id(f) for f in self._spool_waiters}
+            if self._spool_pass():
+                self._answer_waiters(before)
 
     def _spool_pass(self) -> bool:
         """One pass over the spool; False if it stopped early (shutdown)."""
@@ -658,54 +668,59 @@ class Daemon:
         if gone:
             # progress of files deleted after their last batch committed
             self.call_writer(lambda store: store.forget_spools(gone))
-        done: list[str] = []
-        try:
-            for name in names:
-                path = spool / name
-                if name.endswith(PARTIAL_SUFFIX):
-                    fd = try_lock(path)
-                    if fd is not None:  # a writer died between create and rename: empty
-                        os.unlink(path)
-                        os.close(fd)
-                    continue
-                if not name.endswith(SUFFIX):
-                    continue
+        for name in names:
+            path = spool / name
+            if name.endswith(PARTIAL_SUFFIX):
                 fd = try_lock(path)
-                if fd is None:
-                    continue  # still being written
-                # The lock only proves that its writer is done (writers never
-                # reopen a file). Release it now: held across commits, a failed
-                # commit (disk full) leaked it, and this daemon then skipped the
-                # file as "still being written" until a restart.
-                os.close(fd)
-                if not self._ingest_file(path, offsets.get(name, 0)):
-                    return False
-                done.append(name)
-        finally:
-            if done:
-                for name in done:
-                    # CRASH WINDOW: all committed, file still here -> its recorded
-                    # offset is its end: nothing is applied again; unlinked but the
-                    # directory not fsynced -> it may reappear after power loss and
-                    # is ingested again (idempotent).
-                    crashpoint("spool.before_unlink")
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(spool / name)
-                    crashpoint("spool.after_unlink")
-                fsync_dir(spool)
-                self.call_writer(lambda store: store.forget_spools(done))
+                if fd is not None:  # a writer died between create and rename: empty
+                    os.unlink(path)
+                    os.close(fd)
+                continue
+            if not name.endswith(SUFFIX):
+                continue
+            fd = try_lock(path)
+            if fd is None:
+                continue  # still being written
+            # The lock only proves that its writer is done (writers never
+            # reopen a file). Release it now: held across commits, a failed
+            # commit (disk full) leaked it, and this daemon then skipped the
+            # file as "still being written" until a restart.
+            os.close(fd)
+            recorded = self._ingest_file(path, offsets.get(name, 0))
+            if recorded is None:
+                return False
+            # CRASH WINDOW: all committed, file still here -> its recorded offset
+            # is its end: nothing is applied again; unlinked but the directory
+            # not fsynced -> it may reappear after power loss and is ingested
+            # again (idempotent).
+            crashpoint("spool.before_unlink")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            crashpoint("spool.after_unlink")
+            fsync_dir(spool)
+            if recorded:
+                self.call_writer(lambda store, name=name: store.forget_spools([name]))
+            self._answer_waiters()
         return True
 
-    def _ingest_file(self, path: Path, offset: int) -> bool:
-        """Apply one spool file from ``offset``, a batch per transaction; False
-        if the daemon is stopping (what is committed is recorded)."""
+    def _ingest_file(self, path: Path, offset: int) -> bool | None:
+        """Apply one spool file from ``offset``, a batch per transaction.
+
+        Returns whether its progress was recorded in ``spool_progress`` (only
+        a file of more than one batch needs it: a small one, the usual case,
+        costs no extra write, and an empty one none at all, which matters on a
+        full disk); None if the daemon is stopping (what is committed is
+        recorded).
+        """
         total = 0
+        recorded = offset > 0
         while True:
             if self.stop.is_set():
                 log.info("stopping: %s ingested up to byte %d; the rest at the next start",
                          path.name, offset)
-                return False
+                return None
             records, end, at_end = read_batch(path, offset, SPOOL_BATCH_BYTES)
+            record = recorded or not at_end
             events = []
             for msg in records:
                 try:
@@ -716,20 +731,24 @@ class Daemon:
                 events.append((msg.pop("run"), msg.pop("a"), msg.pop("src"), msg))
             del records
 
-            def work(store: Store, events: list[Any] = events, end: int = end) -> None:
+            def work(store: Store, events: list[Any] = events, end: int = end,
+                     record: bool = record) -> None:
                 for run, attempt in {(e[0], e[1]) for e in events}:
                     store.ensure_run(run, attempt)
                 store.apply(events)
-                # the same transaction records the progress: a crash after it
-                # resumes at ``end``, before it replays this batch (idempotent)
-                store.set_spool_offset(path.name, end)
+                if record:
+                    # the same transaction records the progress: a crash after
+                    # it resumes at ``end``, before it replays this batch
+                    store.set_spool_offset(path.name, end)
 
-            self.call_writer(work)
+            if events or record:
+                self.call_writer(work)
+            recorded = record
             total += len(events)
             offset = end
             if at_end:
                 log.info("ingested %d events from %s", total, path.name)
-                return True
+                return recorded
 
     def _spool_loop(self) -> None:
         """Ingest spool files as clients hand them over (watchdog), or every few seconds."""
@@ -742,7 +761,10 @@ class Daemon:
 
             class Handler(FileSystemEventHandler):
                 def on_any_event(self, event: Any) -> None:
-                    kick.set()
+                    # our own reads of a spool file must not wake us again
+                    # (a pass that fails, on a full disk, looped at 20 Hz)
+                    if event.event_type not in ("opened", "closed_no_write"):
+                        kick.set()
 
             observer = Observer()
             observer.schedule(Handler(), os.fspath(paths.spool_dir(self.home)))
