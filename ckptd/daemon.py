@@ -10,8 +10,14 @@ shutdown in ``finally``):
   with a periodic scan as fallback) and queues their ingestion;
 * the liveness sweeper: marks runs whose process vanished ``interrupted``.
 
-Signal handlers only set flags. SIGTERM drains the queue, commits, and exits;
-a second SIGTERM exits at once.
+Signal handlers only set flags. SIGTERM reads what the kernel holds, lets
+checkpoint commits in flight finish (up to WORKER_DRAIN_TIMEOUT, logged),
+commits the queue, and exits; a second SIGTERM exits at once. A spool being
+ingested stops between batches and resumes at the next start.
+
+Memory is bounded in bytes, not only in events: the queue (QUEUE_MAX_BYTES,
+readers stop reading beyond it), each group commit (BATCH_MAX_BYTES), each
+spool batch (SPOOL_BATCH_BYTES); the WAL is truncated past store.WAL_LIMIT.
 """
 
 from __future__ import annotations
