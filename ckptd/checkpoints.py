@@ -197,8 +197,9 @@ def on_ckpt(daemon: Daemon, msg: dict[str, Any], conn: Conn) -> None:
         _reply(conn, req, None, exc)
         return
     _commit_started(req.run, 1)
-    threading.Thread(target=_commit_worker, args=(daemon, conn, req, fd),
-                     name=f"ckpt-{req.run}-{req.step}", daemon=True).start()
+    # a clean stop waits for this commit (the snapshot was taken: SPEC promise 3)
+    daemon.start_worker(_commit_worker, (daemon, conn, req, fd),
+                        name=f"ckpt-{req.run}-{req.step}")
 
 
 def _commit_worker(daemon: Daemon, conn: Conn, req: Request, fd: int) -> None:

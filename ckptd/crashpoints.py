@@ -8,7 +8,11 @@ point, exactly as a ``kill -9`` or an OOM kill at that instant would.
 effect on files). The tests in ``tests/test_crashpoints.py`` run every name
 in :data:`POINTS` and check the promises after a restart.
 
-When the variable is unset (always, in production) ``crashpoint`` is a
+Test-only, too: ``CKPTD_DELAY_AT=<name>:<seconds>`` makes the daemon sleep
+that long each time it reaches the point, so a test can act (send SIGTERM,
+say) while a commit is provably in flight at a known step.
+
+When neither variable is set (always, in production) ``crashpoint`` is a
 function that returns at once: one global lookup and a call.
 """
 
@@ -18,9 +22,11 @@ import os
 import signal
 import sys
 import threading
+import time
 
 ENV = "CKPTD_CRASH_AT"
 MODE_ENV = "CKPTD_CRASH_MODE"
+DELAY_ENV = "CKPTD_DELAY_AT"
 
 #: Every point the daemon reaches, in protocol order. Tests iterate over this;
 #: a name used in the code but missing here is a bug (checked by a test).
@@ -55,7 +61,18 @@ def _parse(spec: str | None) -> tuple[str, int] | None:
     return name, max(n, 1)
 
 
+def _parse_delay(spec: str | None) -> tuple[str, float] | None:
+    if not spec:
+        return None
+    name, _, seconds = spec.partition(":")
+    try:
+        return name, max(float(seconds or 1), 0.0)
+    except ValueError:
+        return name, 1.0
+
+
 _target = _parse(os.environ.get(ENV))
+_delay = _parse_delay(os.environ.get(DELAY_ENV))
 _hits = 0
 _lock = threading.Lock()
 
@@ -65,10 +82,11 @@ def _noop(name: str) -> None:
 
 
 def _armed(name: str) -> None:
-    """Test: die at the armed point's ``count``-th hit."""
+    """Test: sleep at the delayed point; die at the armed point's ``count``-th hit."""
     global _hits
-    assert _target is not None
-    if name != _target[0]:
+    if _delay is not None and name == _delay[0]:
+        time.sleep(_delay[1])
+    if _target is None or name != _target[0]:
         return
     with _lock:
         _hits += 1
@@ -84,7 +102,7 @@ def _armed(name: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-crashpoint = _armed if _target is not None else _noop
+crashpoint = _armed if _target is not None or _delay is not None else _noop
 
 #: Test-only: seconds every checkpoint commit sleeps once its files are staged,
 #: so a test can resume while a commit is still in flight.
@@ -103,4 +121,4 @@ def slow_commit() -> None:
         time.sleep(delay)
 
 __all__ = ["crashpoint", "slow_commit", "SLOW_COMMIT_ENV", "POINTS", "EVENT_POINTS",
-           "SPOOL_POINTS", "CHECKPOINT_POINTS", "ENV"]
+           "SPOOL_POINTS", "CHECKPOINT_POINTS", "ENV", "DELAY_ENV"]

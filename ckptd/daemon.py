@@ -10,8 +10,14 @@ shutdown in ``finally``):
   with a periodic scan as fallback) and queues their ingestion;
 * the liveness sweeper: marks runs whose process vanished ``interrupted``.
 
-Signal handlers only set flags. SIGTERM drains the queue, commits, and exits;
-a second SIGTERM exits at once.
+Signal handlers only set flags. SIGTERM reads what the kernel holds, lets
+checkpoint commits in flight finish (up to WORKER_DRAIN_TIMEOUT, logged),
+commits the queue, and exits; a second SIGTERM exits at once. A spool being
+ingested stops between batches and resumes at the next start.
+
+Memory is bounded in bytes, not only in events: the queue (QUEUE_MAX_BYTES,
+readers stop reading beyond it), each group commit (BATCH_MAX_BYTES), each
+spool batch (SPOOL_BATCH_BYTES); the WAL is truncated past store.WAL_LIMIT.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from typing import Any
 
 from ckptd_client import paths, protocol
 from ckptd_client.errors import CkptdError
-from ckptd_client.spool import PARTIAL_SUFFIX, SUFFIX, fsync_dir, read_records, try_lock
+from ckptd_client.spool import PARTIAL_SUFFIX, SUFFIX, fsync_dir, read_batch, try_lock
 
 from . import __version__, notify, validate
 from .crashpoints import crashpoint
@@ -45,15 +51,28 @@ from .store import Store
 
 log = logging.getLogger("ckptd.daemon")
 
-#: Queue bound: when the writer falls behind, reader threads block, the
-#: kernel socket buffers fill and clients spill to their spool. Memory stays bounded.
+#: Queue bounds, in events and in bytes (frame sizes): when the writer falls
+#: behind, reader threads stop reading, the kernel socket buffers fill and
+#: clients spill to their spool. Memory stays bounded whatever the event size
+#: (1 MiB messages under a count bound alone took the daemon to 1.7 GB).
 QUEUE_MAX = 200_000
-#: Most events in one transaction (bounds the time a commit holds the lock).
+QUEUE_MAX_BYTES = 64 << 20
+#: Most events, and bytes, in one transaction: bounds the time a commit holds
+#: the lock and the WAL it writes (the WAL holds whole transactions).
 BATCH_MAX = 20_000
+BATCH_MAX_BYTES = 16 << 20
+#: Bytes of a spool file ingested per transaction: the daemon holds one batch,
+#: never a whole file (a 391 MB spool took 3.6 GB and outlived its timeout).
+SPOOL_BATCH_BYTES = 4 << 20
+#: Seconds between attempts to truncate an oversized WAL.
+WAL_CHECK_INTERVAL = 1.0
 #: Seconds a send to a client may block before that client is dropped.
 SEND_TIMEOUT = 2
 #: Most descriptors (checkpoint buffers) a connection may send ahead of its frames.
 MAX_FDS = 4
+#: Seconds a clean stop waits for in-flight work (checkpoint commits). Inside
+#: the systemd unit's TimeoutStopSec (90 s), with room for the final commit.
+WORKER_DRAIN_TIMEOUT = 60
 
 
 class DaemonAlreadyRunning(CkptdError):
@@ -117,6 +136,8 @@ class _Event:
     attempt: int
     src: str
     msg: dict[str, Any]
+    #: frame bytes, charged to the queue's byte budget until committed
+    size: int = 0
 
 
 @dataclass
@@ -165,6 +186,14 @@ class Daemon:
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._spool_kick = threading.Event()
+        #: one spool pass at a time (spool thread, flushes, RPCs)
+        self._spool_mutex = threading.Lock()
+        #: flushes answered after the next complete spool pass
+        self._spool_waiters: list[_Flush] = []
+        self._spool_waiters_lock = threading.Lock()
+        #: bytes of events queued or in the writer's batch (see QUEUE_MAX_BYTES)
+        self._queued_bytes = 0
+        self._budget = threading.Condition()
         #: set at shutdown once every reader has read its connection to EOF;
         #: only then may the writer stop (it commits what they queued)
         self._readers_done = threading.Event()
@@ -174,6 +203,9 @@ class Daemon:
         self.started = time.time()
         #: ``--max-concurrent-resumes`` (None: $CKPTD_MAX_CONCURRENT_RESUMES or the default)
         self.max_concurrent_resumes: int | None = None
+        #: work a clean stop must finish (checkpoint commits), by thread
+        self._workers: set[threading.Thread] = set()
+        self._workers_lock = threading.Lock()
 
     # ----------------------------------------------------------- lifecycle
 
@@ -242,6 +274,52 @@ class Daemon:
         t.start()
         self._threads.append(t)
 
+    def start_worker(self, target: Callable[..., None], args: tuple[Any, ...],
+                     name: str) -> None:
+        """Run ``target(*args)`` in a thread that a clean stop waits for.
+
+        A checkpoint whose snapshot was taken must be committed even when the
+        daemon is told to stop (SPEC promise 3): shutdown joins these threads
+        before the writer may exit, since they still need it for their row.
+        """
+
+        def body() -> None:
+            try:
+                target(*args)
+            finally:
+                with self._workers_lock:
+                    self._workers.discard(threading.current_thread())
+
+        t = threading.Thread(target=body, name=name, daemon=True)
+        with self._workers_lock:
+            self._workers.add(t)
+        t.start()
+
+    def _drain_workers(self) -> None:
+        """Let in-flight commits finish (bounded), saying so in the log."""
+        with self._workers_lock:
+            workers = sorted(self._workers, key=lambda t: t.name)
+        if not workers:
+            return
+        names = ", ".join(t.name for t in workers)
+        log.info("stopping: finishing %d in-flight commit(s) first (%s); up to %d s",
+                 len(workers), names, WORKER_DRAIN_TIMEOUT)
+        t0 = time.monotonic()
+        deadline = t0 + WORKER_DRAIN_TIMEOUT
+        for t in workers:
+            t.join(timeout=max(deadline - time.monotonic(), 0))
+        left = [t.name for t in workers if t.is_alive()]
+        if left:
+            # CRASH WINDOW: what is left is cut as a kill -9 would cut it:
+            # staging leftovers are removed at the next start, the trainer's
+            # handle reports the failure and the previous checkpoint stays.
+            log.error("stopping: gave up on %d in-flight commit(s) after %d s (%s); "
+                      "they are discarded at the next start", len(left),
+                      WORKER_DRAIN_TIMEOUT, ", ".join(left))
+        else:
+            log.info("stopping: %d in-flight commit(s) finished in %.1f s", len(workers),
+                     time.monotonic() - t0)
+
     def request_stop(self, signum: int = 0, frame: Any = None) -> None:
         """Signal handler: set flags only. A second signal exits at once."""
         self._signals += 1
@@ -277,6 +355,9 @@ class Daemon:
         for t in self._threads:
             if t.name != "writer":
                 t.join(timeout=30)
+        # Readers are done, so no new checkpoint can start; the ones running
+        # still need the writer for their row.
+        self._drain_workers()
         self._readers_done.set()
         for t in self._threads:
             t.join(timeout=60)
@@ -345,8 +426,8 @@ class Daemon:
                 try:
                     if len(conn.fds) > MAX_FDS:
                         raise protocol.ProtocolError("too many descriptors sent")
-                    for msg in reader.feed(data):
-                        self._dispatch(conn, msg)
+                    for msg, size in reader.feed_sized(data):
+                        self._dispatch(conn, msg, size)
                 except (protocol.ProtocolError, validate.Invalid) as exc:
                     log.warning("bad frame from pid %d: %s", conn.pid, exc)
                     conn.send({"t": protocol.ERROR, "error": str(exc)})
@@ -365,13 +446,14 @@ class Daemon:
                     os.close(fd)
             conn.fds.clear()
 
-    def _dispatch(self, conn: Conn, msg: dict[str, Any]) -> None:
+    def _dispatch(self, conn: Conn, msg: dict[str, Any], size: int = 0) -> None:
         kind = msg["t"]
         if kind in protocol.SEQUENCED:
             if conn.run is None:
                 raise validate.Invalid(f"{kind} before hello")
             validate.event(msg)
-            self.queue.put(_Event(conn, conn.run, conn.attempt, conn.src, msg))
+            self._charge(size)
+            self.queue.put(_Event(conn, conn.run, conn.attempt, conn.src, msg, size))
         elif kind == protocol.HELLO:
             validate.hello(msg)
             conn.run, conn.attempt, conn.src = msg["run"], msg["attempt"], msg["src"]
@@ -406,6 +488,21 @@ class Daemon:
             return
         conn.send({"t": protocol.REPLY, "ok": True, "result": result})
 
+    def _charge(self, size: int) -> None:
+        """Backpressure by bytes: a reader waits here while the writer is over
+        budget, so it stops reading its socket; the kernel buffer fills and
+        the client spools. The writer keeps draining, also at shutdown."""
+        with self._budget:
+            while self._queued_bytes > QUEUE_MAX_BYTES:
+                self._budget.wait(1.0)
+            self._queued_bytes += size
+
+    def _release(self, size: int) -> None:
+        if size:
+            with self._budget:
+                self._queued_bytes -= size
+                self._budget.notify_all()
+
     def call_writer(self, fn: Callable[[Store], Any], timeout: float | None = 120) -> Any:
         """Run ``fn(store)`` inside the writer's next transaction and return its result.
 
@@ -424,25 +521,42 @@ class Daemon:
     def _writer_loop(self) -> None:
         assert self.store is not None
         store = self.store
+        wal_checked = 0.0
         while True:
+            now = time.monotonic()
+            if now - wal_checked > WAL_CHECK_INTERVAL:
+                wal_checked = now
+                # between transactions: the WAL only shrinks when we say so
+                with contextlib.suppress(Exception):
+                    if store.bound_wal():
+                        log.debug("truncated the WAL")
             try:
                 first = self.queue.get(timeout=0.1)
             except queue.Empty:
                 if self._readers_done.is_set():
                     late = self._close_writer()
                     if late:
-                        self._commit(store, late)
+                        self._commit_released(store, late)
                     return
                 continue
             batch = [first]
+            size = getattr(first, "size", 0)
             # Group commit: take everything already queued (up to a bound);
             # under load, batches grow while the previous commit fsyncs.
-            while len(batch) < BATCH_MAX:
+            while len(batch) < BATCH_MAX and size < BATCH_MAX_BYTES:
                 try:
-                    batch.append(self.queue.get_nowait())
+                    item = self.queue.get_nowait()
                 except queue.Empty:
                     break
+                batch.append(item)
+                size += getattr(item, "size", 0)
+            self._commit_released(store, batch)
+
+    def _commit_released(self, store: Store, batch: list[Any]) -> None:
+        try:
             self._commit(store, batch)
+        finally:
+            self._release(sum(getattr(i, "size", 0) for i in batch))
 
     def _close_writer(self) -> list[Any]:
         """Refuse further calls (so no caller waits on a writer that is gone)
@@ -461,7 +575,6 @@ class Daemon:
         acks: dict[Conn, int] = {}
         flushes: list[_Flush] = []
         calls: list[tuple[_Call, Any, BaseException | None]] = []
-        after_commit: list[Callable[[], None]] = []
         seen_runs: set[tuple[str, int]] = set()
         try:
             with store.transaction():
@@ -485,9 +598,6 @@ class Daemon:
                             calls.append((item, None, exc))
                 if events:
                     store.apply(events)
-                if flushes:
-                    # a flush also covers the spool files its client just handed over
-                    after_commit.extend(self._ingest_spools(store))
                 if seen_runs or flushes:
                     crashpoint("events.before_commit")
         except Exception as exc:  # noqa: BLE001 - disk full, I/O error: report, keep serving
@@ -504,16 +614,15 @@ class Daemon:
         # events and resend them after a reconnect; the inserts are idempotent.
         if seen_runs or flushes:
             crashpoint("events.after_commit")
-        for fn in after_commit:
-            fn()
         if seen_runs or flushes:
             crashpoint("events.before_ack")
         for conn, seq in acks.items():
             if seq > conn.acked:
                 conn.acked = seq
             conn.send({"t": protocol.ACK, "seq": conn.acked})
-        for f in flushes:
-            f.conn.send({"t": protocol.FLUSHED, "seq": f.seq})
+        if flushes:
+            # a flush also covers the spool files its client just handed over
+            self._after_spool_pass(flushes)
         if seen_runs or flushes:
             crashpoint("events.after_ack")
         for call, result, exc in calls:
@@ -524,19 +633,68 @@ class Daemon:
 
     # --------------------------------------------------------------- spool
 
-    def _ingest_spools(self, store: Store) -> list[Callable[[], None]]:
-        """Apply every spool file no writer holds; return their deletions.
+    def _after_spool_pass(self, flushes: list[_Flush]) -> None:
+        """Answer ``flushes`` now, or once their clients' spool files (which
+        may hold what they just handed over) are ingested."""
+        with self._spool_waiters_lock:
+            self._spool_waiters.extend(flushes)
+        if not self._answer_waiters():
+            self._spool_kick.set()
 
-        Deletion happens only after the transaction commits (the caller
-        runs the returned callables then), so a crash in between leaves the
-        file to be ingested again: harmless, inserts are idempotent.
+    def _answer_waiters(self, everyone: set[int] | None = None) -> bool:
+        """Send FLUSHED to each waiting flush whose client has no spool file
+        left (or that is in ``everyone``); True when none is left waiting.
+
+        Per client, not per pass: a flush never waits for another client's
+        large spool to be ingested.
         """
+        try:
+            pending = [n for n in os.listdir(paths.spool_dir(self.home)) if n.endswith(SUFFIX)]
+        except OSError:
+            pending = []
+        with self._spool_waiters_lock:
+            answer, keep = [], []
+            for f in self._spool_waiters:
+                prefix = f"{f.conn.run}.{f.conn.attempt}.{f.conn.src}."
+                if (everyone is not None and id(f) in everyone) or \
+                        not any(n.startswith(prefix) for n in pending):
+                    answer.append(f)
+                else:
+                    keep.append(f)
+            self._spool_waiters = keep
+        for f in answer:
+            f.conn.send({"t": protocol.FLUSHED, "seq": f.seq})
+        return not keep
+
+    def ingest_spools_now(self) -> None:
+        """Ingest every spool file no writer holds, in bounded batches.
+
+        Each batch of about :data:`SPOOL_BATCH_BYTES` is one writer
+        transaction that also records how far the file is done, so memory
+        and commit time stay bounded whatever the file's size, and a restart
+        (or a stop between batches) resumes where the last commit ended.
+        A file is deleted once all of it is committed.
+        """
+        with self._spool_mutex:
+            with self._spool_waiters_lock:
+                # a complete pass answers these even if a same-named file
+                # stayed locked (its writer is still appending)
+                before = {id(f) for f in self._spool_waiters}
+            if self._spool_pass():
+                self._answer_waiters(before)
+
+    def _spool_pass(self) -> bool:
+        """One pass over the spool; False if it stopped early (shutdown)."""
         spool = paths.spool_dir(self.home)
-        cleanups: list[Callable[[], None]] = []
         try:
             names = sorted(os.listdir(spool))
         except FileNotFoundError:
-            return cleanups
+            return True
+        offsets: dict[str, int] = self.call_writer(lambda store: store.spool_offsets())
+        gone = [n for n in offsets if n not in names]
+        if gone:
+            # progress of files deleted after their last batch committed
+            self.call_writer(lambda store: store.forget_spools(gone))
         for name in names:
             path = spool / name
             if name.endswith(PARTIAL_SUFFIX):
@@ -551,43 +709,73 @@ class Daemon:
             if fd is None:
                 continue  # still being written
             # The lock only proves that its writer is done (writers never
-            # reopen a file). Release it now: held until after the commit, a
-            # failed commit (disk full) leaked it, and this daemon then skipped
-            # the file as "still being written" until a restart.
+            # reopen a file). Release it now: held across commits, a failed
+            # commit (disk full) leaked it, and this daemon then skipped the
+            # file as "still being written" until a restart.
             os.close(fd)
+            recorded = self._ingest_file(path, offsets.get(name, 0))
+            if recorded is None:
+                return False
+            # CRASH WINDOW: all committed, file still here -> its recorded offset
+            # is its end: nothing is applied again; unlinked but the directory
+            # not fsynced -> it may reappear after power loss and is ingested
+            # again (idempotent).
+            crashpoint("spool.before_unlink")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            crashpoint("spool.after_unlink")
+            fsync_dir(spool)
+            if recorded:
+                self.call_writer(lambda store, name=name: store.forget_spools([name]))
+            self._answer_waiters()
+        return True
+
+    def _ingest_file(self, path: Path, offset: int) -> bool | None:
+        """Apply one spool file from ``offset``, a batch per transaction.
+
+        Returns whether its progress was recorded in ``spool_progress`` (only
+        a file of more than one batch needs it: a small one, the usual case,
+        costs no extra write, and an empty one none at all, which matters on a
+        full disk); None if the daemon is stopping (what is committed is
+        recorded).
+        """
+        total = 0
+        recorded = offset > 0
+        while True:
+            if self.stop.is_set():
+                log.info("stopping: %s ingested up to byte %d; the rest at the next start",
+                         path.name, offset)
+                return None
+            records, end, at_end = read_batch(path, offset, SPOOL_BATCH_BYTES)
+            record = recorded or not at_end
             events = []
-            for msg in read_records(path):
+            for msg in records:
                 try:
                     validate.spooled(msg)
                 except validate.Invalid as exc:
                     log.warning("skipping bad spool record in %s: %s", path, exc)
                     continue
                 events.append((msg.pop("run"), msg.pop("a"), msg.pop("src"), msg))
-            for run, attempt in {(e[0], e[1]) for e in events}:
-                store.ensure_run(run, attempt)
-            store.apply(events)
-            log.info("ingested %d events from %s", len(events), name)
+            del records
 
-            def cleanup(path: Path = path) -> None:
-                # CRASH WINDOW: committed, file still here -> ingested again at
-                # restart (idempotent); unlinked but the directory not fsynced ->
-                # the file may reappear after power loss, same outcome.
-                crashpoint("spool.before_unlink")
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                crashpoint("spool.after_unlink")
+            def work(store: Store, events: list[Any] = events, end: int = end,
+                     record: bool = record) -> None:
+                for run, attempt in {(e[0], e[1]) for e in events}:
+                    store.ensure_run(run, attempt)
+                store.apply(events)
+                if record:
+                    # the same transaction records the progress: a crash after
+                    # it resumes at ``end``, before it replays this batch
+                    store.set_spool_offset(path.name, end)
 
-            cleanups.append(cleanup)
-        if cleanups:
-            cleanups.append(lambda: fsync_dir(spool))
-        return cleanups
-
-    def ingest_spools_now(self) -> None:
-        def work(store: Store) -> list[Callable[[], None]]:
-            return self._ingest_spools(store)
-
-        for fn in self.call_writer(work):
-            fn()
+            if events or record:
+                self.call_writer(work)
+            recorded = record
+            total += len(events)
+            offset = end
+            if at_end:
+                log.info("ingested %d events from %s", total, path.name)
+                return recorded
 
     def _spool_loop(self) -> None:
         """Ingest spool files as clients hand them over (watchdog), or every few seconds."""
@@ -600,7 +788,10 @@ class Daemon:
 
             class Handler(FileSystemEventHandler):
                 def on_any_event(self, event: Any) -> None:
-                    kick.set()
+                    # our own reads of a spool file must not wake us again
+                    # (a pass that fails, on a full disk, looped at 20 Hz)
+                    if event.event_type not in ("opened", "closed_no_write"):
+                        kick.set()
 
             observer = Observer()
             observer.schedule(Handler(), os.fspath(paths.spool_dir(self.home)))

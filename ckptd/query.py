@@ -20,7 +20,7 @@ from typing import Any
 from ckptd_client import paths
 from ckptd_client.errors import CkptdError, NotFound
 
-from .store import check_version, connect_readonly
+from .store import check_version, connect_readonly, effective
 
 
 class UnknownKey(NotFound):
@@ -127,7 +127,7 @@ class Reader:
         for key in self.keys(run_id):
             row = self.conn.execute(
                 "SELECT value FROM metrics WHERE run_id = ? AND key = ? AND src = 'c' AND"
-                " superseded = 0 ORDER BY step DESC, attempt DESC, seq DESC LIMIT 1",
+                f" {effective('metrics')} ORDER BY step DESC, attempt DESC, seq DESC LIMIT 1",
                 (run_id, key)).fetchone()
             if row is not None:
                 out[key] = float("nan") if row[0] is None else row[0]
@@ -138,12 +138,12 @@ class Reader:
         how many values on the effective timeline, the last one and its step."""
         rows = self.rows(
             "SELECT key, src, COUNT(*) AS count, MAX(step) AS step FROM metrics"
-            " WHERE run_id = ? AND superseded = 0 GROUP BY src, key ORDER BY src, key",
+            f" WHERE run_id = ? AND {effective('metrics')} GROUP BY src, key ORDER BY src, key",
             (run_id,))
         for r in rows:
             last = self.conn.execute(
                 "SELECT value FROM metrics WHERE run_id = ? AND key = ? AND src = ? AND"
-                " superseded = 0 ORDER BY step DESC, attempt DESC, seq DESC LIMIT 1",
+                f" {effective('metrics')} ORDER BY step DESC, attempt DESC, seq DESC LIMIT 1",
                 (run_id, r["key"], r["src"])).fetchone()
             r["last"] = float("nan") if last is None or last[0] is None else last[0]
             r["system"] = r.pop("src") == "d"
@@ -195,14 +195,14 @@ class Reader:
         the step a later attempt resumed from) are left out unless asked for."""
         # the daemon's own samples (``sys/...``, src 'd') appear when asked for by key
         src = "d" if key is not None and key.startswith("sys/") else "c"
-        sql = ("SELECT step, key, value, attempt, time, superseded FROM metrics"
-               " WHERE run_id = ? AND src = ?")
+        sql = (f"SELECT step, key, value, attempt, time, NOT {effective('metrics')}"
+               " AS superseded FROM metrics WHERE run_id = ? AND src = ?")
         args: list[Any] = [run_id, src]
         if key is not None:
             sql += " AND key = ?"
             args.append(key)
         if not all_attempts:
-            sql += " AND superseded = 0"
+            sql += f" AND {effective('metrics')}"
         sql += " ORDER BY step, attempt, seq, key"
         rows = self.rows(sql, tuple(args))
         for r in rows:
@@ -228,10 +228,11 @@ class Reader:
         grow, so nothing is shown twice or skipped.
         """
         cursor = after or Cursor()
-        sup = "" if all_attempts else " AND superseded = 0"
+        ev_sup = "" if all_attempts else f" AND {effective('events')}"
+        m_sup = "" if all_attempts else f" AND {effective('metrics')}"
         ev = self.rows(
             "SELECT rowid AS rid, attempt, time, kind, level, step, message, fields FROM events"
-            f" WHERE {_run_filter(cursor.event)} AND rowid > ?{sup} AND kind != 'register'"
+            f" WHERE {_run_filter(cursor.event)} AND rowid > ?{ev_sup} AND kind != 'register'"
             f" AND NOT ({_SAID_BEFORE}) ORDER BY rowid",
             (run_id, cursor.event),
         )
@@ -242,7 +243,7 @@ class Reader:
         if with_metrics:
             mrows = self.rows(
                 "SELECT rowid AS rid, attempt, seq, step, key, value, time FROM metrics"
-                f" WHERE {_run_filter(cursor.metric)} AND rowid > ? AND src = 'c'{sup}"
+                f" WHERE {_run_filter(cursor.metric)} AND rowid > ? AND src = 'c'{m_sup}"
                 " ORDER BY rowid",
                 (run_id, cursor.metric),
             )
@@ -266,6 +267,10 @@ class Reader:
                                 (run_id,)).fetchone()
         return row is not None and (row[0] == "running" or (
             bool(row[1]) and row[0] in ("interrupted", "failed")))
+
+    def data_version(self) -> int:
+        """Changes whenever anyone commits to the store (cheap: no I/O)."""
+        return self.conn.execute("PRAGMA data_version").fetchone()[0]
 
 
 #: The supervisor's status line of an attempt whose own process already said

@@ -12,7 +12,7 @@ store is asked for at most ``buckets`` min/max pairs over a step range:
   milliseconds). ``Series.exact`` says which one was used; zooming in to
   fewer steps gets the exact picture back.
 
-Only the effective timeline is drawn (``superseded = 0``): what a resumed run
+Only the effective timeline is drawn (``store.effective``): what a resumed run
 replaced is not on the curve, where it was resumed is (``Marker``).
 """
 
@@ -23,7 +23,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..query import Reader
+from ..query import Reader, effective
+
+#: SQL condition: a metric row is on the effective timeline (no later attempt
+#: resumed from a step before it).
+EFFECTIVE = effective("metrics")
 
 #: Largest step range read exactly (see the module docstring); measured on
 #: the 2-core box: ~0.2 s for 200 k points, 1.2 s for 1 M.
@@ -90,9 +94,9 @@ def step_range(reader: Reader, run_id: str, key: str) -> tuple[int, int] | None:
     """First and last step of a key (two index seeks, whatever the run's size)."""
     row = reader.conn.execute(
         "SELECT (SELECT step FROM metrics WHERE run_id = ?1 AND key = ?2 AND src = ?3"
-        "        AND superseded = 0 ORDER BY step LIMIT 1),"
+        f"        AND {EFFECTIVE} ORDER BY step LIMIT 1),"
         "       (SELECT step FROM metrics WHERE run_id = ?1 AND key = ?2 AND src = ?3"
-        "        AND superseded = 0 ORDER BY step DESC LIMIT 1)",
+        f"        AND {EFFECTIVE} ORDER BY step DESC LIMIT 1)",
         (run_id, key, _src(key))).fetchone()
     if row is None or row[0] is None:
         return None
@@ -129,7 +133,7 @@ def _exact(reader: Reader, out: Series, lo: int, hi: int, buckets: int) -> None:
         "SELECT CAST((step - ?4) / ?5 AS INTEGER) AS b, avg(step), avg(time),"
         " min(coalesce(value, 9e999)), max(coalesce(value, -9e999)), max(step), count(*),"
         " sum(value IS NULL)"
-        " FROM metrics WHERE run_id = ?1 AND key = ?2 AND src = ?3 AND superseded = 0"
+        f" FROM metrics WHERE run_id = ?1 AND key = ?2 AND src = ?3 AND {EFFECTIVE}"
         " AND step BETWEEN ?4 AND ?6 GROUP BY b ORDER BY b",
         (out.run_id, out.key, _src(out.key), lo, width, hi)).fetchall()
     for _b, s, t, vmin, vmax, last_step, n, nans in rows:
@@ -146,7 +150,7 @@ def _exact(reader: Reader, out: Series, lo: int, hi: int, buckets: int) -> None:
 
 def _sampled(reader: Reader, out: Series, lo: int, span: int, buckets: int) -> None:
     seek = ("SELECT step, time, value FROM metrics WHERE run_id = ? AND key = ? AND src = ?"
-            " AND superseded = 0 AND step >= ? ORDER BY step LIMIT 1")
+            f" AND {EFFECTIVE} AND step >= ? ORDER BY step LIMIT 1")
     width = span / buckets
     args = [out.run_id, out.key, _src(out.key), 0]
     for b in range(buckets):
@@ -172,7 +176,8 @@ def _sampled(reader: Reader, out: Series, lo: int, span: int, buckets: int) -> N
 
 def _value_at(reader: Reader, run_id: str, key: str, step: int) -> float:
     row = reader.conn.execute(
-        "SELECT value FROM metrics WHERE run_id = ? AND key = ? AND src = ? AND superseded = 0"
+        "SELECT value FROM metrics WHERE run_id = ? AND key = ? AND src = ? AND "
+        f"{EFFECTIVE}"
         " AND step <= ? ORDER BY step DESC LIMIT 1", (run_id, key, _src(key), step)).fetchone()
     return float("nan") if row is None else _num(row[0])
 
@@ -262,7 +267,7 @@ def _rate(reader: Reader, run_id: str, key: str, window: int = 200) -> float | N
     """Steps per second over the last ``window`` logged rows of ``key``."""
     rows = reader.conn.execute(
         "SELECT step, time FROM metrics WHERE run_id = ? AND key = ? AND src = 'c'"
-        " AND superseded = 0 ORDER BY step DESC LIMIT ?", (run_id, key, window)).fetchall()
+        f" AND {EFFECTIVE} ORDER BY step DESC LIMIT ?", (run_id, key, window)).fetchall()
     if len(rows) < 2:
         return None
     (s1, t1), (s0, t0) = rows[0], rows[-1]

@@ -97,8 +97,13 @@ class FrameReader:
         self._max = max_frame
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
+        return [msg for msg, _ in self.feed_sized(data)]
+
+    def feed_sized(self, data: bytes) -> list[tuple[dict[str, Any], int]]:
+        """Like :meth:`feed`, with each message's frame size (the daemon's
+        queue is bounded in bytes)."""
         self._buf += data
-        out: list[dict[str, Any]] = []
+        out: list[tuple[dict[str, Any], int]] = []
         while len(self._buf) >= HEADER.size:
             (size,) = HEADER.unpack_from(self._buf)
             if size > self._max:
@@ -107,7 +112,7 @@ class FrameReader:
                 break
             body = bytes(self._buf[HEADER.size : HEADER.size + size])
             del self._buf[: HEADER.size + size]
-            out.append(decode_body(body))
+            out.append((decode_body(body), HEADER.size + size))
         return out
 
 

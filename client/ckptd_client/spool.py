@@ -87,21 +87,50 @@ class SpoolWriter:
             self._fd = -1
 
 
+def parse_record(line: bytes) -> dict[str, Any] | None:
+    """One spool line's message, or None for a torn or corrupt line."""
+    if not line.endswith(b"\n") or len(line) < 10:
+        return None  # torn tail
+    crc, _, body = line[:-1].partition(b" ")
+    try:
+        if int(crc, 16) != zlib.crc32(body):
+            return None
+        msg = json.loads(body)
+    except ValueError:
+        return None
+    if isinstance(msg, dict) and isinstance(msg.get("t"), str):
+        return msg
+    return None
+
+
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
     """Yield the intact records of a spool file, skipping corrupt lines."""
     with open(path, "rb") as f:
         for line in f:
-            if not line.endswith(b"\n") or len(line) < 10:
-                continue  # torn tail
-            crc, _, body = line[:-1].partition(b" ")
-            try:
-                if int(crc, 16) != zlib.crc32(body):
-                    continue
-                msg = json.loads(body)
-            except ValueError:
-                continue
-            if isinstance(msg, dict) and isinstance(msg.get("t"), str):
+            msg = parse_record(line)
+            if msg is not None:
                 yield msg
+
+
+def read_batch(path: Path, offset: int, max_bytes: int) -> tuple[list[dict[str, Any]], int, bool]:
+    """The intact records of about ``max_bytes`` of a spool file from ``offset``.
+
+    Returns ``(records, next_offset, at_end)``: a reader holds one batch in
+    memory, never the whole file, and can resume at ``next_offset``.
+    """
+    out: list[dict[str, Any]] = []
+    pos = offset
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(offset)
+        for line in f:
+            pos += len(line)
+            msg = parse_record(line)
+            if msg is not None:
+                out.append(msg)
+            if pos - offset >= max_bytes:
+                break
+    return out, pos, pos >= size
 
 
 def try_lock(path: Path) -> int | None:
