@@ -148,8 +148,6 @@ def check_version(path: Path) -> int:
             conn.close()
     except sqlite3.DatabaseError as exc:
         raise not_a_store(path, exc) from None
-    finally:
-        conn.close()
     if version > SCHEMA_VERSION:
         raise SchemaTooNew(
             f"open {path}: store has schema version {version}, newer than this ckptd "

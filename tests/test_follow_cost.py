@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import psutil
-from helpers import DaemonProc, ckptd, env_for, run_script, spawn_script, wait_for
+from helpers import DaemonProc, ckptd, env_for, spawn_script, wait_for
 
 #: Logs steadily (small commits, many WAL writes) until told to stop.
 BUSY = """
@@ -39,14 +39,21 @@ CPU_BOUND = 0.5
 
 def test_tail_f_of_an_idle_run_is_cheap_while_another_run_logs(home: Path,
                                                                daemon: DaemonProc) -> None:
-    idle = run_script(home, """
+    stop = home.parent / "stop-busy"
+    # a live run that logs nothing (tail -f of an ended run prints and exits)
+    idle_proc = spawn_script(home, """
+import os, time
 import ckptd_client as ckptd
 run = ckptd.init(name="idle")
 run.event("hello from the idle run")
+run.flush()
+print(run.id, flush=True)
+while not os.path.exists(os.environ["STOP_FILE"]):
+    time.sleep(0.05)
 run.finish()
-print(run.id)
-""").stdout.split()[-1]
-    stop = home.parent / "stop-busy"
+""", env=env_for(home, STOP_FILE=os.fspath(stop)))
+    assert idle_proc.stdout is not None
+    idle = idle_proc.stdout.readline().split()[-1]
     busy = spawn_script(home, BUSY, env=env_for(home, STOP_FILE=os.fspath(stop)))
     tail = subprocess.Popen([sys.executable, "-m", "ckptd", "--home", os.fspath(home), "tail",
                              "-f", idle], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -66,6 +73,7 @@ print(run.id)
     finally:
         stop.touch()
         busy.communicate(timeout=120)
+        idle_proc.communicate(timeout=60)
         tail.terminate()
         tail.communicate(timeout=30)
 
