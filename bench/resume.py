@@ -56,7 +56,7 @@ def wait(pred, timeout: float = 120.0, what: str = ""):  # noqa: ANN001, ANN201
 def first_step_time(home: Path, name: str, attempt: int) -> float:
     return wait(lambda: (r := rows(
         home, "SELECT MIN(m.time) FROM metrics m JOIN runs r ON r.id = m.run_id WHERE"
-              " r.name = ? AND m.attempt = ? AND m.src = 'c'", (name, attempt))) and r[0][0],
+              " r.name = ? AND m.attempt = ? AND m.src GLOB 'c*'", (name, attempt))) and r[0][0],
         what=f"first step of {name} attempt {attempt}")
 
 

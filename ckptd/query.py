@@ -123,9 +123,9 @@ class Reader:
         """The effective timeline: superseded values (logged by an attempt after
         the step a later attempt resumed from) are left out unless asked for."""
         # the daemon's own samples (``sys/...``, src 'd') appear when asked for by key
-        src = "d" if key is not None and key.startswith("sys/") else "c"
+        src = "d*" if key is not None and key.startswith("sys/") else "c*"
         sql = ("SELECT step, key, value, attempt, time, superseded FROM metrics"
-               " WHERE run_id = ? AND src = ?")
+               " WHERE run_id = ? AND src GLOB ?")
         args: list[Any] = [run_id, src]
         if key is not None:
             sql += " AND key = ?"
@@ -165,7 +165,7 @@ class Reader:
         if with_metrics:
             mrows = self.rows(
                 "SELECT rowid AS rid, attempt, seq, step, key, value, time FROM metrics"
-                f" WHERE {_run_filter(cursor.metric)} AND rowid > ? AND src = 'c'{sup}"
+                f" WHERE {_run_filter(cursor.metric)} AND rowid > ? AND src GLOB 'c*'{sup}"
                 " ORDER BY rowid",
                 (run_id, cursor.metric),
             )

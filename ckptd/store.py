@@ -17,6 +17,7 @@ ingested twice) changes nothing.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sqlite3
 import time
@@ -35,6 +36,8 @@ SCHEMA_VERSION = 1
 
 class SchemaTooNew(CkptdError):
     """The store was written by a newer ckptd; we refuse rather than corrupt it."""
+
+log = logging.getLogger("ckptd.store")
 
 
 class StoreError(CkptdError):
@@ -173,6 +176,7 @@ class Store:
         """
         conn = self.conn
         metrics: list[tuple[Any, ...]] = []
+        conflicts: dict[tuple[str, int, str], int] = {}
         steps: dict[str, int] = {}
         touched: set[tuple[str, int]] = set()
         for run_id, attempt, src, msg in events:
@@ -206,14 +210,22 @@ class Store:
                     else f"attempt {attempt} started over: no checkpoint to restore"), "info"
             else:
                 message, level = msg.get("msg", ""), msg.get("level", "info")
+            row = (t, kind, level, msg.get("step"), message, _dumps(fields))
             cur = conn.execute(
                 "INSERT OR IGNORE INTO events (run_id, attempt, src, seq, time, kind, level,"
                 " step, message, fields) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (run_id, attempt, src, seq, t, kind, level, msg.get("step"), message,
-                 _dumps(fields)),
+                (run_id, attempt, src, seq, *row),
             )
             if cur.rowcount != 1:
-                continue  # a replay: its side effects were applied the first time
+                # a replay (its side effects were applied the first time), unless
+                # the stored row differs: two writers sharing one key
+                old = conn.execute(
+                    "SELECT time, kind, level, step, message, fields FROM events WHERE"
+                    " run_id = ? AND attempt = ? AND src = ? AND seq = ?",
+                    (run_id, attempt, src, seq)).fetchone()
+                if old is not None and tuple(old) != row:
+                    conflicts[(run_id, attempt, src)] = conflicts.get((run_id, attempt, src), 0) + 1
+                continue
             if kind == protocol.REGISTER:
                 self._register(run_id, attempt, msg, t)
             elif kind == protocol.STATUS:
@@ -221,11 +233,20 @@ class Store:
             elif kind == protocol.RESTORED:
                 self._restored(run_id, attempt, msg.get("step"))
         if metrics:
+            before = conn.total_changes
             conn.executemany(
                 "INSERT OR IGNORE INTO metrics (run_id, attempt, src, seq, key, step, value,"
                 " time) VALUES (?,?,?,?,?,?,?,?)",
                 metrics,
             )
+            if conn.total_changes - before < len(metrics):
+                self._metric_conflicts(metrics, conflicts)
+        for (run_id, attempt, src), n in conflicts.items():
+            text = (f"{n} rows of writer {src} reused a sequence number with different "
+                    "content; the first copy was kept, the others dropped (two processes "
+                    "sharing one writer identity?)")
+            log.error("run %s attempt %d: %s", run_id, attempt, text)
+            self.record_event(run_id, attempt, text, level="error")
         for run_id, step in steps.items():
             conn.execute(
                 "UPDATE runs SET step = ?, updated = ? WHERE id = ? AND"
@@ -234,6 +255,18 @@ class Store:
             )
         for run_id, attempt in touched:
             self._supersede_late(run_id, attempt)
+
+    def _metric_conflicts(self, metrics: list[tuple[Any, ...]],
+                          conflicts: dict[tuple[str, int, str], int]) -> None:
+        """Count the ignored metric rows whose stored copy differs (not a replay).
+        Runs only when some row was ignored: replays after a reconnect."""
+        for run_id, attempt, src, seq, key, step, value, t in metrics:
+            old = self.conn.execute(
+                "SELECT step, value, time FROM metrics WHERE run_id = ? AND attempt = ?"
+                " AND src = ? AND seq = ? AND key = ?", (run_id, attempt, src, seq, key)
+            ).fetchone()
+            if old is not None and tuple(old) != (step, value, t):
+                conflicts[(run_id, attempt, src)] = conflicts.get((run_id, attempt, src), 0) + 1
 
     # ------------------------------------------------------------ attempts
 
@@ -255,7 +288,7 @@ class Store:
 
     def _supersede(self, run_id: str, which: str, attempt: int, step: int) -> None:
         self.conn.execute(
-            f"UPDATE metrics SET superseded = 1 WHERE run_id = ? AND {which} AND src = 'c'"
+            f"UPDATE metrics SET superseded = 1 WHERE run_id = ? AND {which} AND src GLOB 'c*'"
             " AND step > ? AND superseded = 0", (run_id, attempt, step))
         self.conn.execute(
             f"UPDATE events SET superseded = 1 WHERE run_id = ? AND {which}"
@@ -343,7 +376,7 @@ class Store:
         oldest first (only those are judged; older ones would cost a scan each)."""
         rows = self.conn.execute(
             "SELECT a.attempt, (SELECT MAX(step) FROM metrics m WHERE m.run_id = a.run_id"
-            " AND m.attempt = a.attempt AND m.src = 'c') FROM attempts a WHERE a.run_id = ?"
+            " AND m.attempt = a.attempt AND m.src GLOB 'c*') FROM attempts a WHERE a.run_id = ?"
             " ORDER BY a.attempt DESC LIMIT ?", (run_id, last)).fetchall()
         return [tuple(r) for r in reversed(rows)]  # type: ignore[misc]
 
