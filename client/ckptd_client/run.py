@@ -92,7 +92,10 @@ def is_worker() -> bool:
     if mp is None:
         return False
     try:
-        return mp.parent_process() is not None
+        # a spawned child imports the main module (and so runs its module-level
+        # init()) while "inheriting", before parent_process() is set
+        return (mp.parent_process() is not None
+                or bool(getattr(mp.current_process(), "_inheriting", False)))
     except Exception:  # noqa: BLE001 - an exotic multiprocessing: assume the main process
         return False
 
