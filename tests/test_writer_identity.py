@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from ckptd_client import paths, protocol
-from helpers import DaemonProc, ckptd, db_rows, env_for, run_script, wait_for
+from helpers import DaemonProc, ckptd, db_rows, run_script, wait_for
 
 WRITER = """
 import sys
