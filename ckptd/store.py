@@ -177,6 +177,7 @@ class Store:
         conn = self.conn
         metrics: list[tuple[Any, ...]] = []
         conflicts: dict[tuple[str, int, str], int] = {}
+        firsts: list[int] = []  # index in metrics of each log event's first row
         steps: dict[str, int] = {}
         touched: set[tuple[str, int]] = set()
         for run_id, attempt, src, msg in events:
@@ -186,6 +187,8 @@ class Store:
             t = msg.get("time") or time.time()
             if kind == protocol.LOG:
                 step = msg["step"]
+                if msg["m"]:
+                    firsts.append(len(metrics))
                 for key, value in msg["m"].items():
                     if isinstance(value, float) and math.isnan(value):
                         value = None  # SQLite stores NaN as NULL; documented in schema.md
@@ -240,9 +243,9 @@ class Store:
                 metrics,
             )
             if conn.total_changes - before < len(metrics):
-                self._metric_conflicts(metrics, conflicts)
+                self._metric_conflicts([metrics[i] for i in firsts], conflicts)
         for (run_id, attempt, src), n in conflicts.items():
-            text = (f"{n} rows of writer {src} reused a sequence number with different "
+            text = (f"{n} events of writer {src} reused a sequence number with different "
                     "content; the first copy was kept, the others dropped (two processes "
                     "sharing one writer identity?)")
             log.error("run %s attempt %d: %s", run_id, attempt, text)
@@ -258,7 +261,8 @@ class Store:
 
     def _metric_conflicts(self, metrics: list[tuple[Any, ...]],
                           conflicts: dict[tuple[str, int, str], int]) -> None:
-        """Count the ignored metric rows whose stored copy differs (not a replay).
+        """Count the log events whose stored copy differs (not a replay), by the
+        first row of each (another writer's event differs in its time at least).
         Runs only when some row was ignored: replays after a reconnect."""
         for run_id, attempt, src, seq, key, step, value, t in metrics:
             old = self.conn.execute(
