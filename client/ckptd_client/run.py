@@ -158,6 +158,8 @@ class Run:
         self._checkpointer: Any = None
         self.restored_step: int | None = None  # set by restore()
         self._finished = False
+        #: failed daemon starts back off (it was respawned every 2 s for ever)
+        self._start_backoff, self._next_start = 1.0, 0.0
         self._new_writer(src or new_src())
 
     def _new_writer(self, src: str) -> None:
@@ -422,6 +424,9 @@ class Run:
         """
         try:
             sock = transport.connect_or_start(self.home, autostart=self._autostart)
+        except transport.DaemonStartFailed as exc:
+            self._start_failed(exc)
+            sock = None
         except (CkptdError, OSError) as exc:
             self._warn("connect", f"{exc}; events go to the spool until a daemon appears")
             sock = None
@@ -611,7 +616,6 @@ class Run:
         """Read acks; reconnect (and hand over the spool) after a lost connection."""
         reader = protocol.FrameReader()
         delay = 0.05
-        start_backoff, next_start = 1.0, 0.0
         while not self._stop.is_set():
             with self._lock:
                 sock = self._sock
@@ -624,22 +628,19 @@ class Run:
                     return
                 # Connecting is cheap and retried often; starting a daemon that
                 # failed to start is not (it was respawned every 2 s forever).
-                may_start = self._autostart and time.monotonic() >= next_start
+                may_start = self._autostart and time.monotonic() >= self._next_start
                 try:
                     new = transport.connect_or_start(self.home, autostart=may_start,
                                                      wait=5.0)
                 except transport.DaemonStartFailed as exc:
-                    self._warn("autostart", f"{exc}; retrying with back-off, events go to "
-                               "the spool meanwhile")
-                    next_start = time.monotonic() + start_backoff
-                    start_backoff = min(start_backoff * 2, MAX_START_BACKOFF)
+                    self._start_failed(exc)
                     delay = min(delay * 2, 2.0)
                     continue
                 except Exception:  # noqa: BLE001 - nothing may end this thread
                     delay = min(delay * 2, 2.0)
                     continue
                 delay = 0.05
-                start_backoff = 1.0
+                self._start_backoff = 1.0
                 reader = protocol.FrameReader()
                 with self._lock:
                     attached = self._attach_locked(new)
@@ -669,6 +670,13 @@ class Run:
                     continue
                 for msg in msgs:
                     self._handle_reply_locked(msg)
+
+    def _start_failed(self, exc: Exception) -> None:
+        """Report once, and wait longer before each next start (doubling)."""
+        self._warn("autostart", f"{exc}; retrying with back-off, events go to the spool "
+                   "meanwhile")
+        self._next_start = time.monotonic() + self._start_backoff
+        self._start_backoff = min(self._start_backoff * 2, MAX_START_BACKOFF)
 
     def _handle_reply_locked(self, msg: dict[str, Any]) -> None:
         kind = msg.get("t")
