@@ -1,7 +1,8 @@
 """Checkpoints, daemon side: commit protocol, reconciliation, verify, gc, export.
 
-A trainer's CKPT message names a shared-memory file and its tensor layout
-(see ``ckptd_client.checkpoint``). The daemon opens that file at once (so it
+A trainer's CKPT message carries the descriptor of its snapshot buffer (an
+anonymous memfd, SCM_RIGHTS) and the tensor layout (see
+``ckptd_client.checkpoint``). The daemon checks that descriptor at once (it
 stays readable even if the trainer dies now), then, in a worker thread:
 
 1. checks free space, and writes ``tensors.bin`` into
@@ -16,8 +17,12 @@ Each step's crash window is named at the step. "Latest" always comes from
 committed rows, never from directory listings or modification times.
 
 At start (:func:`reconcile`) staging leftovers are removed, a ``step-<N>/``
-that verifies but has no row is recorded, and a row whose files are missing
-or fail their hash is marked corrupt.
+without a row is recorded only if it is the one this daemon was publishing
+(its commit record names its manifest's hash, and the manifest names this
+run and step), and a row whose files are missing or fail their hash is
+marked corrupt. A step directory that appeared from anywhere else (copied
+from another run or step, planted) is never adopted. Snapshot buffers need no sweeping: the
+kernel frees a memfd once its last descriptor is closed.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import mmap
@@ -33,6 +39,7 @@ import shutil
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,8 +52,8 @@ from ckptd_client.run import valid_run_id
 from ckptd_client.spool import fsync_dir
 
 from . import retention, validate
-from .crashpoints import crashpoint
-from .daemon import MESSAGE_HANDLERS, PERIODIC_HOOKS, STARTUP_HOOKS, Conn, Daemon, rpc
+from .crashpoints import crashpoint, slow_commit
+from .daemon import MESSAGE_HANDLERS, STARTUP_HOOKS, Conn, Daemon, rpc
 
 if TYPE_CHECKING:
     from .store import Store
@@ -81,7 +88,6 @@ class Request:
     attempt: int
     step: int
     size: int
-    shm: Path
     tree: Any
     tensors: list[dict[str, Any]]
     metrics: dict[str, Any]
@@ -99,7 +105,6 @@ def parse_request(msg: dict[str, Any], conn: Conn) -> Request:
         raise validate.Invalid("ckpt before hello")
     for key in ("id", "step", "size"):
         validate._int(msg, key, minimum=0)
-    validate._str(msg, "shm", limit=4096)
     validate._num(msg, "blocked_s", optional=True)
     metrics = msg.get("metrics") or {}
     if not isinstance(metrics, dict) or not all(
@@ -110,48 +115,88 @@ def parse_request(msg: dict[str, Any], conn: Conn) -> Request:
     except ValueError as exc:
         raise validate.Invalid(f"ckpt: {exc}") from None
     return Request(id=msg["id"], run=conn.run, attempt=conn.attempt, step=msg["step"],
-                   size=msg["size"], shm=Path(msg["shm"]), tree=msg.get("tree"),
+                   size=msg["size"], tree=msg.get("tree"),
                    tensors=msg["tensors"], metrics=metrics, blocked_s=msg.get("blocked_s"))
 
 
-def open_snapshot(daemon: Daemon, req: Request) -> int:
-    """Open the trainer's snapshot file now, before replying to anything.
+def claim_snapshot(conn: Conn, req: Request) -> int:
+    """The snapshot buffer that came with this request, checked before anything
+    reads it: a regular memory file of ours, sealed against shrinking (so
+    mapping it can never SIGBUS the daemon), holding ``req.size`` bytes.
 
-    Only this home's buffers, owned by us, regular files, no symlinks: the
-    CKPT message cannot make the daemon read anything else.
+    Descriptors arrive with the frames, in order; each request with tensors
+    takes the oldest one. Nothing is opened by name, so no path in a request
+    can make the daemon read another file.
 
-    :raises CheckpointError: the file is not an acceptable snapshot buffer.
+    :raises CheckpointError: no descriptor came, or it is not an acceptable buffer.
     """
-    if not req.shm.name.startswith(fmt.shm_prefix(daemon.home)):
-        raise CheckpointError(f"checkpoint step {req.step}: {req.shm} is not a snapshot "
-                              "buffer of this home")
+    if not conn.fds:
+        raise CheckpointError(f"checkpoint step {req.step}: no snapshot buffer came with the "
+                              "request (a client older than this daemon? upgrade it)")
+    fd = conn.fds.pop(0)
     try:
-        fd = os.open(req.shm, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint step {req.step}: open {req.shm}: "
-                              f"{exc.strerror}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_size < req.size:
+        st = os.fstat(fd)
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() \
+            or not seals & fcntl.F_SEAL_SHRINK or st.st_size < req.size:
         os.close(fd)
-        raise CheckpointError(f"checkpoint step {req.step}: {req.shm} is not a regular file "
-                              f"of ours holding {req.size} bytes")
+        raise CheckpointError(f"checkpoint step {req.step}: the snapshot buffer sent is not "
+                              f"a sealed memory file of ours holding {req.size} bytes")
     return fd
 
 
-#: Snapshot buffers being committed (never swept).
-_reading: set[Path] = set()
+#: Commits in flight per run; a resume waits for them before a step is chosen.
+_inflight: dict[str, int] = {}
+_inflight_changed = threading.Condition()
+#: How long a resume waits for a run's in-flight commits (a multi-GB one on
+#: a slow disk takes minutes); after that it goes on with what is committed.
+COMMIT_WAIT_S = 300.0
+
+
+def await_commits(daemon: Daemon, run_id: str, timeout: float = COMMIT_WAIT_S) -> int:
+    """Wait until no checkpoint of ``run_id`` is being committed; return how many
+    still are when ``timeout`` ran out (0: none).
+
+    A trainer killed right after ``checkpoint()`` returned may have left its
+    CKPT message unread in a connection: those of dead peers count too until
+    their reader reached the end. Without this wait a resume picked the step
+    before the one still committing.
+    """
+    from .liveness import process_alive
+
+    deadline = time.monotonic() + timeout
+    with _inflight_changed:
+        while True:
+            with daemon.conns_lock:
+                unread = [c for c in daemon.conns if c.run == run_id and not c.closed]
+            pending = _inflight.get(run_id, 0) + sum(
+                not process_alive(c.pid, None) for c in unread)
+            left = deadline - time.monotonic()
+            if not pending or left <= 0:
+                return pending
+            _inflight_changed.wait(min(left, 0.1))
+
+
+def _commit_started(run_id: str, delta: int) -> None:
+    with _inflight_changed:
+        _inflight[run_id] = _inflight.get(run_id, 0) + delta
+        if _inflight[run_id] <= 0:
+            del _inflight[run_id]
+        _inflight_changed.notify_all()
 
 
 def on_ckpt(daemon: Daemon, msg: dict[str, Any], conn: Conn) -> None:
-    """MESSAGE_HANDLERS[CKPT]: open the snapshot, commit it in a worker thread."""
+    """MESSAGE_HANDLERS[CKPT]: claim the snapshot, commit it in a worker thread."""
     req = parse_request(msg, conn)
     try:
-        fd = open_snapshot(daemon, req) if req.size else -1  # no tensors: no buffer
+        fd = claim_snapshot(conn, req) if req.size else -1  # no tensors: no buffer
     except CkptdError as exc:
         _reply(conn, req, None, exc)
         return
-    with _locks_guard:
-        _reading.add(req.shm)
+    _commit_started(req.run, 1)
     threading.Thread(target=_commit_worker, args=(daemon, conn, req, fd),
                      name=f"ckpt-{req.run}-{req.step}", daemon=True).start()
 
@@ -169,18 +214,13 @@ def _commit_worker(daemon: Daemon, conn: Conn, req: Request, fd: int) -> None:
             error = CheckpointError(f"checkpoint step {req.step}: internal error: {exc}")
         finally:
             if fd >= 0:
-                os.close(fd)
-            with _locks_guard:
-                _reading.discard(req.shm)
+                os.close(fd)  # the last holder once the trainer is gone: the kernel frees it
+            _commit_started(req.run, -1)
     if error is not None:
         log.error("run %s: %s", req.run, error)
         _record(daemon, req.run, req.attempt, f"checkpoint step {req.step} failed: {error}",
                 "error", step=req.step)
-    if not _reply(conn, req, row, error):
-        # The trainer is gone (killed right after checkpoint(), or finished
-        # while we wrote): nobody will reuse its buffer, so we delete it.
-        with contextlib.suppress(OSError):
-            os.unlink(req.shm)
+    _reply(conn, req, row, error)
     if row is not None:
         try:
             prune(daemon, req.run)
@@ -231,6 +271,7 @@ def commit_checkpoint(daemon: Daemon, req: Request, fd: int) -> dict[str, Any]:
         timings: dict[str, float] = {}
         checks = write_data(fd, req.size, staging / fmt.DATA_FILE, timings)
         crashpoint("ckpt.staged")
+        slow_commit()
         manifest["files"] = {fmt.DATA_FILE: {"bytes": req.size, "chunk": fmt.CHUNK,
                                               **checks}}
         body = json.dumps(manifest, separators=(",", ":")).encode()
@@ -247,6 +288,15 @@ def commit_checkpoint(daemon: Daemon, req: Request, fd: int) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint step {req.step}: write {staging}: "
                               f"{exc.strerror or exc}") from None
     crashpoint("ckpt.before_rename")
+    digest = fmt.content_hash(body)
+    intent = ckpt_root / (name + fmt.INTENT_SUFFIX)
+    # CRASH WINDOW: a commit record without step-<N>/ (or with the old one):
+    # reconcile finds no directory holding that manifest and removes the record.
+    # Its directory entry becomes durable with the fsync after the rename; a
+    # power cut that loses it loses only this unacknowledged checkpoint.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(intent)
+    write_file(intent, digest.encode())
     replaced = ckpt_root / (name + fmt.REPLACED_SUFFIX)
     if final.exists():
         # Same step committed before (by an attempt that was later resumed
@@ -269,7 +319,7 @@ def commit_checkpoint(daemon: Daemon, req: Request, fd: int) -> dict[str, Any]:
     row = {
         "run_id": req.run, "step": req.step, "attempt": req.attempt, "status": "committed",
         "path": os.fspath(final.relative_to(daemon.home)), "bytes": req.size + len(body),
-        "hash": fmt.content_hash(body), "metrics": req.metrics, "blocked_s": req.blocked_s,
+        "hash": digest, "metrics": req.metrics, "blocked_s": req.blocked_s,
         "persist_s": round(time.monotonic() - t0, 6), "created": manifest["created"],
         "reason": None,
     }
@@ -290,11 +340,16 @@ def commit_checkpoint(daemon: Daemon, req: Request, fd: int) -> dict[str, Any]:
         if replaced is not None:
             os.rename(replaced, final)
             fsync_dir(ckpt_root)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(intent)
         raise CheckpointError(f"checkpoint step {req.step}: cannot record it in the store: "
                               f"{exc}; the checkpoint was removed") from None
     # CRASH WINDOW: committed, trainer not told yet. Its handle reports a lost
     # connection; `ckptd ckpt ls` shows the checkpoint committed.
     crashpoint("ckpt.after_row")
+    # a record left by a crash here is harmless (the row matches) and removed at start
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(intent)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
     timings["row"] = time.monotonic() - t0 - sum(timings.values())
@@ -434,13 +489,17 @@ def delete_checkpoint(daemon: Daemon, run_id: str, step: int, why: str) -> None:
 
 # ----------------------------------------------------------- reconcile
 
-def sweep_leftovers(home: Path) -> list[tuple[str, int, Path]]:
+#: What start-up found on disk: ``(run, step, dir or None, commit record or None)``.
+Found = list[tuple[str, int, "Path | None", "str | None"]]
+
+
+def sweep_leftovers(home: Path) -> Found:
     """Synchronous part of the start-up reconcile (no client is connected yet).
 
-    Removes staging directories, finishes interrupted replacements, deletes
-    snapshot buffers of dead trainers; returns every ``(run, step, dir)``.
+    Removes staging directories, finishes interrupted replacements; returns
+    every step directory and commit record (see :data:`Found`).
     """
-    found: list[tuple[str, int, Path]] = []
+    found: Found = []
     root = home / paths.RUNS_DIR
     for run_dir in sorted(root.iterdir()) if root.is_dir() else []:
         ckpt_root = paths.checkpoints_dir(home, run_dir.name)
@@ -462,39 +521,49 @@ def sweep_leftovers(home: Path) -> list[tuple[str, int, Path]]:
                 changed = True
         if changed:
             fsync_dir(ckpt_root)
+        records: dict[int, str | None] = {}
+        dirs: dict[int, Path] = {}
         for entry in sorted(ckpt_root.iterdir()):
+            if entry.name.endswith(fmt.INTENT_SUFFIX):
+                step = fmt.parse_step_dir(entry.name[: -len(fmt.INTENT_SUFFIX)])
+                if step is not None:
+                    records[step] = _read_record(entry)
+                continue
             step = fmt.parse_step_dir(entry.name)
-            if step is not None and entry.is_dir():
-                found.append((run_dir.name, step, entry))
-    _sweep_buffers(home)
+            if step is not None and entry.is_dir() and not entry.is_symlink():
+                dirs[step] = entry
+        for step in sorted(dirs.keys() | records.keys()):
+            found.append((run_dir.name, step, dirs.get(step), records.get(step)))
     return found
 
 
-def _sweep_buffers(home: Path, connected: set[int] | None = None) -> None:
-    """Delete snapshot buffers of this home whose trainer is dead (a trainer
-    killed after its last checkpoint was confirmed leaves its buffer behind)."""
-    shm = fmt.shm_dir(home)
-    prefix = fmt.shm_prefix(home)
+def _read_record(path: Path) -> str | None:
     try:
-        names = os.listdir(shm)
+        with open(path, "rb") as f:
+            return f.read(200).decode("ascii", "replace").strip() or None
     except OSError:
-        return
-    for name in names:
-        if not name.startswith(prefix):
-            continue
-        pid_text = name[len(prefix):].split("-", 1)[0]
-        if shm / name in _reading:
-            continue  # its trainer may be dead, but we are committing it right now
-        if not pid_text.isdigit() or int(pid_text) in (connected or ()):
-            # A connection of that trainer is still open: it may hold a CKPT
-            # message we have not read yet (the trainer died right after sending).
-            continue
-        if not psutil.pid_exists(int(pid_text)):
-            with contextlib.suppress(OSError):
-                os.unlink(shm / name)
+        return None
 
 
-def reconcile_rows(daemon: Daemon, found: list[tuple[str, int, Path]]) -> dict[str, int]:
+def _adoptable(run: str, step: int, d: Path, record: str | None) -> tuple[dict[str, Any], str]:
+    """Check a step directory the store has no (matching) row for before recording it.
+
+    Only what this daemon was publishing qualifies: its commit record names
+    this manifest's hash, and the manifest names this run and step. A
+    directory copied from another run or step, or planted, is refused.
+
+    :raises CheckpointError: saying why it is not adopted.
+    """
+    if record is None:
+        raise CheckpointError(f"{d}: no commit record (ckptd did not write it here)")
+    manifest, digest = fmt.verify_dir(d, record)
+    if manifest.get("run") != run or manifest.get("step") != step:
+        raise CheckpointError(f"{d}: its manifest is of run {manifest.get('run')!r} step "
+                              f"{manifest.get('step')!r}, not this run and step")
+    return manifest, digest
+
+
+def reconcile_rows(daemon: Daemon, found: Found) -> dict[str, int]:
     """Make rows agree with directories (see the module docstring); returns counts.
 
     The newest committed checkpoint of each run (the one a restore picks)
@@ -503,23 +572,25 @@ def reconcile_rows(daemon: Daemon, found: list[tuple[str, int, Path]]) -> dict[s
     """
     rows = daemon.call_writer(lambda store: store.checkpoint_rows(None))
     by_key = {(r["run_id"], r["step"]): r for r in rows}
-    on_disk = {(run, step): d for run, step, d in found}
+    on_disk = {(run, step): d for run, step, d, _ in found if d is not None}
+    records = {(run, step): rec for run, step, _, rec in found if rec is not None}
     newest: dict[str, int] = {}
     for r in rows:
         if r["status"] == "committed":
             newest[r["run_id"]] = max(newest.get(r["run_id"], -1), r["step"])
-    counts = {"recorded": 0, "corrupt": 0}
+    counts = {"recorded": 0, "corrupt": 0, "not adopted": 0}
     for (run, step), d in sorted(on_disk.items()):
         row = by_key.get((run, step))
         if row is not None:
             continue
         with run_lock(run):
             try:
-                manifest, digest = fmt.verify_dir(d)
+                manifest, digest = _adoptable(run, step, d, records.get((run, step)))
             except CheckpointError as exc:
-                log.warning("run %s: %s has no row and fails verification: %s", run, d, exc)
-                _put(daemon, _row_for(daemon, run, step, d, None, None, "corrupt", str(exc)))
-                counts["corrupt"] += 1
+                # Not ours to vouch for (planted, copied, or torn before its
+                # record): never listed, never restored; left for a person to look at.
+                log.warning("run %s: not adopting %s: %s", run, d, exc)
+                counts["not adopted"] += 1
                 continue
             log.info("run %s: recording checkpoint step %d (committed on disk, no row: a "
                      "crash right before its row)", run, step)
@@ -546,7 +617,7 @@ def reconcile_rows(daemon: Daemon, found: list[tuple[str, int, Path]]) -> dict[s
                     reason = str(exc)
                     with contextlib.suppress(CheckpointError):
                         # a replacement committed on disk whose row was not yet updated
-                        manifest, digest = fmt.verify_dir(d)
+                        manifest, digest = _adoptable(run, step, d, records.get((run, step)))
                         _put(daemon, _row_for(daemon, run, step, d, manifest, digest,
                                               "committed", None))
                         continue
@@ -556,6 +627,14 @@ def reconcile_rows(daemon: Daemon, found: list[tuple[str, int, Path]]) -> dict[s
                 log.warning("run %s: checkpoint step %d is corrupt: %s", run, step, reason)
                 _mark(daemon, run, step, reason)
                 counts["corrupt"] += 1
+    for (run, step), rec in records.items():
+        # every record is settled now: adopted, or nothing of it left to adopt
+        # (unless a new commit of that step, which holds the run lock, wrote it anew)
+        path = paths.checkpoints_dir(daemon.home, run) / (fmt.step_dir_name(step)
+                                                           + fmt.INTENT_SUFFIX)
+        with run_lock(run), contextlib.suppress(OSError):
+            if _read_record(path) == rec:
+                os.unlink(path)
     return counts
 
 
@@ -632,24 +711,56 @@ def _run_ids(daemon: Daemon, args: dict[str, Any]) -> list[str]:
     return [run]
 
 
+#: ``ckpt_verify`` status of a checkpoint that retention deleted while the
+#: verify ran: gone on purpose, not corrupt.
+PRUNED = "pruned"
+
+
 @rpc("ckpt_verify")
 def rpc_verify(daemon: Daemon, args: dict[str, Any], conn: Conn) -> list[dict[str, Any]]:
-    """Re-hash every committed checkpoint of a run (or all runs); mark failures corrupt."""
+    """Re-hash every committed checkpoint of a run (or all runs); mark failures corrupt.
+
+    Each row is read again under the run's lock, which pruning holds while
+    it deletes: a checkpoint retention removed after the listing is reported
+    ``pruned``, never corrupt (its files are gone on purpose).
+    """
     out = []
     for run in _run_ids(daemon, args):
         rows = daemon.call_writer(lambda store, run=run: store.checkpoint_rows(run))
-        for row in rows:
-            status, reason = row["status"], row["reason"]
-            if status == "committed":
-                with run_lock(run):
-                    d = paths.checkpoints_dir(daemon.home, run) / fmt.step_dir_name(row["step"])
+        for listed in rows:
+            step = listed["step"]
+            with run_lock(run):
+                row = _row(daemon, run, step)
+                if row is None:
+                    out.append({"run": run, "step": step, "status": PRUNED,
+                                "reason": "deleted by the retention policy while verifying"})
+                    continue
+                status, reason = row["status"], row["reason"]
+                if status == "committed":
+                    d = paths.checkpoints_dir(daemon.home, run) / fmt.step_dir_name(step)
                     try:
                         fmt.verify_dir(d, row["hash"])
                     except CheckpointError as exc:
                         status, reason = "corrupt", str(exc)
-                        _mark(daemon, run, row["step"], reason)
-            out.append({"run": run, "step": row["step"], "status": status, "reason": reason})
+                        _mark(daemon, run, step, reason)
+            out.append({"run": run, "step": step, "status": status, "reason": reason})
     return out
+
+
+def _row(daemon: Daemon, run: str, step: int) -> dict[str, Any] | None:
+    rows = daemon.call_writer(lambda store: store.checkpoint_rows(run))
+    return next((r for r in rows if r["step"] == step), None)
+
+
+@rpc("ckpt_await_commits")
+def rpc_await_commits(daemon: Daemon, args: dict[str, Any], conn: Conn) -> dict[str, int]:
+    """``restore()`` in a new attempt: wait (bounded) for the run's in-flight commits."""
+    run, timeout = args.get("run"), args.get("timeout", COMMIT_WAIT_S)
+    if not isinstance(run, str) or not valid_run_id(run):
+        raise NotFound(f"no run {run!r}")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
+        raise CkptdError("ckpt_await_commits: timeout must be a number of seconds")
+    return {"pending": await_commits(daemon, run, min(float(timeout), COMMIT_WAIT_S))}
 
 
 @rpc("ckpt_mark_corrupt")
@@ -659,8 +770,7 @@ def rpc_mark_corrupt(daemon: Daemon, args: dict[str, Any], conn: Conn) -> bool:
     if not isinstance(run, str) or not valid_run_id(run) or not isinstance(step, int):
         raise NotFound("ckpt_mark_corrupt needs a run id and a step")
     with run_lock(run):
-        rows = daemon.call_writer(lambda store: store.checkpoint_rows(run))
-        row = next((r for r in rows if r["step"] == step), None)
+        row = _row(daemon, run, step)
         if row is None or row["status"] != "committed":
             return False
         try:
@@ -690,37 +800,35 @@ def rpc_gc(daemon: Daemon, args: dict[str, Any], conn: Conn) -> list[dict[str, A
 
 # ------------------------------------------------------------------ export
 
-def export(home: Path, run_id: str, rows: list[dict[str, Any]], step: int | None,
-           out: Path) -> dict[str, Any]:
+#: How often ``export`` lists again when retention deleted what it listed.
+EXPORT_RELISTS = 20
+
+
+def export(home: Path, run_id: str, list_rows: Callable[[], list[dict[str, Any]]],
+           step: int | None, out: Path) -> dict[str, Any]:
     """Write one plain ``torch.save`` file of a checkpoint (newest committed that
     verifies, or ``step``); loadable with ``torch.load(weights_only=True)``.
 
-    Reads the files directly; the daemon is not needed.
+    Reads the files directly; the daemon is not needed. The daemon may prune
+    meanwhile (retention): a checkpoint whose directory vanished and whose row
+    is gone when listed again was deleted on purpose, so it is skipped, never
+    reported as failing verification. Once its files are open they stay
+    readable (Linux keeps unlinked files for their readers).
 
     :raises NotFound: no such (committed) checkpoint.
     :raises CheckpointError: it fails verification.
     """
-    import torch
+    import torch  # first: importing it takes seconds, during which retention may prune
 
-    candidates = [r for r in rows if r["status"] == "committed"]
-    if step is not None:
-        candidates = [r for r in candidates if r["step"] == step]
-        if not candidates:
-            raise NotFound(f"export: run {run_id} has no committed checkpoint at step {step}; "
-                           "`ckptd ckpt ls` lists them")
-    if not candidates:
-        raise NotFound(f"export: run {run_id} has no committed checkpoint")
-    errors = []
-    for row in sorted(candidates, key=lambda r: -r["step"]):
-        d = paths.checkpoints_dir(home, run_id) / fmt.step_dir_name(row["step"])
-        try:
-            payload, manifest = fmt.load_dir(d, row["hash"], verify=fmt.HASH_ALGO)
+    vanished: set[int] = set()
+    for _ in range(EXPORT_RELISTS):
+        found = _load_newest(home, run_id, list_rows(), step, vanished)
+        if found is not None:
             break
-        except CheckpointError as exc:
-            errors.append(str(exc))
     else:
-        raise CheckpointError(f"export: no checkpoint of run {run_id} verifies: "
-                              + "; ".join(errors))
+        raise CheckpointError(f"export: retention deleted the checkpoints of run {run_id} "
+                              f"{EXPORT_RELISTS} times while they were being read; try again")
+    row, payload = found
     # clone: each tensor gets its own storage, not a view of the whole data file
     obj = {"format": "ckptd-export/1", "run": run_id, "step": row["step"],
            "metrics": row.get("metrics") or {},
@@ -739,15 +847,35 @@ def export(home: Path, run_id: str, rows: list[dict[str, Any]], step: int | None
             "bytes": out.stat().st_size}
 
 
-def sweep_buffers(daemon: Daemon) -> None:
-    """PERIODIC_HOOK: remove snapshot buffers left by dead trainers."""
-    with daemon.conns_lock:
-        connected = {c.pid for c in daemon.conns}
-    _sweep_buffers(daemon.home, connected)
+def _load_newest(home: Path, run_id: str, rows: list[dict[str, Any]], step: int | None,
+                 vanished: set[int]) -> tuple[dict[str, Any], Any] | None:
+    """The newest listed checkpoint that loads and verifies; None when one
+    vanished (pruned since the listing: list again). A step that is listed
+    again after its directory vanished is truly missing: an error."""
+    candidates = [r for r in rows if r["status"] == "committed"]
+    if step is not None:
+        candidates = [r for r in candidates if r["step"] == step]
+        if not candidates:
+            raise NotFound(f"export: run {run_id} has no committed checkpoint at step {step} "
+                           "(retention may have deleted it); `ckptd ckpt ls` lists them")
+    if not candidates:
+        raise NotFound(f"export: run {run_id} has no committed checkpoint")
+    errors = []
+    for row in sorted(candidates, key=lambda r: -r["step"]):
+        d = paths.checkpoints_dir(home, run_id) / fmt.step_dir_name(row["step"])
+        try:
+            payload, _ = fmt.load_dir(d, row["hash"], verify=fmt.HASH_ALGO)
+            return row, payload
+        except CheckpointError as exc:
+            if not d.exists() and row["step"] not in vanished:
+                vanished.add(row["step"])
+                return None
+            errors.append(str(exc))
+    raise CheckpointError(f"export: no checkpoint of run {run_id} verifies: "
+                          + "; ".join(errors))
 
 
 MESSAGE_HANDLERS[protocol.CKPT] = on_ckpt
 STARTUP_HOOKS.append(startup)
-PERIODIC_HOOKS.append(sweep_buffers)
 
 __all__ = ["commit_checkpoint", "reconcile_rows", "sweep_leftovers", "prune", "export"]

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import json
 import math
 import os
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -31,19 +31,80 @@ from ckptd_client.errors import CkptdError, DaemonUnavailable
 from . import __version__, query
 from .follow import follow, output_closed
 
+EXIT_CODES = """Exit status: 0 done; 1 error; 2 usage error (bad option or argument, unknown
+run); 3 no daemon (`status`: not running); 4 a checkpoint failed to write or
+verify; 5 disk full; 6 resume refused (running or finished run, see --force).
+`run` and `resume` exit with the training command's own status."""
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, epilog=EXIT_CODES,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Crash-resilient experiment logger and checkpointing daemon.")
 STATE: dict[str, Any] = {"home": None}
+HOME_HELP = ("data home (default: $CKPTD_HOME, else $XDG_DATA_HOME/ckptd); "
+             "goes before or after the command")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        echo(f"ckptd {__version__}")
+        raise typer.Exit(0)
 
 
 @app.callback()
-def _root(home: Path | None = typer.Option(None, "--home", help="data home (default: "
-                                           "$CKPTD_HOME or $XDG_DATA_HOME/ckptd)")) -> None:
-    STATE["home"] = paths.home_dir(home)
+def _root(version: bool = typer.Option(False, "--version", is_eager=True,
+                                       callback=_print_version,
+                                       help="print the version and exit")) -> None:
+    """Crash-resilient experiment logger and checkpointing daemon."""
 
 
 def home() -> Path:
-    return STATE["home"] or paths.home_dir(None)
+    """The data home of this invocation: the last ``--home`` given, else the default;
+    refused when it is not a directory, or when another user owns it (she could
+    have swapped the store: ``ckptd resume`` would run her command)."""
+    path = paths.checked_home(STATE["home"])
+    if STATE.get("checked") != path:
+        paths.secure_home(path, create=False)
+        STATE["checked"] = path
+    return path
+
+
+def _set_home(value: str | None) -> None:
+    if value is not None:
+        STATE["home"] = value
+
+
+def _home_option() -> Any:
+    """The ``--home`` option as typer builds it (typer's click has no public Option)."""
+    probe = typer.Typer()
+
+    @probe.command()
+    def _probe(home: str | None = typer.Option(None, "--home", metavar="DIR", help=HOME_HELP,
+                                                callback=_set_home, expose_value=False),
+               ) -> None:
+        """Never run."""
+
+    return typer.main.get_command(probe).params[0]
+
+
+def build_command() -> Any:
+    """The click command tree, with ``--home`` on every command and group.
+
+    Users paste ``ckptd ls --home H`` as often as ``ckptd --home H ls``; one
+    option added here (rather than a parameter on every function) keeps the
+    two spellings, and each command's ``--help``, in step.
+    """
+    command = typer.main.get_command(app)
+    option = _home_option()
+
+    def walk(cmd: Any) -> None:
+        cmd.rich_markup_mode = None  # plain help: flags read `--json`, not `--json <bool>`
+        cmd.params.append(option)
+        for sub in getattr(cmd, "commands", {}).values():
+            walk(sub)
+
+    walk(command)
+    return command
 
 
 # ------------------------------------------------------------------ output
@@ -77,24 +138,35 @@ def fmt_num(v: Any) -> str:
 
 
 def format_line(line: query.Line) -> str:
+    """One ``tail`` line; what the run wrote is made printable before colour is added."""
+    text = _plain_line(line)
+    return paint(text, "metric" if line.kind == "log" else
+                 "status" if line.kind == "status" else line.level)
+
+
+def _plain_line(line: query.Line) -> str:
+    safe = query.printable
     stamp = dt.datetime.fromtimestamp(line.time).strftime("%H:%M:%S.%f")[:-3]
     if line.kind == "log":
         body = "  ".join(f"{k}={fmt_num(v)}" for k, v in (line.fields or {}).items())
-        return paint(f"{stamp} step {line.step}  {body}", "metric")
+        return safe(f"{stamp} step {line.step}  {body}")
     if line.kind == "console":
-        return paint(f"{stamp} | {line.message}", line.level)
+        return f"{stamp} | {safe(line.message)}"
     if line.kind == "status":
-        return paint(f"{stamp} -- {line.message}", "status")
+        return f"{stamp} -- {safe(line.message)}"
     extra = ""
     if line.fields:
         extra = "  " + " ".join(f"{k}={v}" for k, v in line.fields.items())
-    return paint(f"{stamp} {line.level.upper():<7} {line.message}{extra}", line.level)
+    return safe(f"{stamp} {line.level.upper():<7} {line.message}{extra}")
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    cells = [[str(r.get(c, "")) if r.get(c) is not None else "-" for c in columns] for r in rows]
+    cells = [[query.printable(r[c]) if r.get(c) is not None else "-" for c in columns]
+             for r in rows]
     widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
-    echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    heads = [query.printable(c.upper()) for c in columns]  # metric keys are column names
+    widths = [max(w, len(h)) for w, h in zip(widths, heads, strict=True)]
+    echo("  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip())
     for row in cells:
         echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
@@ -104,17 +176,20 @@ def echo(text: str = "") -> None:
 
 
 def emit_json(value: Any) -> None:
-    echo(json.dumps(value, indent=2, default=str))
+    echo(query.to_json(value, indent=2))
 
 
 # ----------------------------------------------------------------- daemon
 
 @app.command()
-def daemon() -> None:
+def daemon(max_concurrent_resumes: int | None = typer.Option(
+        None, "--max-concurrent-resumes", min=1,
+        help="auto-resumed runs starting up at once (default 2, or "
+             "$CKPTD_MAX_CONCURRENT_RESUMES); the others wait, `queued`")) -> None:
     """Run the daemon in the foreground (what systemd runs)."""
     from .daemon import run_foreground
 
-    raise typer.Exit(run_foreground(home()))
+    raise typer.Exit(run_foreground(home(), max_concurrent_resumes))
 
 
 @app.command()
@@ -127,10 +202,14 @@ def start() -> None:
 
 
 @app.command()
-def stop(timeout: float = typer.Option(60.0, help="seconds to wait for a clean stop")) -> None:
-    """Stop the daemon: it commits everything queued, then exits."""
+def stop(timeout: float = typer.Option(60.0, help="seconds to wait for a clean stop"),
+         force: bool = typer.Option(False, "--force",
+                                    help="stop even while runs are connected (they restart "
+                                         "a daemon at once)")) -> None:
+    """Stop the daemon: it commits everything queued, then exits (refused while runs
+    are connected, unless --force)."""
     try:
-        info = transport.call(home(), "stop", autostart=False)
+        info = transport.call(home(), "stop", {"force": force}, autostart=False)
     except DaemonUnavailable:
         echo("ckptd daemon is not running")
         return
@@ -147,6 +226,12 @@ def stop(timeout: float = typer.Option(60.0, help="seconds to wait for a clean s
     if sock.exists() or process_alive(pid, None):
         raise CkptdError(f"stop: daemon pid {info['stopping']} did not exit within {timeout} s")
     echo(f"ckptd daemon stopped (pid {info['stopping']})")
+    if info.get("connected"):
+        from .control import describe
+
+        print(f"ckptd: warning: {len(info['connected'])} run(s) were connected "
+              f"({describe(info['connected'])}); their clients start a new daemon",
+              file=sys.stderr)
 
 
 @app.command()
@@ -171,11 +256,12 @@ def status(as_json: bool = typer.Option(False, "--json", help="machine-readable 
 
 @app.command("ls")
 def ls(status: str | None = typer.Option(None, "--status", help="only runs in this state"),
-       as_json: bool = typer.Option(False, "--json")) -> None:
+       group: str | None = typer.Option(None, "--group", help="only runs in this group"),
+       as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """List runs, oldest first."""
-    if status and status not in ("running", "finished", "failed", "interrupted"):
-        raise CkptdError(f"unknown status {status!r}; use running, finished, failed or "
-                         "interrupted")
+    if status and status not in ("running", "finished", "failed", "interrupted", "queued"):
+        raise CkptdError(f"unknown status {status!r}; use running, finished, failed, "
+                         "interrupted or queued")
     try:
         reader = query.Reader(home())
     except query.NotFound:
@@ -185,7 +271,7 @@ def ls(status: str | None = typer.Option(None, "--status", help="only runs in th
             echo("no runs yet")
         return
     with reader:
-        rows = reader.list_runs(status)
+        rows = reader.list_runs(status, group)
     if as_json:
         emit_json(rows)
         return
@@ -197,41 +283,48 @@ def ls(status: str | None = typer.Option(None, "--status", help="only runs in th
 
 @app.command()
 def show(run: str | None = typer.Argument(None, help="run id, unique prefix or name"),
-         as_json: bool = typer.Option(False, "--json")) -> None:
+         as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Show one run: command, provenance, attempts, checkpoints."""
     with query.Reader(home()) as reader:
         info = reader.show(run)
     if as_json:
         emit_json(info)
         return
-    for key in ("id", "name", "status", "attempt", "step", "project", "seed", "cwd", "reason",
-                "exit_code", "auto_resume", "restarts"):
-        echo(f"{key + ':':<12} {info.get(key) if info.get(key) is not None else '-'}")
-    echo(f"{'started:':<12} {fmt_time(info['started'])}")
-    echo(f"{'ended:':<12} {fmt_time(info['ended'])}")
+    say = _say
+    for key in ("id", "name", "status", "attempt", "step", "project", "group", "seed", "cwd",
+                "reason", "exit_code", "signal_name", "auto_resume", "restarts", "max_restarts"):
+        label = "signal" if key == "signal_name" else key
+        say(f"{label + ':':<13} {info.get(key) if info.get(key) is not None else '-'}")
+    say(f"{'started:':<13} {fmt_time(info['started'])}")
+    say(f"{'ended:':<13} {fmt_time(info['ended'])}")
     if info.get("command"):
-        echo(f"{'command:':<12} {' '.join(info['command'])}")
+        say(f"{'command:':<13} {shlex.join(info['command'])}")
     if info.get("retention"):
-        echo(f"{'retention:':<12} {json.dumps(info['retention'])}")
+        say(f"{'retention:':<13} {query.to_json(info['retention'])}")
     prov = info.get("provenance") or {}
     if prov:
-        echo("provenance:")
+        say("provenance:")
         for k, v in prov.items():
             if k != "git_diff":
-                echo(f"  {k}: {v}")
+                say(f"  {k}: {v}")
     if info["attempts"]:
-        echo("attempts:")
+        say("attempts:")
         for a in info["attempts"]:
-            echo(f"  #{a['attempt']} {a['status']}  started {fmt_time(a['started'])}"
-                 f"  ended {fmt_time(a['ended'])}"
-                 + _restored_note(a.get("restored_step")))
+            ended_by = f"  by {a['signal_name']}" if a.get("signal_name") else ""
+            say(f"  #{a['attempt']} {a['status']}{ended_by}  started {fmt_time(a['started'])}"
+                f"  ended {fmt_time(a['ended'])}" + _restored_note(a.get("restored_step")))
     if info["checkpoints"]:
-        echo("checkpoints:")
+        say("checkpoints:")
         for c in info["checkpoints"]:
-            echo(f"  step {c['step']}  {c['status']}  {c['bytes'] or 0} bytes")
+            say(f"  step {c['step']}  {c['status']}  {c['bytes'] or 0} bytes")
     if info.get("traceback"):
-        echo("traceback:")
-        echo(info["traceback"].rstrip())
+        say("traceback:")
+        echo(query.printable(info["traceback"].rstrip(), lines=True))
+
+
+def _say(text: str) -> None:
+    """One line of human-readable output with what a run wrote in it."""
+    echo(query.printable(text))
 
 
 def _restored_note(step: int | None) -> str:
@@ -244,7 +337,9 @@ def _restored_note(step: int | None) -> str:
 @app.command()
 def tail(
     run: str | None = typer.Argument(None, help="run id, prefix or name (default: newest)"),
-    follow_: bool = typer.Option(False, "-f", "--follow", help="keep printing new lines"),
+    follow_: bool = typer.Option(False, "-f", "--follow",
+                                 help="keep printing new lines until the run ends (and "
+                                      "through a pending auto-resume)"),
     n: int = typer.Option(20, "-n", help="how many lines to print first"),
     metrics: bool = typer.Option(False, "--metrics", help="include logged metrics"),
     grep: str | None = typer.Option(None, "--grep", help="only lines matching this regex"),
@@ -271,7 +366,8 @@ def tail(
             return
         try:
             for line in follow(reader, info["id"], cursor, with_metrics=metrics,
-                               all_attempts=all_attempts, out_fd=sys.stdout.fileno()):
+                               all_attempts=all_attempts, until_done=True,
+                               out_fd=sys.stdout.fileno()):
                 text = format_line(line)
                 if pattern and not pattern.search(text):
                     continue
@@ -283,7 +379,7 @@ def tail(
 
 @app.command("metrics")
 def metrics_cmd(
-    run: str = typer.Argument(..., help="run id, prefix or name"),
+    run: str | None = typer.Argument(None, help="run id, prefix or name (default: newest)"),
     key: str | None = typer.Option(None, "--key", help="only this metric"),
     fmt: str = typer.Option("table", "--format", help="table, csv or jsonl"),
     all_attempts: bool = typer.Option(False, "--all-attempts",
@@ -295,6 +391,12 @@ def metrics_cmd(
     with query.Reader(home()) as reader:
         info = reader.resolve(run)
         rows = reader.metrics(info["id"], key, all_attempts)
+        if key is not None and not rows:
+            known = reader.keys(info["id"])
+            if key not in known:
+                raise query.UnknownKey(
+                    f"run {info['id']} has no metric {key!r}; its keys: "
+                    + (", ".join(map(repr, known)) or "none (nothing logged yet)"))
     if fmt == "jsonl":
         for line in query.iter_jsonl(rows):
             echo(line)
@@ -302,7 +404,7 @@ def metrics_cmd(
         writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else
                                 ["step", "key", "value", "attempt", "time"])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(r | {"key": query.printable(r["key"])} for r in rows)
     else:
         steps: dict[int, dict[str, Any]] = {}
         keys: list[str] = []
@@ -325,7 +427,7 @@ def _register_subcommands() -> None:
     """Feature modules add their commands here (checkpoints, supervision, service)."""
     import importlib
 
-    for name in ("cli_ckpt", "cli_runs", "cli_service"):
+    for name in ("cli_ckpt", "cli_runs", "cli_service", "cli_views", "cli_analysis"):
         try:
             module = importlib.import_module(f"ckptd.{name}")
         except ModuleNotFoundError as exc:
@@ -340,14 +442,15 @@ _register_subcommands()
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one line and an exit code for every user error."""
-    command = typer.main.get_command(app)
+    command = build_command()
     try:
         rv = command.main(args=argv, prog_name="ckptd", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
     except typer.Exit as exc:
         code = exc.exit_code
     except click_exc.NoArgsIsHelpError as exc:
-        print(exc.ctx.get_help() if exc.ctx else "usage: ckptd COMMAND", file=sys.stderr)
+        # bare `ckptd`, `ckptd ckpt`: the help, once, where `| less` sees it
+        echo(exc.format_message())
         code = 2
     except click_exc.ClickException as exc:
         exc.show()

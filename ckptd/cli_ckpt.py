@@ -77,13 +77,16 @@ def register(app: typer.Typer) -> None:
                                                     "(default: newest run)")) -> None:
         """Re-hash every checkpoint of a run; exit non-zero naming any corrupt one."""
         from . import cli
+        from .checkpoints import PRUNED
 
         run_id = _resolve(cli.home(), run)
         results = transport.call(cli.home(), "ckpt_verify", {"run": run_id}, timeout=3600)
-        bad = [r for r in results if r["status"] != "committed"]
+        bad = [r for r in results if r["status"] not in ("committed", PRUNED)]
         for r in results:
             if r["status"] == "committed":
                 cli.echo(f"ok       step {r['step']}")
+            elif r["status"] == PRUNED:
+                cli.echo(f"gone     step {r['step']}: {r['reason']}")
             else:
                 cli.echo(f"CORRUPT  step {r['step']}: {r['reason']}")
         if bad:
@@ -91,7 +94,8 @@ def register(app: typer.Typer) -> None:
                 f"verify: run {run_id} has {len(bad)} corrupt checkpoint(s): step "
                 + ", ".join(str(r["step"]) for r in bad)
                 + "; restore skips them, `ckptd ckpt gc` deletes them")
-        cli.echo(f"{len(results)} checkpoint(s) of run {run_id} verified")
+        ok = sum(r["status"] == "committed" for r in results)
+        cli.echo(f"{ok} checkpoint(s) of run {run_id} verified")
 
     @ckpt.command("gc")
     def gc_cmd(run: str | None = typer.Argument(None, help="run id, prefix or name "
@@ -106,7 +110,8 @@ def register(app: typer.Typer) -> None:
         cli.echo(f"{len(deleted)} checkpoint(s) deleted")
 
     @ckpt.command("export")
-    def export_cmd(run: str = typer.Argument(..., help="run id, prefix or name"),
+    def export_cmd(run: str | None = typer.Argument(None, help="run id, prefix or name "
+                                                    "(default: newest run)"),
                    step: int | None = typer.Option(None, "--step",
                                                    help="this step (default: newest)"),
                    output: Path = typer.Option(..., "-o", "--output",
@@ -118,8 +123,12 @@ def register(app: typer.Typer) -> None:
 
         with query.Reader(cli.home()) as reader:
             info = reader.resolve(run)
-            rows = reader.checkpoints(info["id"])
-        result = export(cli.home(), info["id"], rows, step, output)
+
+        def list_rows() -> list[dict[str, Any]]:
+            with query.Reader(cli.home()) as reader:
+                return reader.checkpoints(info["id"])
+
+        result = export(cli.home(), info["id"], list_rows, step, output)
         cli.echo(f"exported {info['id']} step {result['step']} to {result['path']} "
                  f"({human_bytes(result['bytes'])})")
 

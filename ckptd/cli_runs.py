@@ -7,6 +7,7 @@ import sys
 
 import typer
 from ckptd_client.errors import CkptdError, ResumeRefused
+from ckptd_client.run import valid_run_id
 
 
 def register(app: typer.Typer) -> None:
@@ -24,6 +25,13 @@ def register(app: typer.Typer) -> None:
         max_restarts: int | None = typer.Option(
             None, "--max-restarts", min=0,
             help="with --auto-resume: relaunch at most this many times (default 10)"),
+        stop_grace: float | None = typer.Option(
+            None, "--stop-grace", min=0,
+            help="seconds the command gets to exit after SIGTERM/SIGINT/SIGHUP before its "
+                 "process group is killed (default 30, or $CKPTD_STOP_GRACE)"),
+        group: str | None = typer.Option(None, "--group", help="put the run in this group "
+                                         "(compare groups with `ckptd compare @G1 @G2`)"),
+        run_id: str | None = typer.Option(None, "--run-id", hidden=True),
         attach_run: str | None = typer.Option(None, "--attach-run", hidden=True),
         force: bool = typer.Option(False, "--force", hidden=True),
         after_attempt: int | None = typer.Option(None, "--after-attempt", hidden=True),
@@ -33,7 +41,8 @@ def register(app: typer.Typer) -> None:
         from . import cli
 
         if attach_run is not None:
-            raise typer.Exit(_attach(cli.home(), attach_run, force, after_attempt, report_fd))
+            raise typer.Exit(_attach(cli.home(), attach_run, force, after_attempt, report_fd,
+                                     stop_grace))
         if not command:
             raise CkptdError("run: give the command to run after --, e.g. "
                              "`ckptd run -- python train.py`")
@@ -41,8 +50,13 @@ def register(app: typer.Typer) -> None:
             raise CkptdError("run: --max-restarts only makes sense with --auto-resume")
         from .supervise import run_command
 
+        if group is not None and not group.strip():
+            raise CkptdError("run: --group must not be empty")
+        if run_id is not None and not valid_run_id(run_id):
+            raise CkptdError(f"run: --run-id {run_id!r} is not a valid run id")
         raise typer.Exit(run_command(cli.home(), list(command), name=name,
-                                     auto_resume=auto_resume, max_restarts=max_restarts))
+                                     auto_resume=auto_resume, max_restarts=max_restarts,
+                                     stop_grace=stop_grace, group=group, run_id=run_id))
 
     @app.command("resume")
     def resume_cmd(
@@ -52,16 +66,21 @@ def register(app: typer.Typer) -> None:
                                     help="run it in the background and return at once"),
         force: bool = typer.Option(False, "--force",
                                    help="resume even a run that is running or finished"),
+        stop_grace: float | None = typer.Option(
+            None, "--stop-grace", min=0,
+            help="seconds the command gets to exit after a stop signal before it is killed "
+                 "(default 30, or $CKPTD_STOP_GRACE)"),
     ) -> None:
         """Relaunch an interrupted run from its newest verified checkpoint."""
         from . import cli
         from .resume import resume
 
-        raise typer.Exit(resume(cli.home(), run, detach=detach, force=force, out=cli.echo))
+        raise typer.Exit(resume(cli.home(), run, detach=detach, force=force, out=cli.echo,
+                                stop_grace=stop_grace))
 
 
 def _attach(home: object, run_id: str, force: bool, after_attempt: int | None,
-            report_fd: int | None) -> int:
+            report_fd: int | None, stop_grace: float | None = None) -> int:
     """The detached supervisor's entry (``resume --detach``, auto-resume)."""
     from pathlib import Path
 
@@ -85,4 +104,4 @@ def _attach(home: object, run_id: str, force: bool, after_attempt: int | None,
                                                        ("id", "attempt", "name")}})
     print(f"ckptd: run {run_id} attempt {begun['attempt']}: {' '.join(begun['command'])}",
           file=sys.stderr, flush=True)
-    return attach_run(home, begun)
+    return attach_run(home, begun, stop_grace)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 
 
@@ -29,13 +27,14 @@ def register(app: typer.Typer) -> None:
             cli.echo(("ok    " if step.ok else "skip  ") + step.text)
 
     @service_app.command("status")
-    def status_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
+    def status_cmd(as_json: bool = typer.Option(False, "--json",
+                                                help="machine-readable output")) -> None:
         """Say whether the unit is installed, enabled, active, and lingering is on."""
         from . import cli, service
 
         info = service.status()
         if as_json:
-            cli.echo(json.dumps(info, indent=2))
+            cli.emit_json(info)
             return
         cli.echo(f"unit:      {info['unit']} ({'installed' if info['installed'] else 'absent'})")
         if info["systemd"]:

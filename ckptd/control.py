@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from ckptd_client.errors import CkptdError
 
 from . import __version__
 from .daemon import Conn, Daemon, rpc
+
+if TYPE_CHECKING:
+    from .store import Store
+
+
+class RunsConnected(CkptdError):
+    """``ckptd stop`` while runs are connected (``--force`` overrides)."""
 
 
 @rpc("status")
@@ -24,11 +33,42 @@ def status(daemon: Daemon, args: dict[str, Any], conn: Conn) -> dict[str, Any]:
     }
 
 
+def connected_runs(daemon: Daemon) -> list[dict[str, Any]]:
+    """Runs with a live connection (a trainer or its supervisor), named."""
+    ids = sorted({run for run, _attempt in daemon.connected_runs()})
+    if not ids:
+        return []
+
+    def names(store: Store) -> dict[str, str]:
+        marks = ",".join("?" for _ in ids)
+        return dict(store.conn.execute(f"SELECT id, name FROM runs WHERE id IN ({marks})",
+                                       ids).fetchall())
+
+    found = daemon.call_writer(names)
+    return [{"id": i, "name": found.get(i) or i} for i in ids]
+
+
+def describe(runs: list[dict[str, Any]]) -> str:
+    return ", ".join(r["id"] if r["name"] == r["id"] else f"{r['name']} ({r['id']})"
+                     for r in runs)
+
+
 @rpc("stop")
 def stop(daemon: Daemon, args: dict[str, Any], conn: Conn) -> dict[str, Any]:
+    """Stop the daemon, unless runs are connected and ``force`` is not set.
+
+    A connected client starts a new daemon within a second of losing this
+    one (its events must go somewhere), so stopping under live runs is
+    pointless unless meant (an upgrade): refuse, naming them.
+    """
+    runs = connected_runs(daemon)
+    if runs and not args.get("force"):
+        raise RunsConnected(
+            f"stop: {len(runs)} run(s) connected: {describe(runs)}; their clients would start "
+            "a new daemon at once. Stop them first, or pass --force")
     # reply first, then stop: the caller waits for the socket to disappear
     threading.Timer(0.05, daemon.request_stop).start()
-    return {"stopping": os.getpid()}
+    return {"stopping": os.getpid(), "connected": runs}
 
 
 @rpc("flush_spool")

@@ -86,4 +86,21 @@ def _armed(name: str) -> None:
 
 crashpoint = _armed if _target is not None else _noop
 
-__all__ = ["crashpoint", "POINTS", "EVENT_POINTS", "SPOOL_POINTS", "CHECKPOINT_POINTS", "ENV"]
+#: Test-only: seconds every checkpoint commit sleeps once its files are staged,
+#: so a test can resume while a commit is still in flight.
+SLOW_COMMIT_ENV = "CKPTD_TEST_SLOW_COMMIT_S"
+
+
+def slow_commit() -> None:
+    """Test: stretch a checkpoint commit (unset in production: returns at once)."""
+    try:
+        delay = float(os.environ.get(SLOW_COMMIT_ENV) or 0)
+    except ValueError:
+        return
+    if delay > 0:
+        import time
+
+        time.sleep(delay)
+
+__all__ = ["crashpoint", "slow_commit", "SLOW_COMMIT_ENV", "POINTS", "EVENT_POINTS",
+           "SPOOL_POINTS", "CHECKPOINT_POINTS", "ENV"]

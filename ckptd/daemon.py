@@ -59,6 +59,8 @@ QUEUE_MAX = 200_000
 BATCH_MAX = 20_000
 #: Seconds a send to a client may block before that client is dropped.
 SEND_TIMEOUT = 2
+#: Most descriptors (checkpoint buffers) a connection may send ahead of its frames.
+MAX_FDS = 4
 
 
 class DaemonAlreadyRunning(CkptdError):
@@ -79,6 +81,10 @@ class Conn:
     mute: bool = False
     acked: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: file descriptors the peer passed (SCM_RIGHTS) that no handler claimed yet
+    fds: list[int] = field(default_factory=list)
+    #: called (from its reader thread) once the connection has ended
+    on_close: list[Callable[[], None]] = field(default_factory=list)
 
     def send(self, msg: dict[str, Any]) -> bool:
         data = protocol.encode(msg)
@@ -173,13 +179,16 @@ class Daemon:
         self._writer_exited = False
         self._signals = 0
         self.started = time.time()
+        #: ``--max-concurrent-resumes`` (None: $CKPTD_MAX_CONCURRENT_RESUMES or the default)
+        self.max_concurrent_resumes: int | None = None
 
     # ----------------------------------------------------------- lifecycle
 
     def acquire_lock(self) -> None:
         """One daemon per home: an flock held for the daemon's lifetime."""
-        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.home / paths.LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        paths.secure_home(self.home)
+        fd = os.open(self.home / paths.LOCK_NAME,
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -198,11 +207,10 @@ class Daemon:
     def bind(self) -> None:
         """Listen on the socket inside a 0700 directory, the socket itself 0600."""
         sock_dir = self.socket_path.parent
-        sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        st = os.stat(sock_dir)
-        if st.st_uid != os.getuid():
-            raise CkptdError(f"bind {sock_dir}: directory is owned by uid {st.st_uid}, not you")
-        os.chmod(sock_dir, 0o700)
+        sock_dir.parent.mkdir(parents=True, exist_ok=True)
+        # /tmp/ckptd-<uid> and $XDG_RUNTIME_DIR/ckptd may have been planted
+        # (a symlink, another user's directory): never follow or chmod those.
+        paths.private_dir(sock_dir)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)  # stale: we hold the home's lock
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -334,12 +342,16 @@ class Daemon:
         try:
             while True:  # to EOF, also at shutdown (see shutdown)
                 try:
-                    data = conn.sock.recv(1 << 18)
+                    data, fds, _, _ = socket.recv_fds(conn.sock, 1 << 18, MAX_FDS,
+                                                      socket.MSG_CMSG_CLOEXEC)
                 except OSError:
                     break
+                conn.fds += fds
                 if not data:
                     break
                 try:
+                    if len(conn.fds) > MAX_FDS:
+                        raise protocol.ProtocolError("too many descriptors sent")
                     for msg in reader.feed(data):
                         self._dispatch(conn, msg)
                 except (protocol.ProtocolError, validate.Invalid) as exc:
@@ -350,6 +362,15 @@ class Daemon:
             conn.close()
             with self.conns_lock:
                 self.conns.discard(conn)
+            for fn in conn.on_close:
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - one failing hook must not leak the rest
+                    log.exception("connection close hook failed")
+            for fd in conn.fds:  # descriptors no handler claimed
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            conn.fds.clear()
 
     def _dispatch(self, conn: Conn, msg: dict[str, Any]) -> None:
         kind = msg["t"]
@@ -633,11 +654,20 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m ckptd.daemon`` (what auto-start runs)."""
     parser = argparse.ArgumentParser(prog="ckptd-daemon")
     parser.add_argument("--home", default=None)
+    parser.add_argument("--max-concurrent-resumes", type=int, default=None)
     args = parser.parse_args(argv)
-    return run_foreground(paths.home_dir(args.home))
+    return run_foreground(paths.home_dir(args.home), args.max_concurrent_resumes)
 
 
-def run_foreground(home: Path) -> int:
+#: The umask the daemon was started with; what it gives the runs it relaunches.
+USER_UMASK = -1
+
+
+def run_foreground(home: Path, max_concurrent_resumes: int | None = None) -> int:
+    global USER_UMASK
+    # Everything the daemon creates (store, WAL, logs, checkpoints, run dirs
+    # made by mkdir -p) is for the owner's eyes only, whatever umask we got.
+    USER_UMASK = os.umask(0o077)
     logging.basicConfig(
         level=os.environ.get("CKPTD_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -652,6 +682,7 @@ def run_foreground(home: Path) -> int:
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
     daemon = Daemon(home)
+    daemon.max_concurrent_resumes = max_concurrent_resumes
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

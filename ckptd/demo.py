@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from typing import Any
 
 
 def train(run: Any, steps: int, seed: int = 0, ckpt_every: int = 100,
-          restore: bool = False, sleep: float = 0.0) -> dict[str, Any]:
+          restore: bool = False, sleep: float = 0.0, lr: float = 3e-3) -> dict[str, Any]:
     """The demo's training loop; returns the final metrics.
 
     ``restore``: continue from the run's newest checkpoint, if it has one
@@ -40,7 +41,7 @@ def train(run: Any, steps: int, seed: int = 0, ckpt_every: int = 100,
     y = x @ true_w + 0.1 * torch.randn(2048, 1, generator=g)
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(),
                                 torch.nn.Dropout(0.1), torch.nn.Linear(64, 1))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     loss = torch.tensor(0.0)
     start, handle = 0, None
     if restore and (state := run.restore()) is not None:
@@ -86,22 +87,32 @@ def run_demo(home: Path, steps: int = 300, out: Callable[[str], None] = print) -
                 f"{'identical' if same else 'DIFFERENT'} to the trained model")
     out(f"run {run.id} finished: final loss {final['loss']:.4f}")
     out("look at it with:")
-    out(f"  ckptd ls --home {home}")
-    out(f"  ckptd tail {run.id} --metrics -n 5 --home {home}")
-    out(f"  ckptd metrics {run.id} --key loss --format csv --home {home}")
-    out(f"  ckptd ckpt ls {run.id} --home {home}")
+    where = f"--home {shlex.quote(os.fspath(home))}"
+    out(f"  ckptd ls {where}")
+    out(f"  ckptd tail {run.id} --metrics -n 5 {where}")
+    out(f"  ckptd metrics {run.id} --key loss --format csv {where}")
+    out(f"  ckptd ckpt ls {run.id} {where}")
     crash_and_resume(home, max(steps, 60), out)
     return run.id
 
 
 def weights_hash(model: Any) -> str:
-    """sha256 over every parameter's name and raw bytes."""
+    """sha256 over every parameter's name and raw bytes.
+
+    The bytes are copied into a bytearray through ``torch.frombuffer``, not
+    ``.numpy()``: torch wheels do not depend on numpy, and a fresh
+    ``pip install torch`` venv has none (the demo died there).
+    """
     import torch
 
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         h.update(name.encode())
-        h.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        flat = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8)
+        raw = bytearray(flat.numel())
+        if raw:
+            torch.frombuffer(raw, dtype=torch.uint8).copy_(flat)
+        h.update(raw)
     return h.hexdigest()
 
 
@@ -141,7 +152,8 @@ def crash_and_resume(home: Path, steps: int, out: Callable[[str], None] = print)
     out(f"  never interrupted   {ref_out.read_text()}")
     out(f"  killed and resumed  {cut_out.read_text() if cut_out.exists() else '-'}")
     out("  bit-identical" if same else "  DIFFERENT")
-    out(f"  ckptd show {run['id']} --home {home}   (attempts, where it resumed)")
+    out(f"  ckptd show {run['id']} --home {shlex.quote(os.fspath(home))}"
+        "    # attempts, where it resumed")
     return same
 
 

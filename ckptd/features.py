@@ -3,6 +3,8 @@
 from . import (
     autoresume,  # noqa: F401
     checkpoints,  # noqa: F401
+    console,  # noqa: F401
     control,  # noqa: F401
     sysmetrics,  # noqa: F401
 )
+from .analysis import sweep  # noqa: F401

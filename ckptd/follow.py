@@ -101,10 +101,13 @@ def follow(reader: Reader, run_id: str, cursor: Cursor, *, with_metrics: bool,
             if out_fd is not None and output_closed(out_fd):
                 return
             waker.arm()
+            # the state is read before the lines: whatever the run wrote before
+            # it ended is then in this query, and nothing is cut off at the end
+            going = not until_done or reader.still_going(run_id)
             lines, cursor = reader.lines(run_id, with_metrics=with_metrics,
                                          all_attempts=all_attempts, after=cursor)
             yield from lines
-            if until_done and not lines and reader.run_status(run_id) != "running":
+            if not going and not lines:
                 return
             if lines:
                 settle = 0

@@ -54,8 +54,24 @@ def verdict(run: dict[str, Any], connected: set[tuple[str, int]], current_boot: 
     return f"process {run['pid']} vanished without finishing (killed, OOM or crash)"
 
 
+#: Added to the reason of an orphaned run that vanished (see :func:`sweep`).
+ORPHAN_STOP = ("; its supervisor (`ckptd run`) had been killed before, so ckptd cannot tell "
+               "a person's stop from a crash: not relaunched automatically (`ckptd resume` "
+               "continues it)")
+
+
 def sweep(daemon: Daemon) -> list[dict[str, Any]]:
-    """Mark every run whose process is gone ``interrupted``; return those rows."""
+    """Mark every run whose process is gone ``interrupted``; return those rows.
+
+    A user's stop must stick. While ``ckptd run`` lives it sees how the
+    command ended and says whether that was a stop
+    (:func:`ckptd.supervise.exit_status`). Once it has been killed, nobody
+    sees the exit status: a command that then vanishes without reporting
+    (SIGTERM, SIGKILL; a Python trainer reports Ctrl-C itself) was most
+    likely killed by the person who killed its supervisor, so auto-resume
+    is switched off for it. A reboot is the exception: it is told by the
+    boot id, and relaunched.
+    """
     connected = daemon.connected_runs()
     current_boot = boot_id()
 
@@ -66,8 +82,14 @@ def sweep(daemon: Daemon) -> list[dict[str, Any]]:
             reason = verdict(run, connected, current_boot)
             if reason is None:
                 continue
+            extra = {}
+            orphan = run.get("supervisor_pid") and run.get("pid") and \
+                run.get("boot_id") in (None, current_boot)
+            if orphan and run.get("auto_resume"):
+                reason += ORPHAN_STOP
+                extra["auto_resume"] = 0
             store.mark_run(run["id"], run["attempt"], status="interrupted", ended=now,
-                           reason=reason)
+                           reason=reason, **extra)
             log.info("run %s attempt %d interrupted: %s", run["id"], run["attempt"], reason)
             marked.append(dict(run, status="interrupted", reason=reason))
         return marked

@@ -8,6 +8,9 @@ never slows the daemon down.
 from __future__ import annotations
 
 import json
+import math
+import re
+import signal as _signal
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +20,12 @@ from typing import Any
 from ckptd_client import paths
 from ckptd_client.errors import CkptdError, NotFound
 
-from .store import check_version
+from .store import check_version, connect_readonly
+
+
+class UnknownKey(NotFound):
+    """``--key`` names a metric the run never logged (a typo, usually)."""
+
 
 SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
 
@@ -34,7 +42,7 @@ class Reader:
                 "ckptd_client.init() or `ckptd demo` first (or pass --home)"
             )
         check_version(db)
-        self.conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        self.conn = connect_readonly(db)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA busy_timeout=30000")
 
@@ -74,20 +82,24 @@ class Reader:
             return rows[0]
         raise NotFound(f"no run {ref!r} in {self.home}; `ckptd ls` lists the runs")
 
-    def list_runs(self, status: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM runs"
-        args: tuple[Any, ...] = ()
+    def list_runs(self, status: str | None = None,
+                  group: str | None = None) -> list[dict[str, Any]]:
+        where, args = [], []
         if status:
-            sql += " WHERE status = ?"
-            args = (status,)
-        return [summary(r) for r in self.rows(sql + " ORDER BY started, rowid", args)]
+            where.append("status = ?")
+            args.append(status)
+        if group is not None:
+            where.append("group_name = ?")
+            args.append(group)
+        sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
+        return [summary(r) for r in self.rows(sql + " ORDER BY started, rowid", tuple(args))]
 
     def show(self, ref: str | None) -> dict[str, Any]:
         run = self.resolve(ref)
         out = summary(run)
         out.update(
             project=run.get("project"),
-            command=_loads(run.get("command")),
+            command=_redact_command(_loads(run.get("command"))),
             cwd=run.get("cwd"),
             env=redact(_loads(run.get("env")) or {}),
             provenance=_loads(run.get("provenance")),
@@ -101,9 +113,11 @@ class Reader:
             auto_resume=bool(run.get("auto_resume")),
             restarts=run.get("restarts") or 0,
             retention=_loads(run.get("retention")),
-            attempts=self.rows(
-                "SELECT attempt, started, ended, status, exit_code, restored_step FROM attempts"
-                " WHERE run_id = ? ORDER BY attempt", (run["id"],)),
+            max_restarts=run.get("max_restarts"),
+            signal_name=signal_name(run.get("signal")),
+            attempts=[a | {"signal_name": signal_name(a["signal"])} for a in self.rows(
+                "SELECT attempt, started, ended, status, exit_code, signal, restored_step"
+                " FROM attempts WHERE run_id = ? ORDER BY attempt", (run["id"],))],
             checkpoints=self.checkpoints(run["id"]),
         )
         return out
@@ -140,6 +154,12 @@ class Reader:
             if not all_attempts:
                 del r["superseded"]
         return rows
+
+    def keys(self, run_id: str) -> list[str]:
+        """The metric keys a run logged (its own, not the daemon's ``sys/`` samples)."""
+        return [r["key"] for r in self.rows(
+            "SELECT DISTINCT key FROM metrics WHERE run_id = ? AND src GLOB 'c*' ORDER BY key",
+            (run_id,))]
 
     # ----------------------------------------------------------------- tail
 
@@ -182,9 +202,13 @@ class Reader:
         out.sort(key=lambda line: line.time)
         return out, Cursor(new_event, new_metric)
 
-    def run_status(self, run_id: str) -> str:
-        row = self.conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
-        return row[0] if row else "unknown"
+    def still_going(self, run_id: str) -> bool:
+        """Running, or ended badly with an auto-resume still to come (``tail -f``
+        keeps following it into the next attempt)."""
+        row = self.conn.execute("SELECT status, auto_resume FROM runs WHERE id = ?",
+                                (run_id,)).fetchone()
+        return row is not None and (row[0] == "running" or (
+            bool(row[1]) and row[0] in ("interrupted", "failed")))
 
 
 def _run_filter(after: int) -> str:
@@ -224,12 +248,33 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
         "step": run.get("step"),
         "started": run.get("started"),
         "ended": run.get("ended"),
+        "group": run.get("group_name"),
     }
 
 
+#: ``scheme://user:password@`` in a URL (DATABASE_URL, REDIS_URL, a --db argument).
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:]*:)[^/?#@\s]*@")
+#: ``?token=...``/``&X-Amz-Signature=...``: query parameters with secret-looking names.
+_SECRET_PARAM = re.compile(r"([?&;][^=&;#\s]*(?:" + "|".join(
+    (*SECRET_WORDS, "SIGNATURE", "SIG", "AUTH")) + r")[^=&;#\s]*=)[^&;#\s]*", re.I)
+
+
+def redact_text(text: str) -> str:
+    """Credentials inside a value hidden: a URL's password, secret query parameters."""
+    return _SECRET_PARAM.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
+
+
+def _redact_command(command: Any) -> Any:
+    if isinstance(command, list):
+        return [redact_text(a) if isinstance(a, str) else a for a in command]
+    return command
+
+
 def redact(env: dict[str, Any]) -> dict[str, Any]:
-    """Environment as displayed: values of secret-looking names hidden."""
-    return {k: ("***" if any(w in k.upper() for w in SECRET_WORDS) else v)
+    """Environment as displayed: values of secret-looking names hidden, and
+    credentials inside any other value (``postgres://u:pw@h/db``)."""
+    return {k: ("***" if any(w in k.upper() for w in SECRET_WORDS)
+                else redact_text(v) if isinstance(v, str) else v)
             for k, v in env.items()}
 
 
@@ -242,9 +287,67 @@ def _loads(text: str | None) -> Any:
         return text
 
 
+#: What a terminal would act on rather than show: C0 controls (ESC starts
+#: cursor moves, OSC title and OSC 52 clipboard writes; CR and LF fake
+#: extra rows), DEL, C1 controls (0x9b is a one-byte CSI), and the bidi
+#: overrides and isolates that reorder what is shown.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_KEEP_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: object, *, lines: bool = False) -> str:
+    """``text`` safe to write to a terminal: every control character shown
+    as a ``\\xNN`` / ``\\uNNNN`` escape.
+
+    Run names, projects, events, console output and metric keys come from
+    training scripts; every human-readable output passes them through here
+    (JSON output escapes them itself). ``lines`` keeps newlines and tabs, for
+    multi-line text such as a traceback.
+    """
+    return (_CONTROL_KEEP_LINES if lines else _CONTROL).sub(_escape, str(text))
+
+
+#: Non-finite numbers in JSON output: RFC 8259 has no NaN or Infinity, so they
+#: are written as these strings (``float(s)`` reads each back).
+NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN/Infinity float replaced by its :data:`NON_FINITE` string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return NON_FINITE[str(value)]
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def to_json(value: Any, *, indent: int | None = None) -> str:
+    """The one encoder of every ``--json`` / ``jsonl`` output: valid RFC 8259
+    (``allow_nan=False`` guards :func:`json_safe`)."""
+    return json.dumps(json_safe(value), indent=indent, default=str, allow_nan=False,
+                      separators=None if indent else (",", ":"))
+
+
 def iter_jsonl(rows: list[dict[str, Any]]) -> Iterator[str]:
     for r in rows:
-        yield json.dumps(r, separators=(",", ":"))
+        yield to_json(r)
+
+
+def signal_name(number: int | None) -> str | None:
+    """``9`` -> ``"SIGKILL"``: what ``show`` prints for an attempt a signal ended."""
+    if number is None:
+        return None
+    try:
+        return _signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 __all__ = ["Reader", "CkptdError", "redact", "summary"]

@@ -85,12 +85,17 @@ def spawn_supervisor(home: Path, run_id: str, *, force: bool = False,
     if report:
         read_fd, write_fd = os.pipe()
         cmd += ["--report-fd", str(write_fd)]
-    with open(log_path, "ab") as log:
+    from .daemon import USER_UMASK
+
+    # the run's output: as private as the store
+    with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600),
+              "ab") as log:
         try:
             proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/",
                 start_new_session=True, close_fds=True,
-                pass_fds=(write_fd,) if report else (), env=env)
+                pass_fds=(write_fd,) if report else (), env=env,
+                umask=USER_UMASK)  # a relaunch by the daemon: not the daemon's 077
         finally:
             if report:
                 os.close(write_fd)
@@ -139,7 +144,7 @@ def write_report(fd: int, answer: dict[str, Any]) -> None:
 
 
 def resume(home: Path, ref: str | None, *, detach: bool = False, force: bool = False,
-           out: Callable[[str], None] = print) -> int:
+           out: Callable[[str], None] = print, stop_grace: float | None = None) -> int:
     """``ckptd resume RUN``: relaunch ``ref`` as its next attempt.
 
     In the foreground this process supervises the attempt and returns its
@@ -148,7 +153,12 @@ def resume(home: Path, ref: str | None, *, detach: bool = False, force: bool = F
     with query.Reader(home) as reader:
         run = reader.resolve(ref)
     if detach:
-        proc, begun = spawn_supervisor(home, run["id"], force=force)
+        env = None
+        if stop_grace is not None:
+            from .supervise import STOP_GRACE_ENV
+
+            env = dict(os.environ, **{STOP_GRACE_ENV: str(stop_grace)})
+        proc, begun = spawn_supervisor(home, run["id"], force=force, env=env)
         assert begun is not None
         out(f"resumed run {run['id']} as attempt {begun['attempt']} in the background "
             f"(supervisor pid {proc.pid}); follow it with `ckptd tail -f {run['id']}`; "
@@ -158,7 +168,7 @@ def resume(home: Path, ref: str | None, *, detach: bool = False, force: bool = F
     print(f"ckptd: resuming run {run['id']} as attempt {begun['attempt']}", file=sys.stderr)
     from .supervise import attach_run
 
-    return attach_run(home, begun)
+    return attach_run(home, begun, stop_grace)
 
 
 __all__ = ["begin_attempt", "resume", "spawn_supervisor", "write_report"]

@@ -27,6 +27,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ckptd_client import paths
+
 UNIT_NAME = "ckptd.service"
 WATCHDOG_S = 30
 #: What the checked-in unit (``systemd/ckptd.service``) runs: ckptd from $PATH.
@@ -102,12 +104,6 @@ def _user() -> str:
     return pwd.getpwuid(os.getuid()).pw_name
 
 
-def default_home() -> Path:
-    """The home a daemon uses with no ``CKPTD_HOME`` (the unit then needs none)."""
-    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(xdg) / "ckptd"
-
-
 def install(home: Path | None = None) -> list[Step]:
     """Write the unit for ``home``, enable and start it, enable lingering.
 
@@ -118,7 +114,8 @@ def install(home: Path | None = None) -> list[Step]:
     path = unit_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".ckptd-tmp")
-    tmp.write_text(render_unit(exec_start(), None if home in (None, default_home()) else home))
+    custom = None if home in (None, paths.default_home()) else home
+    tmp.write_text(render_unit(exec_start(), custom))
     os.replace(tmp, path)
     steps = [Step(True, f"wrote {path}")]
     ok, why = _run("systemctl", "--user", "daemon-reload")

@@ -16,22 +16,26 @@ ingested twice) changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import sqlite3
+import stat
 import time
+import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ckptd_client import protocol
+from ckptd_client import paths, protocol
 from ckptd_client.errors import CkptdError, NotFound, ResumeRefused
 
 if TYPE_CHECKING:
     import sqlite_utils
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class SchemaTooNew(CkptdError):
@@ -50,17 +54,66 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def connect_readonly(path: Path) -> sqlite3.Connection:
+    """A connection that never writes the store, for readers (``ls``, ``tail``).
+
+    ``mode=ro`` still opens the WAL index (``-shm``) for writing, which a
+    read-only filesystem (a mounted backup, a snapshot) refuses; there the
+    file is read as it is (``immutable=1``: no locks, no WAL; nothing can
+    write it there, and a daemon that stopped cleanly left no WAL behind).
+    """
+    uri = "file:" + urllib.parse.quote(os.fspath(path))
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30)
+    try:
+        conn.execute("PRAGMA user_version").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+        if not _read_only_fs(path):
+            raise
+    return sqlite3.connect(f"{uri}?immutable=1", uri=True, timeout=30)
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path.parent).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def private_files(path: Path) -> None:
+    """Create the store 0600 (SQLite gives its -wal and -shm the store's mode)
+    and take group/other access away from a store left readable: it holds
+    every run's environment (tokens, keys, database URLs)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StoreError(f"open {path}: {exc.strerror}") from None
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in paths.DB_SIDECARS:
+        with contextlib.suppress(FileNotFoundError):
+            side = path.with_name(path.name + suffix)
+            st = os.lstat(side)
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+                os.chmod(side, 0o600)
+
+
 def check_version(path: Path) -> int:
     """Read the schema version without writing; refuse a store from the future."""
     if not path.exists():
         return 0
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     try:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        conn = connect_readonly(path)
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            conn.close()
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"open {path}: not a readable ckptd store ({exc})") from None
-    finally:
-        conn.close()
     if version > SCHEMA_VERSION:
         raise SchemaTooNew(
             f"open {path}: store has schema version {version}, newer than this ckptd "
@@ -122,7 +175,30 @@ def _create_v1(db: sqlite_utils.Database) -> None:
     db["runs"].create_index(["name"])
 
 
-MIGRATIONS = {1: _create_v1}
+def _add_groups_and_sweeps(db: sqlite_utils.Database) -> None:
+    """Run groups (``init(group=)``, ``ckptd run --group``) and the sweep queue.
+
+    The queue lives here, not in the ``ckptd sweep`` process, so a power cut in
+    the middle of a sweep loses nothing: the daemon that starts after it finds
+    every item that was not launched yet. Written to be safe on a store that
+    already has any part of it (the lead renumbers migrations at merge).
+    """
+    if "group_name" not in db["runs"].columns_dict:
+        db["runs"].add_column("group_name", str)
+    db["runs"].create_index(["group_name"], if_not_exists=True)
+    db["sweeps"].create(
+        {"name": str, "spec": str, "command": str, "cwd": str, "env": str,
+         "parallel": int, "created": float},
+        pk="name", if_not_exists=True,
+    )
+    db["sweep_items"].create(
+        {"sweep": str, "idx": int, "params": str, "command": str, "gpus": str,
+         "run_id": str, "launched": float, "launcher_pid": int, "launcher_started": float},
+        pk=("sweep", "idx"), if_not_exists=True,
+    )
+
+
+MIGRATIONS = {1: _create_v1, 2: _add_groups_and_sweeps}
 
 
 def _dumps(value: Any) -> str | None:
@@ -135,6 +211,7 @@ class Store:
     def __init__(self, path: Path) -> None:
         check_version(path)
         self.path = path
+        private_files(path)
         try:
             self.conn = _connect(path)
             # imported here, not at the top: read-only commands (`ckptd ls`,
@@ -328,7 +405,8 @@ class Store:
         if after_attempt is not None and run["attempt"] != after_attempt:
             raise ResumeRefused(f"resume {run_id}: attempt {run['attempt']} already "
                                 f"replaced attempt {after_attempt}")
-        if auto and (not run["auto_resume"] or run["status"] not in ("interrupted", "failed")):
+        if auto and (not run["auto_resume"]
+                     or run["status"] not in ("interrupted", "failed", "queued")):
             raise ResumeRefused(f"resume {run_id}: auto-resume no longer applies "
                                 f"(status {run['status']})")
         if not force and run["status"] == "running":
@@ -368,12 +446,26 @@ class Store:
                 "env": json.loads(run["env"]) if run["env"] else {}}
 
     def auto_resume_candidates(self) -> list[dict[str, Any]]:
-        """Runs with auto-resume on whose last attempt ended badly."""
+        """Runs with auto-resume on whose last attempt ended badly (or that wait
+        for a resume slot: ``queued``)."""
         cur = self.conn.execute(
             "SELECT id, attempt, status, ended, restarts, max_restarts, reason FROM runs"
-            " WHERE auto_resume = 1 AND status IN ('interrupted', 'failed')")
+            " WHERE auto_resume = 1 AND status IN ('interrupted', 'failed', 'queued')")
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+    def settling_resumes(self, now: float, settle: float) -> list[str]:
+        """Auto-resumed runs still starting up: their attempt began less than
+        ``settle`` s ago (or has no process yet) and has logged no step past
+        the one it restored. Each holds a resume slot."""
+        rows = self.conn.execute(
+            "SELECT r.id FROM runs r JOIN attempts a ON a.run_id = r.id AND"
+            " a.attempt = r.attempt WHERE r.status = 'running' AND r.restarts > 0"
+            " AND a.started > ? AND (r.pid IS NULL OR a.started > ?)"
+            " AND NOT (a.restored_step IS NOT NULL AND r.step IS NOT NULL"
+            " AND r.step > a.restored_step)",
+            (now - 10 * max(settle, 60.0), now - settle)).fetchall()
+        return [r[0] for r in rows]
 
     def attempt_peaks(self, run_id: str, last: int) -> list[tuple[int, int | None]]:
         """``(attempt, highest step it logged)`` for the newest ``last`` attempts,
@@ -406,7 +498,7 @@ class Store:
         )
 
     def _register(self, run_id: str, attempt: int, msg: dict[str, Any], t: float) -> None:
-        row = self.conn.execute("SELECT attempt, name FROM runs WHERE id = ?",
+        row = self.conn.execute("SELECT attempt, name, group_name FROM runs WHERE id = ?",
                                 (run_id,)).fetchone()
         fields: dict[str, Any] = {
             "boot_id": msg.get("boot_id"), "host": msg.get("host"), "updated": t,
@@ -420,6 +512,8 @@ class Store:
                 fields[key] = msg[key]
         if msg.get("name") and (not msg.get("joined") or row is None or row[1] == run_id):
             fields["name"] = msg["name"]  # `ckptd run --name` wins over init(name=)
+        if msg.get("group") and (not msg.get("joined") or row is None or not row[2]):
+            fields["group_name"] = msg["group"]  # `ckptd run --group` wins over init(group=)
         if msg.get("config"):
             fields["config"] = _dumps(msg["config"])
         if msg.get("retention") is not None:
@@ -517,6 +611,47 @@ class Store:
         cur = self.conn.execute("SELECT * FROM runs WHERE status = 'running'")
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+    # ------------------------------------------------------------- sweeps
+
+    def create_sweep(self, row: dict[str, Any], items: list[dict[str, Any]]) -> bool:
+        """Record a sweep and its queue in one transaction; False when a sweep of
+        that name with the same spec exists already (asking again resumes it).
+
+        :raises CkptdError: a sweep of that name exists with another spec.
+        """
+        found = self.conn.execute("SELECT spec, command FROM sweeps WHERE name = ?",
+                                  (row["name"],)).fetchone()
+        spec, command = _dumps(row["spec"]), _dumps(row["command"])
+        if found is not None:
+            if found[0] == spec and found[1] == command:
+                return False
+            raise CkptdError(f"sweep {row['name']!r} exists with other seeds, grid or command; "
+                             "pick another --name (`ckptd sweep status NAME` shows it)")
+        self.db["sweeps"].insert(dict(row, spec=spec, command=command, env=_dumps(row["env"])))
+        self.db["sweep_items"].insert_all(
+            {"sweep": row["name"], "idx": i, "params": _dumps(it["params"]),
+             "command": _dumps(it["command"])} for i, it in enumerate(items))
+        return True
+
+    def sweeps(self) -> list[dict[str, Any]]:
+        cur = self.conn.execute("SELECT * FROM sweeps ORDER BY created")
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def sweep_items(self, sweep: str) -> list[dict[str, Any]]:
+        """A sweep's items with the state of their runs (NULL before the run registered)."""
+        cur = self.conn.execute(
+            "SELECT i.*, r.status AS run_status, r.auto_resume AS run_auto_resume"
+            " FROM sweep_items i LEFT JOIN runs r ON r.id = i.run_id"
+            " WHERE i.sweep = ? ORDER BY i.idx", (sweep,))
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def update_sweep_item(self, sweep: str, idx: int, **fields: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self.conn.execute(f"UPDATE sweep_items SET {sets} WHERE sweep = ? AND idx = ?",
+                          [*fields.values(), sweep, idx])
 
     def transaction(self) -> Any:
         return self.db.atomic()

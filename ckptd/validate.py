@@ -121,7 +121,7 @@ def event(msg: dict[str, Any]) -> None:
     elif kind == protocol.RESTORED:
         _int(msg, "step", optional=True, minimum=-1)
     elif kind == protocol.REGISTER:
-        for key in ("name", "project", "cwd", "boot_id", "host"):
+        for key in ("name", "project", "group", "cwd", "boot_id", "host"):
             _str(msg, key, optional=True, limit=4096)
         _int(msg, "seed", optional=True)
         _int(msg, "pid", optional=True)

@@ -47,8 +47,14 @@ def socket_answers(home: Path) -> bool:
 
 
 def env_for(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a process the test starts for ``home``.
+
+    ``XDG_RUNTIME_DIR`` is kept as the test process has it (the ``home``
+    fixture removes it, module fixtures may not): the child must pick the
+    same socket the test process looks for (every SSH login sets it).
+    """
     env = {k: v for k, v in os.environ.items()
-           if k not in ("CKPTD_RUN_ID", "CKPTD_ATTEMPT", "CKPTD_SOCKET", "XDG_RUNTIME_DIR")}
+           if k not in ("CKPTD_RUN_ID", "CKPTD_ATTEMPT", "CKPTD_SOCKET")}
     env["CKPTD_HOME"] = os.fspath(home)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
@@ -72,7 +78,11 @@ class DaemonProc:
         )
         log.close()
         if wait:
-            wait_for(lambda: socket_answers(self.home), what="daemon socket")
+            try:
+                wait_for(lambda: socket_answers(self.home), what="daemon socket")
+            except BaseException:
+                self.stop()  # a failed fixture still stops what it started
+                raise
 
     @property
     def pid(self) -> int:

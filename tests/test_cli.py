@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from ckptd_client import paths
-from helpers import DaemonProc, ckptd, env_for, run_script, spawn_script, wait_for
+from helpers import DaemonProc, ckptd, env_for, kill_home_daemon, run_script, spawn_script
 
 RUNS = """
     import ckptd_client as ckptd
@@ -246,10 +246,47 @@ def test_tail_follow_sees_new_event_within_a_second_and_ends_quietly(
     assert time.monotonic() - start < 25
 
 
+def daemon_pids(home: Path) -> list[int]:
+    """Live ``ckptd.daemon`` processes serving ``home`` (found by command line)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "ckptd.daemon" in cmd and os.fspath(home) in cmd:
+            found.append(p.info["pid"])
+    return found
+
+
+def lock_is_free(home: Path) -> bool:
+    """Nobody holds the home's daemon lock (the flock a running daemon keeps)."""
+    import fcntl
+
+    try:
+        fd = os.open(home / "daemon.lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def test_reading_commands_do_not_start_a_daemon(store_home: Path) -> None:
     for args in (["ls"], ["show", "alpha"], ["tail", "alpha"], ["metrics", "alpha"]):
         ckptd(store_home, *args, check=True)
-    wait_for(lambda: not paths.socket_path(store_home).exists(), timeout=1)
+    # a daemon started in the background needs a moment to take its lock and
+    # bind: look after a pause, at the lock and the processes, not only the socket
+    time.sleep(3.0)
+    started, free = daemon_pids(store_home), lock_is_free(store_home)
+    if started or not free:
+        kill_home_daemon(store_home)  # fail without leaving it running
+    assert not started, f"a reading command started a daemon: pids {started}"
+    assert free, "someone holds the daemon lock"
+    assert not paths.socket_path(store_home).exists()
 
 
 def test_closed_pipe_ends_every_command_quietly_with_0(daemon: DaemonProc, home: Path) -> None:

@@ -250,6 +250,15 @@ def _restored(home: Path, run_id: str, env: dict[str, str]) -> tuple[int | None,
     return (None, "") if m.group(1) == "none" else (int(m.group(2)), m.group(3))
 
 
+def assert_acks_observed(measured: list[dict[str, Any]]) -> None:
+    """"acked => stored" checked something: the trainer's hook on the client's
+    reply handler saw acks (if the client stopped calling it, every cut
+    would pass with acked = -1)."""
+    acked = [m["acked"] for m in measured]
+    assert max(acked) >= 0, f"the trainer never observed an ack at any cut: {acked}"
+    assert acked == sorted(acked), f"the acked step went backwards: {acked}"
+
+
 def test_events_survive_power_cuts(tmp_path: Path, long_mode: bool) -> None:
     """After every cut: flushed and acked events are there, in a gap-free prefix;
     what is missing was never acknowledged (at most the open commit window);
@@ -265,6 +274,7 @@ def test_events_survive_power_cuts(tmp_path: Path, long_mode: bool) -> None:
             raise AssertionError(f"cut {i} (seed {seed}): {exc}") from None
     print("cuts:", measured)
     assert any(m["present"] > 0 for m in measured)
+    assert_acks_observed(measured)
 
 
 def test_checkpoints_survive_power_cuts(tmp_path: Path, long_mode: bool) -> None:
@@ -282,3 +292,4 @@ def test_checkpoints_survive_power_cuts(tmp_path: Path, long_mode: bool) -> None
             raise AssertionError(f"cut {i} (seed {seed}): {exc}") from None
     print("cuts:", measured)
     assert any(m.get("durable_ckpt", -1) >= 0 for m in measured)
+    assert_acks_observed(measured)

@@ -267,6 +267,10 @@ def test_non_numeric_metric_raises_type_error_naming_the_key(home: Path) -> None
     assert b'"ok"' not in spooled and b'"loss"' not in spooled
 
 
+def _refuse(name: str) -> None:
+    raise ValueError(f"bare {name} is not JSON")
+
+
 def test_nan_and_inf_metrics_are_stored_and_read_back(daemon: DaemonProc, home: Path) -> None:
     run_script(home, """
         import math, ckptd_client as ckptd
@@ -275,10 +279,12 @@ def test_nan_and_inf_metrics_are_stored_and_read_back(daemon: DaemonProc, home: 
             run.flush()
     """)
     proc = ckptd(home, "metrics", "odd", "--format", "jsonl", check=True)
-    values = {r["key"]: r["value"] for r in map(json.loads, proc.stdout.splitlines())}
+    # strict RFC 8259 JSON: non-finite values come back as the documented strings
+    rows = [json.loads(line, parse_constant=_refuse) for line in proc.stdout.splitlines()]
+    values = {r["key"]: r["value"] for r in rows}
     assert values["one"] == 1
-    assert values["inf"] == float("inf") and values["ninf"] == float("-inf")
-    assert values["nan"] != values["nan"]
+    assert values["inf"] == "Infinity" and values["ninf"] == "-Infinity"
+    assert values["nan"] == "NaN"
     # NaN is NULL in SQLite (see docs/schema.md); infinities are real values
     assert db_rows(home, "SELECT key, value FROM metrics WHERE key IN ('nan', 'inf')"
                    " ORDER BY key") == [("inf", float("inf")), ("nan", None)]

@@ -64,11 +64,12 @@ def wait_status(home: Path, name: str, *statuses: str, timeout: float = 30) -> d
 
 def test_killed_at_random_moments_and_resumed_is_bit_identical(
         home: Path, daemon: DaemonProc, long_mode: bool) -> None:
-    seed = random.randrange(1 << 30)
+    # CKPTD_TEST_SEED=<seed> replays a failure: same kill steps
+    seed = int(os.environ.get("CKPTD_TEST_SEED") or random.randrange(1 << 30))
     rng = random.Random(seed)
     kills = 5 if long_mode else 2
     targets = sorted(rng.sample(range(3, STEPS - 3), kills))
-    print(f"kill seed {seed}: kill at steps {targets}")
+    print(f"kill seed {seed}: kill at steps {targets} (replay: CKPTD_TEST_SEED={seed})")
     env = env_for(home)
 
     ref_out, cut_out = home.parent / "ref.hash", home.parent / "cut.hash"
@@ -125,10 +126,11 @@ def test_killed_at_random_moments_and_resumed_is_bit_identical(
     row = run_row(home, "cut")
     assert row["status"] == "finished" and row["attempt"] == attempt + 1
 
-    assert cut_out.read_text() == ref_out.read_text(), f"weights differ (kill seed {seed})"
+    replay = f"replay: CKPTD_TEST_SEED={seed}"
+    assert cut_out.read_text() == ref_out.read_text(), f"weights differ ({replay})"
     ref_curve = effective_curve(home, "ref")
     assert len(ref_curve) == 2 * STEPS
-    assert effective_curve(home, "cut") == ref_curve, f"loss curve differs (seed {seed})"
+    assert effective_curve(home, "cut") == ref_curve, f"loss curve differs ({replay})"
     restored = db_rows(home, "SELECT attempt, restored_step FROM attempts WHERE run_id = ?"
                              " ORDER BY attempt", (run_id,))
     assert [a for a, _ in restored] == list(range(1, attempt + 2))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -11,9 +12,15 @@ import typer
 from helpers import REPO
 
 
-@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff not installed")
 def test_ruff_is_clean() -> None:
-    proc = subprocess.run(["ruff", "check", "."], cwd=REPO, capture_output=True, text=True)
+    """Run as ``python -m ruff`` (installed with the test extras, PATH or not);
+    skipped only outside CI when it is missing, a failure in CI."""
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=REPO,
+                          capture_output=True, text=True)
+    if "No module named ruff" in proc.stderr:
+        if os.environ.get("CI") == "true":
+            pytest.fail("ruff is not installed, and CI must run it (pip install -e '.[test]')")
+        pytest.skip("ruff is not installed for this Python")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

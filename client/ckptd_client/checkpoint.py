@@ -5,17 +5,21 @@ How a checkpoint travels (SPEC promises 2, 3 and 4)::
     trainer                                   daemon
     -------                                   ------
     walk state -> tree + tensor list
-    copy tensors into /dev/shm/ckptd-...  (the only time the loop is blocked)
-    send CKPT {tree, layout, shm path} ----> open the shm file, copy it to a
+    copy tensors into a memfd buffer      (the only time the loop is blocked)
+    send CKPT {tree, layout} + the fd ----> check the fd, copy it to a
     checkpoint() returns a handle            staging dir, fsync, hash, rename,
                                              insert the row, then reply
     handle resolves  <--------------------- CKPT_DONE {ok, hash, persist_s}
 
-Once ``checkpoint()`` returns, the message is in the kernel's socket buffer
-and the shm file exists, so the daemon has everything it needs even if the
-trainer is killed at that instant. The shm file is one per training process,
-reused by every checkpoint (and grown when the state grows); the daemon
-deletes it when the trainer is gone.
+The buffer is an anonymous memory file (``memfd_create``) whose descriptor
+travels with the message (SCM_RIGHTS): it has no name, so no other user can
+plant, open or read it (named /dev/shm files could be pre-created by anyone).
+Once ``checkpoint()`` returns, the message and the descriptor are in the
+kernel's socket buffer, so the daemon has everything it needs even if the
+trainer is killed at that instant. The buffer is one per training process,
+reused by every checkpoint (and grown when the state grows); the kernel
+frees it when the trainer and the daemon have both closed it, so nothing
+is left behind by a dead trainer.
 
 On disk a checkpoint is a directory ``step-<N>/`` holding:
 
@@ -45,6 +49,7 @@ checkpoint is taken or loaded.
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import hashlib
 import json
 import mmap
@@ -77,6 +82,10 @@ STEP_PREFIX = "step-"
 STAGING_SUFFIX = ".ckptd-tmp"
 #: A committed step moved aside while a new checkpoint of the same step replaces it.
 REPLACED_SUFFIX = ".ckptd-old"
+#: The daemon's record of the step it is publishing (its manifest hash), written
+#: before the rename and removed once the row is in: at start, a ``step-<N>/``
+#: without a row is adopted only if such a record names exactly its manifest.
+INTENT_SUFFIX = ".ckptd-commit"
 #: Tensor offsets are aligned so every dtype can be viewed in place.
 ALIGN = 64
 #: Unit of hashing: chunks are hashed in parallel on write and on verify.
@@ -85,7 +94,8 @@ HASH_ALGO = "sha256"
 MAX_MANIFEST = 256 << 20
 #: Reply from the daemon to a CKPT message: {id, ok, error?, kind?, hash?, bytes?, persist_s?}.
 CKPT_DONE = "ckpt_done"
-SHM_PREFIX = "ckptd-"
+#: Name of the snapshot memfd (shown in /proc/<pid>/fd; names nothing on disk).
+BUFFER_NAME = "ckptd-snapshot"
 #: Longest a checkpoint request may wait for room in the daemon's socket.
 SEND_TIMEOUT_S = 30
 #: Linux 5.14+: prefault a mapping's pages for reading (not in Python's mmap module).
@@ -422,7 +432,9 @@ def load_dir(ckpt_dir: Path, expected_hash: str | None = None, map_location: Any
 
 
 def committed_rows(home: Path, run_id: str) -> list[dict[str, Any]]:
-    """Committed checkpoints of a run, newest first, read from the store read-only."""
+    """Committed checkpoints of a run, and those found corrupt (by ``ckpt verify``
+    or an earlier restore, so ``restore`` can say why it skips them), newest
+    first, read from the store read-only."""
     db = paths.db_path(home)
     if not db.exists():
         return []
@@ -431,8 +443,8 @@ def committed_rows(home: Path, run_id: str) -> list[dict[str, Any]]:
         try:
             conn.row_factory = sqlite3.Row
             rows = conn.execute(
-                "SELECT step, hash, status FROM checkpoints WHERE run_id = ? AND"
-                " status = 'committed' ORDER BY step DESC", (run_id,)).fetchall()
+                "SELECT step, hash, status, reason FROM checkpoints WHERE run_id = ? AND"
+                " status IN ('committed', 'corrupt') ORDER BY step DESC", (run_id,)).fetchall()
         finally:
             conn.close()
     except sqlite3.Error as exc:
@@ -494,31 +506,16 @@ class CheckpointHandle:
 
 # --------------------------------------------------------------- snapshots
 
-def shm_dir(home: Path) -> Path:
-    """Where snapshot buffers live: ``CKPTD_SHM_DIR``, else /dev/shm, else the home."""
-    env = os.environ.get("CKPTD_SHM_DIR")
-    if env:
-        return Path(env)
-    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        return Path("/dev/shm")
-    return home / "shm"
-
-
-def shm_prefix(home: Path) -> str:
-    """Name prefix of the snapshot buffers of ``home`` (its daemon sweeps only these)."""
-    return f"{SHM_PREFIX}{os.getuid()}-{paths.short_hash(home)}-"
-
-
 class _SharedBuffer:
-    """One file in shared memory, mapped for the life of the training process.
+    """One anonymous memory file, mapped for the life of the training process.
 
     Reused by every checkpoint; grown (never shrunk) when the state grows.
-    Space is reserved with ``posix_fallocate`` so a full /dev/shm is an
-    error here, not a SIGBUS in the middle of the copy.
+    Sealed against shrinking, so the daemon may map it without risking a
+    SIGBUS; space is reserved with ``posix_fallocate`` so running out of
+    memory is an error here, not a SIGBUS in the middle of the copy.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self) -> None:
         self.fd = -1
         self.mm: mmap.mmap | None = None
         self.base: Any = None
@@ -526,26 +523,31 @@ class _SharedBuffer:
         self.pinned_ptr = 0
 
     def ensure(self, size: int) -> None:
+        """:raises CheckpointError: (``DiskFull`` for ENOSPC) whatever the kernel refused."""
         import torch
 
         if self.mm is not None and size <= self.capacity:
             return
         capacity = max(-(-size // (1 << 20)) * (1 << 20), 1 << 20)
-        if self.fd < 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                              0o600)
-        self.unmap()
         try:
+            if self.fd < 0:
+                fd = os.memfd_create(BUFFER_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+                try:
+                    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+                except OSError:
+                    os.close(fd)
+                    raise
+                self.fd = fd
+            self.unmap()
             os.posix_fallocate(self.fd, 0, capacity)
-        except OSError as exc:
-            cls = DiskFull if exc.errno in (28, 122) else CheckpointError
-            raise cls(f"checkpoint: cannot reserve {_human(capacity)} for the snapshot in "
-                      f"{self.path.parent}: {exc.strerror}; free memory there or set "
-                      "CKPTD_SHM_DIR to a larger tmpfs") from None
-        self.mm = mmap.mmap(self.fd, capacity,
-                            flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                            prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            self.mm = mmap.mmap(self.fd, capacity,
+                                flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError) as exc:
+            cls = DiskFull if getattr(exc, "errno", None) in (28, 122) else CheckpointError
+            raise cls(f"checkpoint: cannot reserve {_human(capacity)} of memory for the "
+                      f"snapshot: {getattr(exc, 'strerror', None) or exc}; free memory or "
+                      "checkpoint less state") from None
         self.base = torch.frombuffer(self.mm, dtype=torch.uint8)
         self.capacity = capacity
 
@@ -574,16 +576,12 @@ class _SharedBuffer:
                 pass  # a caller still holds a view; the mapping goes with it
             self.mm = None
 
-    def close(self, unlink: bool) -> None:
+    def close(self) -> None:
+        """Ours goes; a checkpoint in flight keeps the daemon's descriptor alive."""
         self.unmap()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        if unlink:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
 
 
 class Checkpointer:
@@ -601,8 +599,7 @@ class Checkpointer:
         self._inflight: dict[int, CheckpointHandle] = {}
         self._last: CheckpointHandle | None = None
         self._next_id = 0
-        self._buffer = _SharedBuffer(shm_dir(run.home) / (
-            f"{shm_prefix(run.home)}{os.getpid()}-{run.id}"))
+        self._buffer = _SharedBuffer()
         self._closed = False
 
     # ------------------------------------------------------------- public
@@ -640,16 +637,14 @@ class Checkpointer:
         return handle
 
     def close(self, timeout: float | None = 30.0) -> None:
-        """Wait (bounded) for the checkpoint in flight, then release the buffer.
-
-        If it is still being written, the buffer file stays for the daemon,
-        which deletes it once it sees this connection gone.
-        """
+        """Wait (bounded) for the checkpoint in flight, then release the buffer
+        (the daemon holds its own descriptor of it while it writes)."""
         with self._lock:
             self._closed = True
             last = self._last
-        done = last is None or last._event.wait(timeout if timeout is not None else 30.0)
-        self._buffer.close(unlink=done)
+        if last is not None:
+            last._event.wait(timeout if timeout is not None else 30.0)
+        self._buffer.close()
         sock, self._sock = self._sock, None
         if sock is not None:
             try:
@@ -685,7 +680,7 @@ class Checkpointer:
             size = 0
         self._next_id += 1
         return {"t": protocol.CKPT, "id": self._next_id, "step": step, "metrics": metrics,
-                "shm": os.fspath(self._buffer.path), "size": size, "tree": tree,
+                "size": size, "tree": tree,
                 "tensors": specs, "time": time.time(), "pid": os.getpid()}
 
     def _send_locked(self, msg: dict[str, Any], handle: CheckpointHandle) -> None:
@@ -701,9 +696,16 @@ class Checkpointer:
                                         "connection closed")
             self._inflight[msg["id"]] = handle
             try:
-                # Blocking sendall: when it returns, the request is in the
-                # kernel and survives our death (the daemon still reads it).
-                sock.sendall(frame)
+                # Blocking sends: when they return, the request and the
+                # buffer's descriptor are in the kernel and survive our death
+                # (the daemon still reads them). The descriptor rides on the
+                # frame's first bytes, so it reaches the daemon before the frame ends.
+                if msg["size"]:
+                    sent = socket.send_fds(sock, [frame], [self._buffer.fd])
+                    if sent < len(frame):
+                        sock.sendall(frame[sent:])
+                else:
+                    sock.sendall(frame)
                 return
             except OSError as exc:
                 self._inflight.pop(msg["id"], None)
@@ -814,17 +816,16 @@ def restore(run: Run, map_location: Any = None) -> Any:
     """
     from . import rng
 
+    _await_commits(run)
     for row in committed_rows(run.home, run.id):
+        if row["status"] == "corrupt":
+            _skip(run, row["step"], f"marked corrupt earlier ({row['reason'] or 'no reason'})")
+            continue
         ckpt_dir = paths.checkpoints_dir(run.home, run.id) / step_dir_name(row["step"])
         try:
             payload, _ = load_dir(ckpt_dir, row["hash"], map_location)
         except CheckpointError as exc:
-            text = f"restore: skipped checkpoint step {row['step']}: {exc}"
-            warnings.warn(text, stacklevel=3)
-            try:
-                run.event(text, level="warning", skipped_step=row["step"])
-            except Exception:  # noqa: BLE001
-                pass
+            _skip(run, row["step"], str(exc))
             _report_corrupt(run, row["step"], str(exc))
             continue
         if payload.get("rng"):
@@ -834,6 +835,16 @@ def restore(run: Run, map_location: Any = None) -> Any:
         return payload["state"]
     _announce(run, None)
     return None
+
+
+def _skip(run: Run, step: int, why: str) -> None:
+    """Say, as a warning and a run event, why restore passed over a checkpoint."""
+    text = f"restore: skipped checkpoint step {step}: {why}"
+    warnings.warn(text, stacklevel=4)
+    try:
+        run.event(text, level="warning", skipped_step=step)
+    except Exception:  # noqa: BLE001 - the warning above already said it
+        pass
 
 
 def clone_tensors(obj: Any) -> Any:
@@ -857,6 +868,16 @@ def _announce(run: Run, step: int | None) -> None:
         run._report_restored(step)
     except Exception:  # noqa: BLE001 - a courtesy record; the state is already restored
         pass
+
+
+def _await_commits(run: Run) -> None:
+    """Let the daemon finish committing what an earlier attempt sent (a trainer
+    killed right after checkpoint() returned), so the newest step is chosen."""
+    try:
+        transport.call(run.home, "ckpt_await_commits", {"run": run.id, "timeout": 300},
+                       autostart=False, timeout=310)
+    except CkptdError:
+        pass  # no daemon: nothing can be committing
 
 
 def _report_corrupt(run: Run, step: int, reason: str) -> None:

@@ -409,7 +409,7 @@ class Run:
         if exc_type is None:
             self.finish()
         elif issubclass(exc_type, KeyboardInterrupt):
-            self.finish(status="interrupted", exit_code=None)
+            self.finish(status="interrupted", exit_code=None, **STOPPED_BY_CTRL_C)
         else:
             text = "".join(traceback.format_exception(exc_type, exc, tb))
             self.finish(status="failed", exit_code=1, traceback_text=text)
@@ -715,7 +715,7 @@ class Run:
         if self._finished or not self._owns_run():
             self._exit_hook()
         elif issubclass(exc_type, KeyboardInterrupt):
-            self.finish(status="interrupted", exit_code=None, timeout=10)
+            self.finish(status="interrupted", exit_code=None, timeout=10, **STOPPED_BY_CTRL_C)
         else:
             text = "".join(traceback.format_exception(exc_type, exc, tb))
             self.finish(status="failed", exit_code=1, timeout=10, traceback_text=text)
@@ -779,6 +779,11 @@ class _RunHandler(logging.Handler):
             self._run.event(record.getMessage(), level=level, logger=record.name)
         except Exception:
             self.handleError(record)
+
+
+#: Ctrl-C (SIGINT) is a person's stop: auto-resume must not bring the run back.
+STOPPED_BY_CTRL_C: dict[str, Any] = {"auto_resume": 0,
+                                     "reason": "stopped: KeyboardInterrupt (SIGINT)"}
 
 
 def _utf8(text: str) -> str:
@@ -858,6 +863,7 @@ def init(
     home: str | os.PathLike[str] | None = None,
     retention: Any = None,
     autostart: bool = True,
+    group: str | None = None,
 ) -> Run:
     """Start (or join, or resume) a run and return it.
 
@@ -866,7 +872,12 @@ def init(
     joins that run. Otherwise a new run is registered with everything
     ``ckptd resume`` needs to relaunch it.
     """
-    home_path = paths.home_dir(home)
+    home_path = paths.checked_home(home)
+    try:
+        paths.secure_home(home_path)
+    except OSError as exc:  # a home that cannot be created (read-only file system)
+        raise CkptdError(f"cannot use data home {home_path}: {exc.strerror or exc}; point "
+                         "CKPTD_HOME or home= at a writable directory") from None
     worker = is_worker()
     env_id = os.environ.get("CKPTD_RUN_ID") if resume != "never" else None
     attempt_text = os.environ.get("CKPTD_ATTEMPT", "1")
@@ -892,6 +903,11 @@ def init(
         # the daemon refuses such a registration: the run would lose it
         raise CkptdError(f"project {project!r} must be UTF-8 text of at most 4096 "
                          "characters without NUL")
+    if group is not None and (not isinstance(group, str) or not group.strip() or "\0" in group
+                              or len(group) > 200 or not protocol.is_utf8(group)):
+        # the daemon refuses such a registration: the run would lose it
+        raise CkptdError(f"group {group!r} must be non-empty UTF-8 text of at most 200 "
+                         "characters without NUL")
     if config is not None and not isinstance(config, dict):
         raise TypeError("config must be a dict")
     if seed is not None:
@@ -909,6 +925,7 @@ def init(
     register: dict[str, Any] = {
         "name": name,
         "project": project,
+        "group": group,
         "config": {str(k): _plain(v) for k, v in (config or {}).items()},
         "seed": seed,
         "pid": os.getpid(),

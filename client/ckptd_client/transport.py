@@ -55,8 +55,10 @@ def start_daemon(home: Path) -> subprocess.Popen[bytes]:
     daemon finds the home's lock taken and exits.
     """
     try:
-        home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(home / paths.DAEMON_LOG, "ab") as log:
+        paths.secure_home(home)
+        log_fd = os.open(home / paths.DAEMON_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                         | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with open(log_fd, "ab") as log:
             return subprocess.Popen(
                 [sys.executable, "-m", "ckptd.daemon", "--home", os.fspath(home)],
                 stdin=subprocess.DEVNULL,
