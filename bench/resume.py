@@ -58,7 +58,7 @@ def wait(pred, timeout: float = 120.0, what: str = ""):  # noqa: ANN001, ANN201
 def first_step_time(home: Path, name: str, attempt: int) -> float:
     return wait(lambda: (r := rows(
         home, "SELECT MIN(m.time) FROM metrics m JOIN runs r ON r.id = m.run_id WHERE"
-              " r.name = ? AND m.attempt = ? AND m.src = 'c'", (name, attempt))) and r[0][0],
+              " r.name = ? AND m.attempt = ? AND m.src GLOB 'c*'", (name, attempt))) and r[0][0],
         what=f"first step of {name} attempt {attempt}")
 
 
@@ -86,7 +86,7 @@ def trial(home: Path, env: dict[str, str], name: str, size: list[str]) -> tuple[
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     resume = first_step_time(home, name, 2) - t0
     phases = rows(home, "SELECT kind, MIN(time) FROM events WHERE run_id = ? AND attempt = 2"
-                        " AND src = 'c' GROUP BY kind", (run_id,))
+                        " AND src GLOB 'c*' GROUP BY kind", (run_id,))
     (begun,), = rows(home, "SELECT started FROM attempts WHERE run_id = ? AND attempt = 2",
                      (run_id,))
     marks = dict(phases)

@@ -43,7 +43,14 @@ from typing import Any
 
 from ckptd_client import paths, protocol
 from ckptd_client.errors import CkptdError
-from ckptd_client.spool import PARTIAL_SUFFIX, SUFFIX, fsync_dir, read_batch, try_lock
+from ckptd_client.spool import (
+    PARTIAL_SUFFIX,
+    SUFFIX,
+    fsync_dir,
+    read_batch,
+    stale_partial,
+    try_lock,
+)
 
 from . import __version__, notify, validate
 from .crashpoints import crashpoint
@@ -698,9 +705,11 @@ class Daemon:
         for name in names:
             path = spool / name
             if name.endswith(PARTIAL_SUFFIX):
-                fd = try_lock(path)
+                # a fresh one is a writer between create and lock: leave it alone
+                fd = try_lock(path) if stale_partial(path) else None
                 if fd is not None:  # a writer died between create and rename: empty
-                    os.unlink(path)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
                     os.close(fd)
                 continue
             if not name.endswith(SUFFIX):

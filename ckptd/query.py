@@ -126,7 +126,7 @@ class Reader:
         out: dict[str, float] = {}
         for key in self.keys(run_id):
             row = self.conn.execute(
-                "SELECT value FROM metrics WHERE run_id = ? AND key = ? AND src = 'c' AND"
+                "SELECT value FROM metrics WHERE run_id = ? AND key = ? AND src GLOB 'c*' AND"
                 f" {effective('metrics')} ORDER BY step DESC, attempt DESC, seq DESC LIMIT 1",
                 (run_id, key)).fetchone()
             if row is not None:
@@ -137,16 +137,16 @@ class Reader:
         """Every metric key of a run (``sys/`` samples of the daemon included):
         how many values on the effective timeline, the last one and its step."""
         rows = self.rows(
-            "SELECT key, src, COUNT(*) AS count, MAX(step) AS step FROM metrics"
-            f" WHERE run_id = ? AND {effective('metrics')} GROUP BY src, key ORDER BY src, key",
-            (run_id,))
+            "SELECT key, src GLOB 'd*' AS system, COUNT(*) AS count, MAX(step) AS step"
+            f" FROM metrics WHERE run_id = ? AND {effective('metrics')}"
+            " GROUP BY system, key ORDER BY system, key", (run_id,))
         for r in rows:
             last = self.conn.execute(
-                "SELECT value FROM metrics WHERE run_id = ? AND key = ? AND src = ? AND"
+                "SELECT value FROM metrics WHERE run_id = ? AND key = ? AND src GLOB ? AND"
                 f" {effective('metrics')} ORDER BY step DESC, attempt DESC, seq DESC LIMIT 1",
-                (run_id, r["key"], r["src"])).fetchone()
+                (run_id, r["key"], "d*" if r["system"] else "c*")).fetchone()
             r["last"] = float("nan") if last is None or last[0] is None else last[0]
-            r["system"] = r.pop("src") == "d"
+            r["system"] = bool(r["system"])
         return rows
 
     def show(self, ref: str | None) -> dict[str, Any]:
@@ -194,9 +194,9 @@ class Reader:
         """The effective timeline: superseded values (logged by an attempt after
         the step a later attempt resumed from) are left out unless asked for."""
         # the daemon's own samples (``sys/...``, src 'd') appear when asked for by key
-        src = "d" if key is not None and key.startswith("sys/") else "c"
+        src = "d*" if key is not None and key.startswith("sys/") else "c*"
         sql = (f"SELECT step, key, value, attempt, time, NOT {effective('metrics')}"
-               " AS superseded FROM metrics WHERE run_id = ? AND src = ?")
+               " AS superseded FROM metrics WHERE run_id = ? AND src GLOB ?")
         args: list[Any] = [run_id, src]
         if key is not None:
             sql += " AND key = ?"
@@ -215,7 +215,7 @@ class Reader:
     def keys(self, run_id: str) -> list[str]:
         """The metric keys a run logged (its own, not the daemon's ``sys/`` samples)."""
         return [r["key"] for r in self.rows(
-            "SELECT DISTINCT key FROM metrics WHERE run_id = ? AND src = 'c' ORDER BY key",
+            "SELECT DISTINCT key FROM metrics WHERE run_id = ? AND src GLOB 'c*' ORDER BY key",
             (run_id,))]
 
     # ----------------------------------------------------------------- tail
@@ -243,7 +243,7 @@ class Reader:
         if with_metrics:
             mrows = self.rows(
                 "SELECT rowid AS rid, attempt, seq, step, key, value, time FROM metrics"
-                f" WHERE {_run_filter(cursor.metric)} AND rowid > ? AND src = 'c'{m_sup}"
+                f" WHERE {_run_filter(cursor.metric)} AND rowid > ? AND src GLOB 'c*'{m_sup}"
                 " ORDER BY rowid",
                 (run_id, cursor.metric),
             )
@@ -279,7 +279,7 @@ class Reader:
 #: so ``tail -f`` never has to take back a line it printed.
 _SAID_BEFORE = ("events.kind = 'status' AND events.src = 's' AND EXISTS (SELECT 1 FROM"
                 " events AS c WHERE c.run_id = events.run_id AND c.attempt = events.attempt"
-                " AND c.src = 'c' AND c.kind = 'status' AND c.rowid < events.rowid AND"
+                " AND c.src GLOB 'c*' AND c.kind = 'status' AND c.rowid < events.rowid AND"
                 " substr(events.message, 1, length(c.message)) = c.message)")
 
 

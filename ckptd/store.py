@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import sqlite3
@@ -55,15 +56,17 @@ def effective(table: str) -> str:
     ``tail`` use it): a resume records its restored step once, in
     ``attempts``, instead of rewriting the earlier attempts' rows (which took
     25 s and a 1.2 GB WAL on a 20 M-point store, blocking every other run).
-    Only the script's metrics (src ``c``) are ever replaced.
+    The daemon's own samples (src ``d``, ``sys/`` keys) are never replaced.
     """
-    src = f"{table}.src != 'c' OR " if table == "metrics" else ""
+    src = f"{table}.src GLOB 'd*' OR " if table == "metrics" else ""
     return (f"({src}NOT EXISTS (SELECT 1 FROM attempts sup WHERE sup.run_id = {table}.run_id"
             f" AND sup.attempt > {table}.attempt AND sup.restored_step < {table}.step))")
 
 
 class SchemaTooNew(CkptdError):
     """The store was written by a newer ckptd; we refuse rather than corrupt it."""
+
+log = logging.getLogger("ckptd.store")
 
 
 class StoreError(CkptdError):
@@ -334,6 +337,8 @@ class Store:
         """
         conn = self.conn
         metrics: list[tuple[Any, ...]] = []
+        conflicts: dict[tuple[str, int, str], int] = {}
+        firsts: list[int] = []  # index in metrics of each log event's first row
         steps: dict[str, int] = {}
         for run_id, attempt, src, msg in events:
             kind = msg["t"]
@@ -341,6 +346,8 @@ class Store:
             t = msg.get("time") or time.time()
             if kind == protocol.LOG:
                 step = msg["step"]
+                if msg["m"]:
+                    firsts.append(len(metrics))
                 for key, value in msg["m"].items():
                     if isinstance(value, float) and math.isnan(value):
                         value = None  # SQLite stores NaN as NULL; documented in schema.md
@@ -367,14 +374,22 @@ class Store:
                     else f"attempt {attempt} started over: no checkpoint to restore"), "info"
             else:
                 message, level = msg.get("msg", ""), msg.get("level", "info")
+            row = (t, kind, level, msg.get("step"), message, _dumps(fields))
             cur = conn.execute(
                 "INSERT OR IGNORE INTO events (run_id, attempt, src, seq, time, kind, level,"
                 " step, message, fields) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (run_id, attempt, src, seq, t, kind, level, msg.get("step"), message,
-                 _dumps(fields)),
+                (run_id, attempt, src, seq, *row),
             )
             if cur.rowcount != 1:
-                continue  # a replay: its side effects were applied the first time
+                # a replay (its side effects were applied the first time), unless
+                # the stored row differs: two writers sharing one key
+                old = conn.execute(
+                    "SELECT time, kind, level, step, message, fields FROM events WHERE"
+                    " run_id = ? AND attempt = ? AND src = ? AND seq = ?",
+                    (run_id, attempt, src, seq)).fetchone()
+                if old is not None and tuple(old) != row:
+                    conflicts[(run_id, attempt, src)] = conflicts.get((run_id, attempt, src), 0) + 1
+                continue
             if kind == protocol.REGISTER:
                 self._register(run_id, attempt, msg, t)
             elif kind == protocol.STATUS:
@@ -382,17 +397,39 @@ class Store:
             elif kind == protocol.RESTORED:
                 self._restored(run_id, attempt, msg.get("step"))
         if metrics:
+            before = conn.total_changes
             conn.executemany(
                 "INSERT OR IGNORE INTO metrics (run_id, attempt, src, seq, key, step, value,"
                 " time) VALUES (?,?,?,?,?,?,?,?)",
                 metrics,
             )
+            if conn.total_changes - before < len(metrics):
+                self._metric_conflicts([metrics[i] for i in firsts], conflicts)
+        for (run_id, attempt, src), n in conflicts.items():
+            text = (f"{n} events of writer {src} reused a sequence number with different "
+                    "content; the first copy was kept, the others dropped (two processes "
+                    "sharing one writer identity?)")
+            log.error("run %s attempt %d: %s", run_id, attempt, text)
+            self.record_event(run_id, attempt, text, level="error")
         for run_id, step in steps.items():
             conn.execute(
                 "UPDATE runs SET step = ?, updated = ? WHERE id = ? AND"
                 " (step IS NULL OR step < ?)",
                 (step, time.time(), run_id, step),
             )
+
+    def _metric_conflicts(self, metrics: list[tuple[Any, ...]],
+                          conflicts: dict[tuple[str, int, str], int]) -> None:
+        """Count the log events whose stored copy differs (not a replay), by the
+        first row of each (another writer's event differs in its time at least).
+        Runs only when some row was ignored: replays after a reconnect."""
+        for run_id, attempt, src, seq, key, step, value, t in metrics:
+            old = self.conn.execute(
+                "SELECT step, value, time FROM metrics WHERE run_id = ? AND attempt = ?"
+                " AND src = ? AND seq = ? AND key = ?", (run_id, attempt, src, seq, key)
+            ).fetchone()
+            if old is not None and tuple(old) != (step, value, t):
+                conflicts[(run_id, attempt, src)] = conflicts.get((run_id, attempt, src), 0) + 1
 
     # ------------------------------------------------------------ attempts
 
@@ -501,7 +538,7 @@ class Store:
         oldest first (only those are judged; older ones would cost a scan each)."""
         rows = self.conn.execute(
             "SELECT a.attempt, (SELECT MAX(step) FROM metrics m WHERE m.run_id = a.run_id"
-            " AND m.attempt = a.attempt AND m.src = 'c') FROM attempts a WHERE a.run_id = ?"
+            " AND m.attempt = a.attempt AND m.src GLOB 'c*') FROM attempts a WHERE a.run_id = ?"
             " ORDER BY a.attempt DESC LIMIT ?", (run_id, last)).fetchall()
         return [tuple(r) for r in reversed(rows)]  # type: ignore[misc]
 

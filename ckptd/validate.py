@@ -8,6 +8,7 @@ peer can close its own connection and nothing else.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from ckptd_client import protocol
@@ -54,6 +55,8 @@ def _num(msg: dict[str, Any], key: str, *, optional: bool = False) -> None:
 
 #: Latest event time accepted (year 5138): beyond it ``tail`` could not format the time.
 MAX_TIME = 1e11
+#: A writer's identity: its kind (client, supervisor) and a random id per process.
+SRC_RE = re.compile(r"[cs](-[0-9a-f]{1,32})?")
 
 
 def _time(msg: dict[str, Any]) -> None:
@@ -70,8 +73,9 @@ def hello(msg: dict[str, Any]) -> None:
     if not valid_run_id(msg["run"]):
         raise Invalid(f"hello: {msg['run']!r} is not a valid run id")
     _int(msg, "attempt", minimum=1)
-    if msg.get("src") not in ("c", "s"):
-        raise Invalid("hello: src must be 'c' or 's'")
+    src = msg.get("src")
+    if not (isinstance(src, str) and SRC_RE.fullmatch(src)):
+        raise Invalid("hello: src must be 'c' or 's', optionally with a writer id ('c-1f2e...')")
 
 
 def event(msg: dict[str, Any]) -> None:

@@ -36,7 +36,7 @@ def run_row(home: Path, name: str) -> dict | None:
 
 def attempt_peak(home: Path, run_id: str, attempt: int) -> int:
     (peak,), = db_rows(home, "SELECT COALESCE(MAX(step), -1) FROM metrics WHERE run_id = ?"
-                             " AND attempt = ? AND src = 'c'", (run_id, attempt))
+                             " AND attempt = ? AND src GLOB 'c*'", (run_id, attempt))
     return peak
 
 

@@ -37,7 +37,7 @@ Point = tuple[int, int, str, float, float]  # attempt, step, key, value, time
 
 def points(reader: query.Reader, run_id: str, all_attempts: bool) -> Iterator[Point]:
     """The run's own metric points in step order, NaN for a stored NULL, lazily."""
-    sql = ("SELECT attempt, step, key, value, time FROM metrics WHERE run_id = ? AND src = 'c'"
+    sql = ("SELECT attempt, step, key, value, time FROM metrics WHERE run_id = ? AND src GLOB 'c*'"
            + ("" if all_attempts else " AND " + query.effective("metrics"))
            + " ORDER BY step, attempt, seq, key")
     for attempt, step, key, value, t in reader.conn.execute(sql, (run_id,)):
@@ -45,7 +45,7 @@ def points(reader: query.Reader, run_id: str, all_attempts: bool) -> Iterator[Po
 
 
 def keys(reader: query.Reader, run_id: str, all_attempts: bool) -> list[str]:
-    sql = ("SELECT DISTINCT key FROM metrics WHERE run_id = ? AND src = 'c'"
+    sql = ("SELECT DISTINCT key FROM metrics WHERE run_id = ? AND src GLOB 'c*'"
            + ("" if all_attempts else " AND " + query.effective("metrics")) + " ORDER BY key")
     return [r[0] for r in reader.conn.execute(sql, (run_id,))]
 

@@ -83,7 +83,9 @@ class Marker:
 
 
 def _src(key: str) -> str:
-    return "d" if key.startswith("sys/") else "c"
+    """GLOB pattern of the writers of ``key``: the daemon's ``sys/...``, else the
+    client processes (``c-<id>``, one per process; plain ``c`` before)."""
+    return "d*" if key.startswith("sys/") else "c*"
 
 
 def _num(v: Any) -> float:
@@ -93,9 +95,9 @@ def _num(v: Any) -> float:
 def step_range(reader: Reader, run_id: str, key: str) -> tuple[int, int] | None:
     """First and last step of a key (two index seeks, whatever the run's size)."""
     row = reader.conn.execute(
-        "SELECT (SELECT step FROM metrics WHERE run_id = ?1 AND key = ?2 AND src = ?3"
+        "SELECT (SELECT step FROM metrics WHERE run_id = ?1 AND key = ?2 AND src GLOB ?3"
         f"        AND {EFFECTIVE} ORDER BY step LIMIT 1),"
-        "       (SELECT step FROM metrics WHERE run_id = ?1 AND key = ?2 AND src = ?3"
+        "       (SELECT step FROM metrics WHERE run_id = ?1 AND key = ?2 AND src GLOB ?3"
         f"        AND {EFFECTIVE} ORDER BY step DESC LIMIT 1)",
         (run_id, key, _src(key))).fetchone()
     if row is None or row[0] is None:
@@ -133,7 +135,7 @@ def _exact(reader: Reader, out: Series, lo: int, hi: int, buckets: int) -> None:
         "SELECT CAST((step - ?4) / ?5 AS INTEGER) AS b, avg(step), avg(time),"
         " min(coalesce(value, 9e999)), max(coalesce(value, -9e999)), max(step), count(*),"
         " sum(value IS NULL)"
-        f" FROM metrics WHERE run_id = ?1 AND key = ?2 AND src = ?3 AND {EFFECTIVE}"
+        f" FROM metrics WHERE run_id = ?1 AND key = ?2 AND src GLOB ?3 AND {EFFECTIVE}"
         " AND step BETWEEN ?4 AND ?6 GROUP BY b ORDER BY b",
         (out.run_id, out.key, _src(out.key), lo, width, hi)).fetchall()
     for _b, s, t, vmin, vmax, last_step, n, nans in rows:
@@ -149,7 +151,7 @@ def _exact(reader: Reader, out: Series, lo: int, hi: int, buckets: int) -> None:
 
 
 def _sampled(reader: Reader, out: Series, lo: int, span: int, buckets: int) -> None:
-    seek = ("SELECT step, time, value FROM metrics WHERE run_id = ? AND key = ? AND src = ?"
+    seek = ("SELECT step, time, value FROM metrics WHERE run_id = ? AND key = ? AND src GLOB ?"
             f" AND {EFFECTIVE} AND step >= ? ORDER BY step LIMIT 1")
     width = span / buckets
     args = [out.run_id, out.key, _src(out.key), 0]
@@ -176,7 +178,7 @@ def _sampled(reader: Reader, out: Series, lo: int, span: int, buckets: int) -> N
 
 def _value_at(reader: Reader, run_id: str, key: str, step: int) -> float:
     row = reader.conn.execute(
-        "SELECT value FROM metrics WHERE run_id = ? AND key = ? AND src = ? AND "
+        "SELECT value FROM metrics WHERE run_id = ? AND key = ? AND src GLOB ? AND "
         f"{EFFECTIVE}"
         " AND step <= ? ORDER BY step DESC LIMIT 1", (run_id, key, _src(key), step)).fetchone()
     return float("nan") if row is None else _num(row[0])
@@ -266,7 +268,7 @@ def _tags(run: dict[str, Any]) -> list[str]:
 def _rate(reader: Reader, run_id: str, key: str, window: int = 200) -> float | None:
     """Steps per second over the last ``window`` logged rows of ``key``."""
     rows = reader.conn.execute(
-        "SELECT step, time FROM metrics WHERE run_id = ? AND key = ? AND src = 'c'"
+        "SELECT step, time FROM metrics WHERE run_id = ? AND key = ? AND src GLOB 'c*'"
         f" AND {EFFECTIVE} ORDER BY step DESC LIMIT ?", (run_id, key, window)).fetchall()
     if len(rows) < 2:
         return None

@@ -7,7 +7,7 @@ touched only when the training script already uses them.
 from __future__ import annotations
 
 from .errors import CheckpointError, CkptdError, DaemonUnavailable, DiskFull, NotFound
-from .run import Run, init
+from .run import Run, init, is_worker
 
 __version__ = "0.1.0"
 
@@ -19,4 +19,5 @@ __all__ = [
     "NotFound",
     "Run",
     "init",
+    "is_worker",
 ]

@@ -747,7 +747,7 @@ class Checkpointer:
                                               wait=self.connect_wait)
             sock.settimeout(10)
             sock.sendall(protocol.encode({"t": protocol.HELLO, "run": self.run.id,
-                                          "attempt": self.run.attempt, "src": "c",
+                                          "attempt": self.run.attempt, "src": self.run.src,
                                           "pid": os.getpid()}))
         except DaemonUnavailable as exc:
             raise DaemonUnavailable(f"checkpoint: {exc}; the daemon must be running to take "

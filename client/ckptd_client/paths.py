@@ -22,6 +22,8 @@ LOCK_NAME = "daemon.lock"
 DAEMON_LOG = "daemon.log"
 SPOOL_DIR = "spool"
 RUNS_DIR = "runs"
+#: Longest socket path we use (AF_UNIX allows 107 bytes; keep a margin).
+MAX_SOCKET_PATH = 100
 
 
 def home_dir(home: str | os.PathLike[str] | None = None) -> Path:
@@ -73,9 +75,12 @@ def socket_path(home: Path) -> Path:
         name = "ckptd.sock"
         if home != default_home():
             name = f"ckptd-{short_hash(home)}.sock"
-        return Path(runtime) / "ckptd" / name
+        path = Path(runtime) / "ckptd" / name
+        if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+            return path
+        # too long to bind: the daemon exited at start-up, respawned for ever
     path = home / "run" / "ckptd.sock"
-    if len(os.fsencode(path)) > 100:
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         return Path("/tmp") / f"ckptd-{os.getuid()}" / f"{short_hash(home)}.sock"
     return path
 

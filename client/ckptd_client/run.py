@@ -2,8 +2,11 @@
 
 Delivery rules (SPEC promises 1 and 4), in the order ``_emit`` applies them:
 
-1. Every event gets the next sequence number of ``(run, attempt, src)``; the
-   daemon inserts idempotently on it, so sending an event twice is harmless.
+1. Every event gets the next sequence number of ``(run, attempt, src)``, where
+   ``src`` names this writer: random per ``Run`` and renewed in a forked child,
+   so two processes of one attempt never share a key (they overwrote each
+   other). The daemon inserts idempotently on it, so sending an event twice is
+   harmless; the same key with a different payload is reported, not dropped.
 2. Connected and the socket has room: the whole frame goes to the kernel with
    one non-blocking ``send``; the event stays in ``_pending`` until the daemon
    acks its commit. A ``kill -9`` of the trainer now loses nothing (the
@@ -12,7 +15,10 @@ Delivery rules (SPEC promises 1 and 4), in the order ``_emit`` applies them:
    the spool file with one ``write``. The training loop never waits on the
    daemon.
 4. When the connection breaks, ``_pending`` is moved to the spool at once, so
-   a daemon crash followed by a trainer crash still loses nothing.
+   a daemon crash followed by a trainer crash still loses nothing. When it
+   outgrows ``MAX_PENDING_BYTES`` (a stalled daemon), the oldest frames move
+   there a bounded chunk per call, as raw bytes: no ``log()`` pays for a
+   backlog it did not create.
 5. ``flush()`` hands the spool to the daemon and waits for its commit; with no
    daemon, it fsyncs the spool instead. Either way, returning means durable.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import logging
 import os
 import re
@@ -37,8 +44,22 @@ from . import paths, protocol, transport
 from .errors import CkptdError, DaemonUnavailable
 from .spool import SpoolWriter, encode_record
 
-#: Unacked events kept in memory before they are moved to the spool.
+#: Unacked events kept in memory before the oldest are moved to the spool.
 MAX_PENDING = 200_000
+#: Bytes of unacked frames kept in memory (1 MiB messages made the count bound
+#: alone worth gigabytes).
+MAX_PENDING_BYTES = 64 << 20
+#: Most bytes (and frames) one call moves from memory to the spool: the work a
+#: crossing ``log()`` does is bounded, however large the backlog.
+SPILL_CHUNK = 1 << 20
+SPILL_FRAMES = 4096
+#: Seconds a forked child or worker waits at exit for its own events' commit.
+CHILD_EXIT_WAIT = 2.0
+#: Longest pause between two attempts to start a daemon that failed to start.
+MAX_START_BACKOFF = 300.0
+#: How a worker process finds the run of the process that started it
+#: (``run-id:attempt``, set by ``init()`` in the main process).
+PARENT_RUN_ENV = "CKPTD_PARENT_RUN"
 #: Events kept in memory when neither the daemon nor the disk takes them.
 MAX_BACKLOG = 1_000_000
 #: Kernel send buffer asked for the daemon connection (capped by net.core.wmem_max).
@@ -56,6 +77,27 @@ def valid_run_id(run_id: str) -> bool:
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(3).hex()
+
+
+def new_src(kind: str = "c") -> str:
+    """A writer identity of its own: random, not the pid (pids repeat across
+    hosts and reboots, and a forked child must differ from its parent)."""
+    return f"{kind}-{os.urandom(6).hex()}"
+
+
+def is_worker() -> bool:
+    """True in a ``multiprocessing`` child (DataLoader workers, pools): such a
+    process may log into the run it joined but never finishes or fails it."""
+    mp = sys.modules.get("multiprocessing")
+    if mp is None:
+        return False
+    try:
+        # a spawned child imports the main module (and so runs its module-level
+        # init()) while "inheriting", before parent_process() is set
+        return (mp.parent_process() is not None
+                or bool(getattr(mp.current_process(), "_inheriting", False)))
+    except Exception:  # noqa: BLE001 - an exotic multiprocessing: assume the main process
+        return False
 
 
 def process_start_time(pid: int | None = None) -> float | None:
@@ -98,40 +140,67 @@ class Run:
         attempt: int = 1,
         *,
         name: str | None = None,
-        src: str = "c",
+        src: str | None = None,
         autostart: bool = True,
+        worker: bool = False,
     ) -> None:
         self.home = home
         self.id = run_id
         self.name = name or run_id
         self.attempt = attempt
         self.resumed = attempt > 1
-        self.src = src
         self._autostart = autostart
+        #: the process that may finish this run (exit hooks act only there);
+        #: a forked child or a multiprocessing worker only adds its events
+        self._owner_pid = 0 if worker else os.getpid()
+        self._spool_dir = paths.spool_dir(home)
+        self._warned: set[str] = set()
+        self._checkpointer: Any = None
+        self.restored_step: int | None = None  # set by restore()
+        self._finished = False
+        #: failed daemon starts back off (it was respawned every 2 s for ever)
+        self._start_backoff, self._next_start = 1.0, 0.0
+        self._new_writer(src or new_src())
+
+    def _new_writer(self, src: str) -> None:
+        """Fresh writer state: identity, counters, locks, connection, spool.
+
+        Run at creation and in a forked child, which must not touch its
+        parent's socket, counter or locks (a lock held by a parent thread at
+        fork time stays held forever in the child).
+        """
+        self.src = src
+        #: what makes a frame body a spool record (the identity a connection carries)
+        run, src_json = protocol.dumps(self.id), protocol.dumps(src)
+        self._tag = f',"run":{run},"a":{self.attempt},"src":{src_json}}}'.encode()
         self._lock = threading.Lock()
         self._seq = 0
-        self._step = -1
+        self._step = getattr(self, "_step", -1)
         # (seq, frame) of events in the kernel but not yet committed; frames, not
         # dicts, so a long ack lag does not feed the garbage collector (its
         # pauses were a visible part of log()'s p99)
         self._pending: collections.deque[tuple[int, bytes]] = collections.deque()
-        self._backlog: collections.deque[dict[str, Any]] = collections.deque()
+        self._pending_bytes = 0
+        #: spool records held in memory while the disk takes no writes
+        self._backlog: collections.deque[bytes] = collections.deque()
         self._sock: socket.socket | None = None
         self._busy = False  # a partial frame is being completed; do not interleave
         self._spool: SpoolWriter | None = None
-        self._spool_dir = paths.spool_dir(home)
         self._closed = False
-        self._finished = False
-        self._warned: set[str] = set()
         self._flushed_seq = 0
         self._flush_cv = threading.Condition(self._lock)
         self._stop = threading.Event()
         self._wake = threading.Event()
+        # the link thread sleeps in select() on this pipe too: close() wakes it
+        # at once (it waited out a 0.5 s timeout, so every finish() took 0.5 s)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
         self._link = threading.Thread(target=self._link_loop, name="ckptd-link", daemon=True)
         self._hooks_installed = False
         self._checkpointer: Any = None
         self.restored_step: int | None = None  # set by restore()
         self._rng_watch: Any = None  # set by restore(): rng.PlacementWatch
+        self._link_started = False
 
     # ------------------------------------------------------------------ public
 
@@ -307,6 +376,10 @@ class Run:
         if self._finished:
             return
         self._finished = True
+        if not self._owns_run():
+            # a forked child or a worker: its events, never the run's end
+            self._release()
+            return
         if self._checkpointer is not None:
             self._checkpointer.close(timeout=timeout)
         msg: dict[str, Any] = {"t": protocol.STATUS, "time": time.time(), "status": status,
@@ -327,6 +400,7 @@ class Run:
         self._closed = True
         self._stop.set()
         self._wake.set()
+        self._poke()
         if self._link.is_alive() and threading.current_thread() is not self._link:
             self._link.join(timeout=5)
         with self._lock:
@@ -336,6 +410,39 @@ class Run:
             spool, self._spool = self._spool, None
         if spool is not None:
             self._close_spool(spool)
+        _RUNS.discard(self)
+
+    def _owns_run(self) -> bool:
+        return self._owner_pid == os.getpid()
+
+    def _poke(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def _release(self) -> None:
+        """A forked child or worker leaving: make its own events durable with a
+        bounded wait (it hung ~10 s waiting for replies meant for its parent)."""
+        try:
+            self.flush(timeout=CHILD_EXIT_WAIT)
+        except Exception as exc:  # noqa: BLE001 - exiting; the spool keeps what it can
+            self._warn("finish", str(exc))
+        self.close()
+
+    def _after_fork_in_child(self) -> None:
+        """This process is a fork of the run's process: become a writer of its own."""
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        sock, spool = self._sock, self._spool
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()  # our copy of the fd only; the parent's connection lives on
+        if spool is not None:
+            spool.forget()  # the parent still appends to it and holds its lock
+        self._checkpointer = None
+        if self._owner_pid:
+            self._owner_pid = -1  # a fork never finishes the run
+        self._new_writer(new_src())
 
     def __enter__(self) -> Run:
         return self
@@ -359,15 +466,42 @@ class Run:
         """
         try:
             sock = transport.connect_or_start(self.home, autostart=self._autostart)
-        except CkptdError as exc:
+        except transport.DaemonStartFailed as exc:
+            self._start_failed(exc)
+            sock = None
+        except (CkptdError, OSError) as exc:
             self._warn("connect", f"{exc}; events go to the spool until a daemon appears")
             sock = None
         with self._lock:
             if sock is not None:
                 self._attach_locked(sock)
+            self._start_link_locked()
             if register is not None:
                 self._emit_locked(dict(register, t=protocol.REGISTER, time=time.time()))
-        self._link.start()
+        _RUNS.add(self)
+
+    def _start_link_locked(self) -> None:
+        if not self._link_started:
+            self._link_started = True
+            self._link.start()
+
+    def _connect_child_locked(self) -> None:
+        """A forked child's first event: its own connection, made now (lazily:
+        most forks never log), so its events reach the kernel before log()
+        returns, as the parent's do. Exit hooks for the child come with it."""
+        self._start_link_locked()
+        try:
+            sock = transport.connect_or_start(self.home, autostart=False)
+        except CkptdError:
+            sock = None  # the spool takes the events; the link thread reconnects
+        if sock is not None:
+            self._attach_locked(sock)
+        mp = sys.modules.get("multiprocessing")
+        if mp is not None:
+            # a multiprocessing child leaves through os._exit: atexit never
+            # runs there, its finalizers do
+            with contextlib.suppress(Exception):
+                mp.util.Finalize(self, self._exit_hook, exitpriority=10)
 
     def _attach_locked(self, sock: socket.socket) -> bool:
         hello = protocol.encode({"t": protocol.HELLO, "run": self.id, "attempt": self.attempt,
@@ -385,11 +519,13 @@ class Run:
 
     def _emit_locked(self, msg: dict[str, Any]) -> None:
         """Deliver one event: socket if it takes the whole frame now, else spool."""
+        if not self._link_started:
+            self._connect_child_locked()
         self._seq += 1
         msg["seq"] = self._seq
+        frame = protocol.encode(msg)
         sock = self._sock
         if sock is not None and not self._busy:
-            frame = protocol.encode(msg)
             try:
                 n = sock.send(frame)
             except BlockingIOError:
@@ -400,8 +536,10 @@ class Run:
                 n = -1
             if n == len(frame):
                 self._pending.append((self._seq, frame))
-                if len(self._pending) > MAX_PENDING:
-                    self._spill_locked()
+                self._pending_bytes += len(frame)
+                if (self._pending_bytes > MAX_PENDING_BYTES
+                        or len(self._pending) > MAX_PENDING):
+                    self._spill_oldest_locked()
                 return
             if n > 0:
                 # The kernel took part of the frame: the rest must follow
@@ -410,10 +548,15 @@ class Run:
                 self._busy = True
                 threading.Thread(target=self._finish_frame, args=(sock, frame[n:]),
                                  daemon=True).start()
-        self._spool_locked([msg])
+        self._spool_locked([self._record(frame)])
 
-    def _spool_locked(self, msgs: list[dict[str, Any]]) -> None:
-        """Append ``msgs`` to the spool; ``[]`` retries only the memory backlog."""
+    def _record(self, frame: bytes) -> bytes:
+        """The spool record of a wire frame, without decoding it: the body is a
+        JSON object, so the writer's identity is spliced in before its ``}``."""
+        return encode_record(frame[protocol.HEADER.size:-1] + self._tag)
+
+    def _spool_locked(self, msgs: list[bytes]) -> None:
+        """Append records ``msgs`` to the spool; ``[]`` retries only the memory backlog."""
         if not msgs:
             if not self._backlog:
                 return
@@ -421,8 +564,7 @@ class Run:
         try:
             if self._spool is None:
                 self._spool = SpoolWriter(self._spool_dir, self.id, self.attempt, self.src)
-            tag = {"run": self.id, "a": self.attempt, "src": self.src}
-            self._spool.append(b"".join(encode_record({**m, **tag}) for m in msgs))
+            self._spool.append(b"".join(msgs))
         except OSError as exc:
             self._warn("spool", f"cannot write the spool in {self._spool_dir}: {exc}; "
                        "keeping events in memory")
@@ -437,14 +579,30 @@ class Run:
             self._spool_locked(backlog)
 
     def _spill_locked(self) -> None:
-        """Move unacked events to the spool (connection lost, or memory bound hit)."""
+        """Move unacked events to the spool (connection lost, or closing)."""
         if self._pending:
-            msgs = [protocol.decode_body(frame[protocol.HEADER.size:])
-                    for _, frame in self._pending]
+            msgs = [self._record(frame) for _, frame in self._pending]
             self._pending.clear()
+            self._pending_bytes = 0
             self._spool_locked(msgs)
         elif self._backlog:
             self._spool_locked([])
+
+    def _spill_oldest_locked(self) -> None:
+        """Memory bound hit: move the oldest unacked frames to the spool, at most
+        ``SPILL_CHUNK`` bytes per call, down to three quarters of the bound (the
+        crossing call re-spooled 200,000 frames and stalled log() 6-8 s)."""
+        low_bytes, low_count = MAX_PENDING_BYTES * 3 // 4, MAX_PENDING * 3 // 4
+        msgs: list[bytes] = []
+        moved = 0
+        while (self._pending and moved < SPILL_CHUNK and len(msgs) < SPILL_FRAMES
+               and (self._pending_bytes > low_bytes or len(self._pending) > low_count)):
+            _, frame = self._pending.popleft()
+            self._pending_bytes -= len(frame)
+            moved += len(frame)
+            msgs.append(self._record(frame))
+        if msgs:
+            self._spool_locked(msgs)
 
     def _drop_locked(self) -> None:
         if self._sock is not None:
@@ -510,13 +668,21 @@ class Run:
                 self._wake.clear()
                 if self._stop.is_set():
                     return
+                # Connecting is cheap and retried often; starting a daemon that
+                # failed to start is not (it was respawned every 2 s forever).
+                may_start = self._autostart and time.monotonic() >= self._next_start
                 try:
-                    new = transport.connect_or_start(self.home, autostart=self._autostart,
+                    new = transport.connect_or_start(self.home, autostart=may_start,
                                                      wait=5.0)
-                except CkptdError:
+                except transport.DaemonStartFailed as exc:
+                    self._start_failed(exc)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                except Exception:  # noqa: BLE001 - nothing may end this thread
                     delay = min(delay * 2, 2.0)
                     continue
                 delay = 0.05
+                self._start_backoff = 1.0
                 reader = protocol.FrameReader()
                 with self._lock:
                     attached = self._attach_locked(new)
@@ -525,8 +691,11 @@ class Run:
                     self._close_spool(spool)  # the daemon ingests it now
                 continue
             try:
-                ready, _, _ = select.select([sock], [], [], 0.5)
-                if not ready:
+                ready, _, _ = select.select([sock, self._wake_r], [], [], 0.5)
+                if self._wake_r in ready:
+                    with contextlib.suppress(OSError):
+                        os.read(self._wake_r, 4096)
+                if sock not in ready:
                     continue
                 data = sock.recv(65536)
             except (OSError, ValueError):
@@ -544,12 +713,19 @@ class Run:
                 for msg in msgs:
                     self._handle_reply_locked(msg)
 
+    def _start_failed(self, exc: Exception) -> None:
+        """Report once, and wait longer before each next start (doubling)."""
+        self._warn("autostart", f"{exc}; retrying with back-off, events go to the spool "
+                   "meanwhile")
+        self._next_start = time.monotonic() + self._start_backoff
+        self._start_backoff = min(self._start_backoff * 2, MAX_START_BACKOFF)
+
     def _handle_reply_locked(self, msg: dict[str, Any]) -> None:
         kind = msg.get("t")
         if kind == protocol.ACK:
             seq = msg.get("seq", 0)
             while self._pending and self._pending[0][0] <= seq:
-                self._pending.popleft()
+                self._pending_bytes -= len(self._pending.popleft()[1])
         elif kind == protocol.FLUSHED:
             self._flushed_seq = max(self._flushed_seq, int(msg.get("seq", 0)))
             self._flush_cv.notify_all()
@@ -566,30 +742,70 @@ class Run:
         except Exception:
             pass
 
-    def _install_hooks(self) -> None:
-        """Mark the run failed on an uncaught exception; finish at normal exit."""
-        if self._hooks_installed:
+    def _exit_hook(self) -> None:
+        """At exit, or from a multiprocessing child's finalizer: the owning
+        process finishes the run; any other only hands over its own events."""
+        if self._finished:
             return
-        self._hooks_installed = True
-        previous = sys.excepthook
-
-        def hook(exc_type: Any, exc: Any, tb: Any) -> None:
-            try:
-                if not issubclass(exc_type, KeyboardInterrupt):
-                    text = "".join(traceback.format_exception(exc_type, exc, tb))
-                    self.finish(status="failed", exit_code=1, timeout=10, traceback_text=text)
-                else:
-                    self.finish(status="interrupted", exit_code=None, timeout=10,
-                                **STOPPED_BY_CTRL_C)
-            finally:
-                previous(exc_type, exc, tb)
-
-        sys.excepthook = hook
-        atexit.register(self._at_exit)
-
-    def _at_exit(self) -> None:
-        if not self._finished:
+        if self._owns_run():
             self.finish(timeout=10)
+        else:
+            self._finished = True
+            self._release()
+
+    def _uncaught(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._finished or not self._owns_run():
+            self._exit_hook()
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.finish(status="interrupted", exit_code=None, timeout=10, **STOPPED_BY_CTRL_C)
+        else:
+            text = "".join(traceback.format_exception(exc_type, exc, tb))
+            self.finish(status="failed", exit_code=1, timeout=10, traceback_text=text)
+
+
+#: Runs of this process not yet closed: what the exit hooks act on.
+_RUNS: set[Run] = set()
+_hooks_pid = 0
+
+
+def _install_process_hooks() -> None:
+    """One excepthook and one atexit hook per process, dispatching to the live
+    runs (each init() wrapped sys.excepthook again: ~1000 inits in one process
+    ended in RecursionError). A forked child inherits them; they know it."""
+    global _hooks_pid
+    if _hooks_pid:
+        return
+    _hooks_pid = os.getpid()
+    previous = sys.excepthook
+
+    def hook(exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            for run in list(_RUNS):
+                try:
+                    run._uncaught(exc_type, exc, tb)
+                except Exception:  # noqa: BLE001 - the next run and the traceback still count
+                    pass
+        finally:
+            previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
+    atexit.register(_at_exit)
+
+
+def _at_exit() -> None:
+    for run in list(_RUNS):
+        try:
+            run._exit_hook()
+        except Exception:  # noqa: BLE001 - exiting
+            pass
+
+
+def _after_fork_in_child() -> None:
+    for run in list(_RUNS):
+        run._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _RunHandler(logging.Handler):
@@ -699,14 +915,23 @@ def init(
     ``ckptd resume`` needs to relaunch it.
     """
     home_path = paths.checked_home(home)
-    paths.secure_home(home_path)
+    try:
+        paths.secure_home(home_path)
+    except OSError as exc:  # a home that cannot be created (read-only file system)
+        raise CkptdError(f"cannot use data home {home_path}: {exc.strerror or exc}; point "
+                         "CKPTD_HOME or home= at a writable directory") from None
+    worker = is_worker()
     env_id = os.environ.get("CKPTD_RUN_ID") if resume != "never" else None
+    attempt_text = os.environ.get("CKPTD_ATTEMPT", "1")
+    if not env_id and worker and resume != "never" and os.environ.get(PARENT_RUN_ENV):
+        # a spawned worker of a script that called init(): its run, not a new one
+        env_id, _, attempt_text = os.environ[PARENT_RUN_ENV].rpartition(":")
     if env_id:
         if not valid_run_id(env_id):
             raise CkptdError(f"CKPTD_RUN_ID={env_id!r} is not a valid run id")
         run_id = env_id
         try:
-            attempt = int(os.environ.get("CKPTD_ATTEMPT", "1"))
+            attempt = int(attempt_text)
         except ValueError:
             raise CkptdError("CKPTD_ATTEMPT must be an integer") from None
     else:
@@ -731,7 +956,14 @@ def init(
         from .rng import seed_everything
 
         seed_everything(seed)
-    run = Run(home_path, run_id, attempt, name=name, autostart=autostart)
+    worker = worker and bool(env_id)  # a worker's run of its own is its own to finish
+    run = Run(home_path, run_id, attempt, name=name, autostart=autostart, worker=worker)
+    if worker:
+        # A worker adds events to the run it joined; registering would make
+        # its pid the attempt's (and its exit the run's end).
+        run._start(None)
+        _install_process_hooks()
+        return run
     register: dict[str, Any] = {
         "name": name,
         "project": project,
@@ -748,13 +980,16 @@ def init(
         register.update(
             command=_relaunch_command(),
             cwd=os.getcwd(),
-            env=dict(os.environ),
+            env={k: v for k, v in os.environ.items() if k != PARENT_RUN_ENV},
             provenance=_provenance(seed),
         )
     if retention is not None:
         register["retention"] = retention.to_dict() if hasattr(retention, "to_dict") else retention
     run._start(register)
-    run._install_hooks()
+    _install_process_hooks()
+    if not worker:
+        # what this process's spawned workers join (see is_worker)
+        os.environ[PARENT_RUN_ENV] = f"{run_id}:{attempt}"
     return run
 
 
@@ -780,4 +1015,4 @@ def _provenance(seed: int | None) -> dict[str, Any]:
     return info
 
 
-__all__ = ["Run", "init", "CkptdError", "DaemonUnavailable"]
+__all__ = ["Run", "init", "is_worker", "CkptdError", "DaemonUnavailable"]

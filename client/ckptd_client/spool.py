@@ -11,30 +11,36 @@ with its process. A torn last line (power loss mid-append) fails its checksum
 and is skipped; every line before it is intact.
 
 Files are created as ``*.partial``, locked, then renamed to ``*.spool``: the
-daemon never sees an unlocked file between creation and locking.
+daemon never sees an unlocked ``*.spool``. It removes a ``*.partial`` only once
+it is ``STALE_PARTIAL`` seconds old and unlocked (a writer killed between
+create and rename); a fresh one is being locked right now, and unlinking it
+then made the rename fail and the writer's events fall back to memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import json
 import os
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import protocol
-
 SUFFIX = ".spool"
 PARTIAL_SUFFIX = ".partial"
+
+#: Age after which an unlocked ``*.partial`` is a dead writer's, not one being created.
+STALE_PARTIAL = 60.0
 
 _counter = itertools.count()
 
 
-def encode_record(msg: dict[str, Any]) -> bytes:
-    body = protocol.dumps(msg).encode()
+def encode_record(body: bytes) -> bytes:
+    """One spool line for a JSON object ``body`` (its wire frame body plus identity)."""
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
@@ -57,8 +63,16 @@ class SpoolWriter:
         self.path = directory / (stem + SUFFIX)
         self._dir = directory
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.rename(partial, self.path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # CRASH WINDOW: killed here, the empty *.partial is removed by the
+            # daemon once stale; nothing was written to it yet.
+            os.rename(partial, self.path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+            raise
         self._fd = fd
 
     def append(self, data: bytes) -> None:
@@ -73,6 +87,15 @@ class SpoolWriter:
         """Make every appended record survive power loss (file and its name)."""
         os.fsync(self._fd)
         fsync_dir(self._dir)
+
+    def forget(self) -> None:
+        """Drop this process's descriptor without syncing: a forked child's copy
+        of its parent's spool, which the parent still appends to and holds locked
+        (the lock lives while any descriptor of the open file does)."""
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
 
     def close(self, sync: bool = True) -> None:
         """Release the file to the daemon. Syncing first means a handed-over
@@ -145,3 +168,11 @@ def try_lock(path: Path) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def stale_partial(path: Path) -> bool:
+    """True for a ``*.partial`` old enough to be a dead writer's (see module doc)."""
+    try:
+        return time.time() - os.stat(path).st_mtime > STALE_PARTIAL
+    except FileNotFoundError:
+        return False

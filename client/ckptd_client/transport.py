@@ -40,6 +40,11 @@ def connect(sock_path: Path, timeout: float = 2.0) -> socket.socket:
     return s
 
 
+class DaemonStartFailed(DaemonUnavailable):
+    """A daemon could not be started, or exited at start-up: retrying at once
+    would only fail again (the client backs off)."""
+
+
 def start_daemon(home: Path) -> subprocess.Popen[bytes]:
     """Start a daemon for ``home`` in the background, detached from us.
 
@@ -49,20 +54,26 @@ def start_daemon(home: Path) -> subprocess.Popen[bytes]:
     ``<home>/daemon.log``. Two processes racing here is harmless: the second
     daemon finds the home's lock taken and exits.
     """
-    paths.secure_home(home)
-    log_fd = os.open(home / paths.DAEMON_LOG,
-                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with open(log_fd, "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "ckptd.daemon", "--home", os.fspath(home)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-            close_fds=True,
-            cwd="/",
-            env={**os.environ, "CKPTD_AUTOSTARTED": "1"},
-        )
+    try:
+        paths.secure_home(home)
+        log_fd = os.open(home / paths.DAEMON_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                         | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with open(log_fd, "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "ckptd.daemon", "--home", os.fspath(home)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                close_fds=True,
+                cwd="/",
+                env={**os.environ, "CKPTD_AUTOSTARTED": "1"},
+            )
+    except OSError as exc:
+        # read-only home, daemon.log unwritable, EMFILE: it escaped the client's
+        # link thread (which then never reconnected) and init() as a traceback
+        raise DaemonStartFailed(f"cannot start a daemon for {home}: "
+                                f"{exc.strerror or exc}") from None
 
 
 def autostart_enabled() -> bool:
@@ -91,7 +102,7 @@ def connect_or_start(home: Path, autostart: bool = True, wait: float = 15.0) -> 
                 ) from None
             code = proc.poll()
             if code not in (None, 0):
-                raise DaemonUnavailable(
+                raise DaemonStartFailed(
                     f"the daemon for {home} exited with status {code}; "
                     f"see {home / paths.DAEMON_LOG}"
                 ) from None

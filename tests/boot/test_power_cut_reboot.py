@@ -109,7 +109,7 @@ class User:
 
     def peak(self, run_id: str, attempt: int) -> int:
         (peak,), = self.rows("SELECT COALESCE(MAX(step), -1) FROM metrics WHERE run_id = ?"
-                             " AND attempt = ? AND src = 'c'", (run_id, attempt))
+                             " AND attempt = ? AND src GLOB 'c*'", (run_id, attempt))
         return peak
 
     def committed(self, run_id: str) -> list[int]:
