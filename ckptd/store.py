@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptd_client import protocol
+from ckptd_client.distributed import rank_of_src
 from ckptd_client.errors import CkptdError, NotFound, ResumeRefused
 
 if TYPE_CHECKING:
     import sqlite_utils
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class SchemaTooNew(CkptdError):
@@ -149,7 +150,18 @@ def _create_v1(db: sqlite_utils.Database) -> None:
     db["runs"].create_index(["name"])
 
 
-MIGRATIONS = {1: _create_v1}
+def _v2_ranks(db: sqlite_utils.Database) -> None:
+    """Distributed runs: which rank wrote a row, and how many ranks a run has.
+
+    ``rank`` is derived from the writer identity (``src`` ``r<N>``, see
+    ``ckptd_client.distributed``), so replays and spools need no new field.
+    """
+    db.execute("ALTER TABLE metrics ADD COLUMN rank INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE events ADD COLUMN rank INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE runs ADD COLUMN world_size INTEGER")
+
+
+MIGRATIONS = {1: _create_v1, 2: _v2_ranks}
 
 
 def _dumps(value: Any) -> str | None:
@@ -210,13 +222,14 @@ class Store:
             kind = msg["t"]
             seq = msg["seq"]
             t = msg.get("time") or time.time()
+            rank = rank_of_src(src)
             if kind == protocol.LOG:
                 step = msg["step"]
                 for key, value in msg["m"].items():
                     if isinstance(value, float) and math.isnan(value):
                         value = None  # SQLite stores NaN as NULL; documented in schema.md
-                    metrics.append((run_id, attempt, src, seq, key, step, value, t))
-                if step > steps.get(run_id, -1):
+                    metrics.append((run_id, attempt, src, seq, key, step, value, t, rank))
+                if rank == 0 and step > steps.get(run_id, -1):
                     steps[run_id] = step
                 continue
             fields = msg.get("fields")
@@ -238,9 +251,9 @@ class Store:
                 message, level = msg.get("msg", ""), msg.get("level", "info")
             cur = conn.execute(
                 "INSERT OR IGNORE INTO events (run_id, attempt, src, seq, time, kind, level,"
-                " step, message, fields) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                " step, message, fields, rank) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (run_id, attempt, src, seq, t, kind, level, msg.get("step"), message,
-                 _dumps(fields)),
+                 _dumps(fields), rank),
             )
             if cur.rowcount != 1:
                 continue  # a replay: its side effects were applied the first time
@@ -253,7 +266,7 @@ class Store:
         if metrics:
             conn.executemany(
                 "INSERT OR IGNORE INTO metrics (run_id, attempt, src, seq, key, step, value,"
-                " time) VALUES (?,?,?,?,?,?,?,?)",
+                " time, rank) VALUES (?,?,?,?,?,?,?,?,?)",
                 metrics,
             )
         for run_id, step in steps.items():
@@ -285,7 +298,7 @@ class Store:
 
     def _supersede(self, run_id: str, which: str, attempt: int, step: int) -> None:
         self.conn.execute(
-            f"UPDATE metrics SET superseded = 1 WHERE run_id = ? AND {which} AND src = 'c'"
+            f"UPDATE metrics SET superseded = 1 WHERE run_id = ? AND {which} AND src != 'd'"
             " AND step > ? AND superseded = 0", (run_id, attempt, step))
         self.conn.execute(
             f"UPDATE events SET superseded = 1 WHERE run_id = ? AND {which}"
@@ -321,7 +334,8 @@ class Store:
         if after_attempt is not None and run["attempt"] != after_attempt:
             raise ResumeRefused(f"resume {run_id}: attempt {run['attempt']} already "
                                 f"replaced attempt {after_attempt}")
-        if auto and (not run["auto_resume"] or run["status"] not in ("interrupted", "failed")):
+        if auto and (not run["auto_resume"]
+                     or run["status"] not in ("interrupted", "failed", "preempted")):
             raise ResumeRefused(f"resume {run_id}: auto-resume no longer applies "
                                 f"(status {run['status']})")
         if not force and run["status"] == "running":
@@ -364,7 +378,7 @@ class Store:
         """Runs with auto-resume on whose last attempt ended badly."""
         cur = self.conn.execute(
             "SELECT id, attempt, status, ended, restarts, max_restarts, reason FROM runs"
-            " WHERE auto_resume = 1 AND status IN ('interrupted', 'failed')")
+            " WHERE auto_resume = 1 AND status IN ('interrupted', 'failed', 'preempted')")
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
@@ -408,7 +422,7 @@ class Store:
             # a supervisor registers before its child exists: never erase the child's pid
             fields.update(pid=msg["pid"], pid_started=msg.get("pid_started"))
         for key in ("project", "seed", "supervisor_pid", "supervisor_started", "auto_resume",
-                    "max_restarts"):
+                    "max_restarts", "world_size"):
             if msg.get(key) is not None:
                 fields[key] = msg[key]
         if msg.get("name") and (not msg.get("joined") or row is None or row[1] == run_id):
@@ -428,6 +442,12 @@ class Store:
             fields.update(status="running", attempt=attempt, ended=None, exit_code=None,
                           signal=None, traceback=None, reason=None)
             self.db["runs"].update(run_id, fields)
+            if attempt > row[0]:
+                # a TorchElastic restart begins the next attempt itself: the one it
+                # replaced (its workers were killed) never reported an end
+                self.conn.execute(
+                    "UPDATE attempts SET status = 'interrupted', ended = ? WHERE run_id = ?"
+                    " AND attempt < ? AND status = 'running'", (t, run_id, attempt))
         self.conn.execute(
             "INSERT INTO attempts (run_id, attempt, started, pid, status) VALUES (?,?,?,?,?)"
             " ON CONFLICT(run_id, attempt) DO UPDATE SET pid = COALESCE(excluded.pid, pid)",
@@ -436,6 +456,13 @@ class Store:
 
     def _status(self, run_id: str, attempt: int, msg: dict[str, Any], t: float) -> None:
         status = msg.get("status")
+        if status == "finished":
+            # The trainer said ``preempted`` (it exited cleanly after a
+            # preemption notice); the supervisor's "exit 0" must not undo that.
+            row = self.conn.execute("SELECT status FROM attempts WHERE run_id = ? AND"
+                                    " attempt = ?", (run_id, attempt)).fetchone()
+            if row and row[0] == "preempted":
+                status = "preempted"
         self.conn.execute(
             "UPDATE attempts SET status = ?, ended = ?, exit_code = ?,"
             " signal = COALESCE(?, signal) WHERE run_id = ? AND attempt = ?",

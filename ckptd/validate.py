@@ -11,9 +11,10 @@ import math
 from typing import Any
 
 from ckptd_client import protocol
+from ckptd_client.distributed import is_client_src
 from ckptd_client.run import LEVELS, valid_run_id
 
-STATUSES = ("running", "finished", "failed", "interrupted")
+STATUSES = ("running", "finished", "failed", "interrupted", "preempted")
 MAX_TEXT = protocol.MAX_TEXT
 MAX_METRICS = protocol.MAX_METRICS
 
@@ -70,8 +71,8 @@ def hello(msg: dict[str, Any]) -> None:
     if not valid_run_id(msg["run"]):
         raise Invalid(f"hello: {msg['run']!r} is not a valid run id")
     _int(msg, "attempt", minimum=1)
-    if msg.get("src") not in ("c", "s"):
-        raise Invalid("hello: src must be 'c' or 's'")
+    if msg.get("src") != "s" and not is_client_src(msg.get("src")):
+        raise Invalid("hello: src must be 'c', 's' or 'r<rank>'")
 
 
 def event(msg: dict[str, Any]) -> None:
@@ -126,6 +127,7 @@ def event(msg: dict[str, Any]) -> None:
         _num(msg, "supervisor_started", optional=True)
         _int(msg, "auto_resume", optional=True, minimum=0)
         _int(msg, "max_restarts", optional=True, minimum=0)
+        _int(msg, "world_size", optional=True, minimum=1)
         cmd = msg.get("command")
         if cmd is not None and not (isinstance(cmd, list) and all(isinstance(a, str)
                                                                   for a in cmd)):

@@ -131,6 +131,15 @@ class Run:
         self._hooks_installed = False
         self._checkpointer: Any = None
         self.restored_step: int | None = None  # set by restore()
+        self.rank, self.world_size = 0, 1  # set by init() under torchrun
+        self._stop_flag = self._watching_stop = False  # see distributed.install_preemption
+        self._stop_signal: int | None = None
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a preemption notice (SIGTERM/SIGUSR1) arrived: checkpoint and exit."""
+        self._watching_stop = True
+        return self._stop_flag
 
     # ------------------------------------------------------------------ public
 
@@ -270,8 +279,13 @@ class Run:
         self._finished = True
         if self._checkpointer is not None:
             self._checkpointer.close(timeout=timeout)
+        if status == "finished" and self._stop_flag:
+            status = "preempted"  # exited after a preemption notice: to be resumed
         msg: dict[str, Any] = {"t": protocol.STATUS, "time": time.time(), "status": status,
                                "exit_code": exit_code}
+        if self.rank:  # only rank 0 speaks for the run; the others' ends are events
+            msg = {"t": protocol.EVENT, "time": time.time(), "level": "info",
+                   "msg": f"rank {self.rank} {status}"}
         if traceback_text:
             msg["traceback"] = _text(traceback_text)
         msg.update({k: v for k, v in fields.items() if v is not None})
@@ -653,6 +667,9 @@ def init(
     ``ckptd resume`` needs to relaunch it.
     """
     home_path = paths.checked_home(home)
+    from . import distributed
+
+    ranks = distributed.env_ranks()
     env_id = os.environ.get("CKPTD_RUN_ID") if resume != "never" else None
     if env_id:
         if not valid_run_id(env_id):
@@ -664,6 +681,10 @@ def init(
             raise CkptdError("CKPTD_ATTEMPT must be an integer") from None
     else:
         run_id, attempt = new_run_id(), 1
+    if ranks is not None:  # torchrun: every rank joins one run (see distributed.py)
+        if not env_id:
+            run_id = distributed.agree_run_id(ranks, run_id)
+        attempt += ranks.restart_count
     if name is not None and (not isinstance(name, str) or not name.strip()
                              or "\0" in name or len(name) > 200 or not protocol.is_utf8(name)):
         raise CkptdError(f"run name {name!r} must be non-empty UTF-8 text of at most 200 "
@@ -679,7 +700,10 @@ def init(
         from .rng import seed_everything
 
         seed_everything(seed)
-    run = Run(home_path, run_id, attempt, name=name, autostart=autostart)
+    run = Run(home_path, run_id, attempt, name=name, autostart=autostart,
+              src=distributed.src_for(ranks.rank) if ranks else "c")
+    if ranks is not None:
+        run.rank, run.world_size = ranks.rank, ranks.world_size
     register: dict[str, Any] = {
         "name": name,
         "project": project,
@@ -689,9 +713,11 @@ def init(
         "pid_started": process_start_time(),
         "boot_id": boot_id(),
         "host": socket.gethostname(),
-        "joined": bool(env_id),
+        "joined": bool(env_id) or (ranks is not None and ranks.restart_count > 0),
     }
-    if not env_id:
+    if ranks is not None:
+        register["world_size"] = ranks.world_size
+    if not register["joined"]:
         register.update(
             command=_relaunch_command(),
             cwd=os.getcwd(),
@@ -700,8 +726,9 @@ def init(
         )
     if retention is not None:
         register["retention"] = retention.to_dict() if hasattr(retention, "to_dict") else retention
-    run._start(register)
+    run._start(register if run.rank == 0 else None)
     run._install_hooks()
+    distributed.install_preemption(run)
     return run
 
 

@@ -1,0 +1,192 @@
+"""Many processes, one run: ranks under ``torchrun``, and preemption notices.
+
+Which run a rank joins (no rank waits on another to learn it, no race):
+
+1. ``CKPTD_RUN_ID`` (``ckptd run`` / ``ckptd resume``) names it for every rank.
+2. Under TorchElastic, every rank proposes a fresh id to the agent's TCPStore
+   (``MASTER_ADDR:MASTER_PORT``, which outlives worker restarts) with
+   ``compare_set`` under a key holding ``TORCHELASTIC_RUN_ID``: the first
+   proposal wins and every rank reads the same winner.
+3. No store reachable: the id is derived from ``TORCHELASTIC_RUN_ID``
+   (``te-<id>``), the same in every rank by construction.
+
+The attempt is the base attempt (``CKPTD_ATTEMPT``, else 1) plus
+``TORCHELASTIC_RESTART_COUNT``: a TorchElastic restart is a new attempt of the
+same run, so what the dead workers logged after the restored step is
+superseded exactly as after ``ckptd resume``.
+
+Writer identity: rank 0 writes as ``c`` (what a single process is), rank r
+as ``r<r>``. Event keys are ``(run, attempt, src, seq)``, so ranks never
+collide, and the daemon stores the rank (a column) from the identity.
+
+Only rank 0 registers the run and reports its status; the other ranks' ends
+are recorded as events (a rank's status would otherwise overwrite the run's).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import CkptdError
+
+if TYPE_CHECKING:
+    from .run import Run
+
+#: Seconds a rank waits for the agent store when agreeing on the run id.
+STORE_TIMEOUT_S = 30.0
+#: Signals that mean "you are about to be killed, save and exit" (SLURM
+#: ``--signal=USR1@120``; Kubernetes and most schedulers: SIGTERM + grace).
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
+_SRC_RE = re.compile(r"^r([1-9][0-9]{0,6})$")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    world_size: int
+    local_rank: int
+    restart_count: int
+    elastic_id: str | None
+
+
+def env_ranks() -> Ranks | None:
+    """The rank facts torchrun puts in the environment, or None outside it."""
+    try:
+        rank = int(os.environ["RANK"])
+        world = int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return None
+    if not 0 <= rank < world:
+        return None
+    try:
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        local, restarts = rank, 0
+    elastic = os.environ.get("TORCHELASTIC_RUN_ID") or None
+    return Ranks(rank, world, local, max(0, restarts), elastic)
+
+
+def src_for(rank: int) -> str:
+    """The writer identity of a rank's client."""
+    return "c" if rank == 0 else f"r{rank}"
+
+
+def rank_of_src(src: str) -> int:
+    """The rank a writer identity stands for (0 for the client, supervisor, daemon)."""
+    m = _SRC_RE.match(src)
+    return int(m.group(1)) if m else 0
+
+
+def is_client_src(src: Any) -> bool:
+    return src == "c" or (isinstance(src, str) and bool(_SRC_RE.match(src)))
+
+
+def _derived_id(elastic_id: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "-", elastic_id).strip("-.")[:100] or "none"
+    return f"te-{cleaned}".replace("..", "-")
+
+
+def agree_run_id(ranks: Ranks, propose: str) -> str:
+    """The run id every rank of this torchrun job agrees on (see the module doc)."""
+    elastic = ranks.elastic_id or "none"
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if addr and port and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        try:
+            from datetime import timedelta
+
+            import torch.distributed as dist
+
+            store = dist.TCPStore(addr, int(port), is_master=False,
+                                  timeout=timedelta(seconds=STORE_TIMEOUT_S))
+            got = store.compare_set(f"ckptd/run_id/{elastic}", "", propose)
+            winner = got.decode() if isinstance(got, bytes) else str(got)
+            from .run import valid_run_id
+
+            if valid_run_id(winner):
+                return winner
+        except Exception as exc:  # noqa: BLE001 - fall back to the derived id below
+            sys.stderr.write(f"ckptd: cannot agree on a run id through the torchrun store "
+                             f"({exc}); deriving it from TORCHELASTIC_RUN_ID\n")
+    if elastic == "none":
+        raise CkptdError("ckptd: under torchrun without a reachable agent store and without "
+                         "--rdzv-id, ranks cannot agree on a run; pass --rdzv-id or start "
+                         "the job with `ckptd run -- torchrun ...`")
+    return _derived_id(elastic)
+
+
+# -------------------------------------------------------------- preemption
+
+_installed: dict[int, Any] = {}
+_runs: list[Run] = []
+_lock = threading.Lock()
+
+
+def install_preemption(run: Run) -> list[str]:
+    """Make SIGTERM/SIGUSR1 set ``run.should_stop`` instead of killing.
+
+    Installed only from the main thread (Python runs handlers there and
+    refuses ``signal.signal`` elsewhere) and only for a signal whose handler
+    is still the default: a handler the user set is theirs, and left alone.
+    The handler only sets a flag; the training loop checkpoints and exits.
+    Until the program has read ``run.should_stop`` once, the signal keeps
+    its default action (the process dies of it, as without ckptd): a loop
+    that never looks at the flag must not outlive a ``kill``.
+    Returns the names of the signals taken.
+    """
+    if os.environ.get("CKPTD_NO_PREEMPT_HANDLER"):
+        return []
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    taken = []
+    with _lock:
+        _runs.append(run)
+        for name in PREEMPT_SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is None:
+                continue
+            if signum in _installed:
+                taken.append(name)
+                continue
+            try:
+                current = signal.getsignal(signum)
+            except (ValueError, OSError):
+                continue
+            if current is not signal.SIG_DFL:
+                continue  # the user's (or torchelastic's) handler: not ours to replace
+            try:
+                signal.signal(signum, _on_notice)
+            except (ValueError, OSError):
+                continue
+            _installed[signum] = current
+            taken.append(name)
+    return taken
+
+
+def _on_notice(signum: int, frame: Any) -> None:
+    """Signal context: set flags, nothing else (no I/O, no locks)."""
+    if not any(run._watching_stop for run in _runs):
+        # No loop has ever looked at ``should_stop``: a script that does not
+        # know about preemption dies of the signal exactly as without ckptd.
+        signal.signal(signum, _installed.get(signum, signal.SIG_DFL))
+        os.kill(os.getpid(), signum)
+        return
+    for run in _runs:
+        run._stop_flag = True
+        run._stop_signal = signum
+
+
+def forget(run: Run) -> None:
+    with _lock:
+        if run in _runs:
+            _runs.remove(run)
+
+
+__all__ = ["Ranks", "env_ranks", "src_for", "rank_of_src", "agree_run_id",
+           "install_preemption", "PREEMPT_SIGNALS"]
