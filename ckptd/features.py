@@ -4,5 +4,6 @@ from . import (
     autoresume,  # noqa: F401
     checkpoints,  # noqa: F401
     control,  # noqa: F401
+    dcp_commit,  # noqa: F401
     sysmetrics,  # noqa: F401
 )

@@ -218,14 +218,27 @@ class Run:
             number, string, None or a dict/list/tuple of them (the message
             names its path, e.g. ``state['opt']['foo']``).
         """
+        from . import dcp
         from .checkpoint import checkpointer_for
 
+        if dcp.in_process_group():  # collective, in torch.distributed.checkpoint format
+            return dcp.save(self, state, step, metrics)
         return checkpointer_for(self).checkpoint(state, step, metrics)
 
-    def restore(self, map_location: Any = None) -> Any:
-        """The newest checkpoint that verifies (RNG states restored last), or None."""
+    def restore(self, map_location: Any = None, into: Any = None) -> Any:
+        """The newest checkpoint that verifies (RNG states restored last), or None.
+
+        ``into``: load in place into this state dict (required under
+        torch.distributed, where DCP needs the target layout); returns it.
+        """
+        from . import dcp
         from .checkpoint import restore
 
+        if into is not None:
+            return dcp.restore(self, into)
+        if dcp.in_process_group():
+            raise TypeError("under torch.distributed, restore needs the target: "
+                            "run.restore(into=state)")
         return restore(self, map_location)
 
     def logging_handler(self, level: int = logging.INFO) -> logging.Handler:
