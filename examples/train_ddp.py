@@ -17,12 +17,12 @@ import argparse
 import os
 import time
 
+import ckptd_client as ckptd
 import torch
 import torch.distributed as dist
+from ckptd_client.distributed import elastic_store
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-import ckptd_client as ckptd
 
 
 def main() -> None:
@@ -34,7 +34,13 @@ def main() -> None:
     args = p.parse_args()
 
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+    backend = "nccl" if cuda else "gloo"
+    store = elastic_store()  # None outside torchrun; see its docstring
+    if store is not None:
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]))
+    else:
+        dist.init_process_group(backend)
     rank = dist.get_rank()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else \
         torch.device("cpu")

@@ -121,6 +121,28 @@ def agree_run_id(ranks: Ranks, propose: str) -> str:
     return _derived_id(elastic)
 
 
+def elastic_store() -> Any:
+    """A store for ``init_process_group(store=...)`` that survives TorchElastic restarts.
+
+    torchrun (2.x, ``--standalone`` and c10d rendezvous) hands restarted
+    workers the same agent store, still holding the killed attempt's peer
+    addresses: a rank that starts later than its peer reads a stale address
+    and gloo's connect times out (reproduced without ckptd). Keying the
+    process group's entries by ``TORCHELASTIC_RESTART_COUNT`` avoids it.
+    None outside torchrun (then use ``init_process_group``'s defaults).
+    """
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not (addr and port and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
+        return None
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"ckptd-attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}",
+                            store)
+
+
 # -------------------------------------------------------------- preemption
 
 _installed: dict[int, Any] = {}
@@ -129,7 +151,8 @@ _lock = threading.Lock()
 
 
 def install_preemption(run: Run) -> list[str]:
-    """Make SIGTERM/SIGUSR1 set ``run.should_stop`` instead of killing.
+    """Make SIGTERM/SIGUSR1 set ``run.should_stop`` instead of killing
+    (under torchrun SIGUSR1 only: see below).
 
     Installed only from the main thread (Python runs handlers there and
     refuses ``signal.signal`` elsewhere) and only for a signal whose handler
@@ -145,9 +168,14 @@ def install_preemption(run: Run) -> list[str]:
     if threading.current_thread() is not threading.main_thread():
         return []
     taken = []
+    names = PREEMPT_SIGNALS
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        # torchrun stops its workers with SIGTERM (a peer died, restart): there
+        # SIGTERM must kill, so only SIGUSR1 is a notice (SLURM --signal=USR1@T)
+        names = ("SIGUSR1",)
     with _lock:
         _runs.append(run)
-        for name in PREEMPT_SIGNALS:
+        for name in names:
             signum = getattr(signal, name, None)
             if signum is None:
                 continue
@@ -188,5 +216,5 @@ def forget(run: Run) -> None:
             _runs.remove(run)
 
 
-__all__ = ["Ranks", "env_ranks", "src_for", "rank_of_src", "agree_run_id",
+__all__ = ["Ranks", "env_ranks", "elastic_store", "src_for", "rank_of_src", "agree_run_id",
            "install_preemption", "PREEMPT_SIGNALS"]
