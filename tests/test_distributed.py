@@ -15,24 +15,43 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ckptd, db_rows, env_for, run_script, wait_for
+from helpers import DaemonProc, ckptd, db_rows, env_for, run_script, wait_for
 
 torch = pytest.importorskip("torch")
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_ddp.py"
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "train_ddp.py"
 
 
-def torchrun(home: Path, *args: str, nproc: int = 2, extra: tuple[str, ...] = ()) \
-        -> list[str]:
+def readme_command(home: Path, starts: str, *extra: str) -> list[str]:
+    """The README's "Distributed" command line starting with ``starts`` (so the
+    README shows what the tests run), as an argv for this interpreter and home."""
+    text = (REPO / "README.md").read_text().split("## Distributed", 1)[1]
+    [line] = [ln for ln in text.splitlines() if ln.startswith(starts)]
+    argv: list[str] = []
+    for word in line.split():
+        if word == "torchrun":
+            argv += [sys.executable, "-m", "torch.distributed.run"]
+        elif word == "ckptd":
+            argv += [sys.executable, "-m", "ckptd", "--home", os.fspath(home)]
+        elif word.startswith("examples/"):
+            argv.append(os.fspath(REPO / word))
+        else:
+            argv.append(word)
+    return argv + list(extra)
+
+
+def torchrun(home: Path, *args: str, nproc: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", *extra, *args]
+            f"--nproc-per-node={nproc}", *args]
 
 
-def run_ddp(home: Path, *args: str, timeout: float = 120, **kw: str) \
-        -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(torchrun(home, os.fspath(EXAMPLE), *args), capture_output=True,
+def run_ddp(home: Path, *args: str, timeout: float = 120, argv: list[str] | None = None,
+            **kw: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv or torchrun(home, os.fspath(EXAMPLE), *args),
+                          capture_output=True,
                           text=True, timeout=timeout, env=env_for(home, OMP_NUM_THREADS="1",
                                                                   **kw),
                           cwd=home.parent, stdin=subprocess.DEVNULL)
@@ -95,7 +114,8 @@ def test_every_rank_joins_one_run_and_metrics_carry_the_rank(home: Path, daemon)
 def test_dcp_checkpoint_loads_outside_ckptd_and_reshards_to_one(home: Path, daemon,
                                                                 tmp_path: Path) -> None:
     out = tmp_path / "final.pt"
-    run_ddp(home, "--steps", "20", "--ckpt-every", "10", "--out", os.fspath(out))
+    run_ddp(home, argv=readme_command(home, "torchrun --standalone --nproc-per-node 2 "
+                                           "examples/", "--out", os.fspath(out)))
     run = one_run(home)
     ckpts = json.loads(ckptd(home, "ckpt", "ls", run["id"], "--json", check=True).stdout)
     assert [(c["step"], c["status"]) for c in ckpts] == [(9, "committed"), (19, "committed")]
@@ -156,8 +176,9 @@ def test_kill9_one_rank_elastic_restart_is_bit_identical(home: Path, daemon,
     broken = tmp_path / "broken.pt"
     env = env_for(home, OMP_NUM_THREADS="1")
     agent = subprocess.Popen(
-        torchrun(home, os.fspath(EXAMPLE), "--steps", str(steps), "--ckpt-every", "5",
-                 "--sleep", "0.1", "--out", os.fspath(broken), extra=("--max-restarts=2",)),
+        readme_command(home, "torchrun --standalone --nproc-per-node 2 --max-restarts",
+                       "--steps", str(steps), "--ckpt-every", "5", "--sleep", "0.1",
+                       "--out", os.fspath(broken)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         stdin=subprocess.DEVNULL)
     try:
@@ -194,14 +215,15 @@ def test_kill9_one_rank_elastic_restart_is_bit_identical(home: Path, daemon,
     assert [r["value"] for r in rows] == [r["value"] for r in clean_rows]
 
 
-def test_sigusr1_preempts_checkpoints_and_auto_resume_finishes(home: Path, daemon,
+def test_sigusr1_preempts_checkpoints_and_auto_resume_finishes(home: Path,
                                                               tmp_path: Path) -> None:
     out = tmp_path / "final.pt"
-    env = env_for(home, OMP_NUM_THREADS="1")
+    env = env_for(home, OMP_NUM_THREADS="1", CKPTD_RESTART_BACKOFF="0.5")
+    daemon = DaemonProc(home, env=env)  # relaunches 0.5 s after the attempt ends, not 10 s
+    daemon.start()
     sup = subprocess.Popen(
-        [sys.executable, "-m", "ckptd", "--home", os.fspath(home), "run", "--auto-resume",
-         "--", *torchrun(home, os.fspath(EXAMPLE), "--steps", "40", "--ckpt-every", "100",
-                         "--sleep", "0.1", "--out", os.fspath(out))],
+        readme_command(home, "ckptd run --auto-resume -- torchrun", "--steps", "20",
+                       "--ckpt-every", "100", "--sleep", "0.1", "--out", os.fspath(out)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         stdin=subprocess.DEVNULL)
     try:
@@ -224,6 +246,7 @@ def test_sigusr1_preempts_checkpoints_and_auto_resume_finishes(home: Path, daemo
         if sup.poll() is None:
             sup.kill()
             sup.wait()
+        daemon.stop()
     ckpts = db_rows(home, "SELECT step, attempt FROM checkpoints WHERE run_id = ?", (run_id,))
     assert len(ckpts) == 1 and ckpts[0][1] == 1, ckpts  # only the preemption checkpoint
     restored = db_rows(home, "SELECT restored_step FROM attempts WHERE run_id = ? AND"
