@@ -158,9 +158,9 @@ def install_preemption(run: Run) -> list[str]:
     refuses ``signal.signal`` elsewhere) and only for a signal whose handler
     is still the default: a handler the user set is theirs, and left alone.
     The handler only sets a flag; the training loop checkpoints and exits.
-    Until the program has read ``run.should_stop`` once, the signal keeps
-    its default action (the process dies of it, as without ckptd): a loop
-    that never looks at the flag must not outlive a ``kill``.
+    It is installed when the program first reads ``run.should_stop``: a
+    script that never looks at the flag keeps the default actions (it dies
+    of the signal at once, even inside a long C call, as without ckptd).
     Returns the names of the signals taken.
     """
     if os.environ.get("CKPTD_NO_PREEMPT_HANDLER"):
@@ -199,21 +199,9 @@ def install_preemption(run: Run) -> list[str]:
 
 def _on_notice(signum: int, frame: Any) -> None:
     """Signal context: set flags, nothing else (no I/O, no locks)."""
-    if not any(run._watching_stop for run in _runs):
-        # No loop has ever looked at ``should_stop``: a script that does not
-        # know about preemption dies of the signal exactly as without ckptd.
-        signal.signal(signum, _installed.get(signum, signal.SIG_DFL))
-        os.kill(os.getpid(), signum)
-        return
     for run in _runs:
         run._stop_flag = True
         run._stop_signal = signum
-
-
-def forget(run: Run) -> None:
-    with _lock:
-        if run in _runs:
-            _runs.remove(run)
 
 
 __all__ = ["Ranks", "env_ranks", "elastic_store", "src_for", "rank_of_src", "agree_run_id",

@@ -137,8 +137,16 @@ class Run:
 
     @property
     def should_stop(self) -> bool:
-        """True once a preemption notice (SIGTERM/SIGUSR1) arrived: checkpoint and exit."""
-        self._watching_stop = True
+        """True once a preemption notice (SIGTERM/SIGUSR1) arrived: checkpoint and exit.
+
+        The first read installs the handlers (see ``distributed.install_preemption``):
+        a script that never asks keeps the signals' default actions.
+        """
+        if not self._watching_stop:
+            self._watching_stop = True
+            from .distributed import install_preemption
+
+            install_preemption(self)
         return self._stop_flag
 
     # ------------------------------------------------------------------ public
@@ -741,7 +749,6 @@ def init(
         register["retention"] = retention.to_dict() if hasattr(retention, "to_dict") else retention
     run._start(register if run.rank == 0 else None)
     run._install_hooks()
-    distributed.install_preemption(run)
     return run
 
 
