@@ -166,8 +166,12 @@ def _rank_pids(parent: int) -> list[int]:
         return []
 
 
-def test_kill9_one_rank_elastic_restart_is_bit_identical(home: Path, daemon,
-                                                         tmp_path: Path) -> None:
+@pytest.mark.parametrize("when", ["inside_checkpoint",
+                                  pytest.param("at_random", marks=pytest.mark.slow)])
+def test_kill9_one_rank_elastic_restart_is_bit_identical(home: Path, daemon, tmp_path: Path,
+                                                         when: str) -> None:
+    """kill -9 of rank 1 inside the collective checkpoint of step 14 (after its
+    shard is durable, before the ranks agree), or at a random moment (--long)."""
     steps = 30
     clean = tmp_path / "clean.pt"
     run_ddp(home, "--steps", str(steps), "--ckpt-every", "5", "--out", os.fspath(clean))
@@ -175,6 +179,11 @@ def test_kill9_one_rank_elastic_restart_is_bit_identical(home: Path, daemon,
 
     broken = tmp_path / "broken.pt"
     env = env_for(home, OMP_NUM_THREADS="1")
+    if when == "inside_checkpoint":
+        env["CKPTD_TEST_KILL_DCP"] = "1:14"
+    seed = int.from_bytes(os.urandom(2), "big")
+    print(f"seed {seed}")
+    kill_at = 8 + seed % 15
     agent = subprocess.Popen(
         readme_command(home, "torchrun --standalone --nproc-per-node 2 --max-restarts",
                        "--steps", str(steps), "--ckpt-every", "5", "--sleep", "0.1",
@@ -187,11 +196,13 @@ def test_kill9_one_rank_elastic_restart_is_bit_identical(home: Path, daemon,
             return rows[0][0] if rows else None
 
         run_id = wait_for(second_run, timeout=60, what="the second run")
-        wait_for(lambda: (db_rows(home, "SELECT MAX(step) FROM metrics WHERE run_id = ?",
-                                  (run_id,))[0][0] or 0) >= 12, timeout=60, what="step 12")
-        pids = _rank_pids(agent.pid)
-        assert len(pids) == 2, pids
-        os.kill(pids[1], signal.SIGKILL)
+        if when == "at_random":
+            wait_for(lambda: (db_rows(home, "SELECT MAX(step) FROM metrics WHERE run_id = ?",
+                                      (run_id,))[0][0] or 0) >= kill_at, timeout=60,
+                     what=f"step {kill_at}")
+            pids = _rank_pids(agent.pid)
+            assert len(pids) == 2, pids
+            os.kill(pids[1], signal.SIGKILL)
         out, err = agent.communicate(timeout=120)
     finally:
         if agent.poll() is None:
@@ -207,6 +218,11 @@ def test_kill9_one_rank_elastic_restart_is_bit_identical(home: Path, daemon,
     assert attempts[0][1] in ("failed", "interrupted") and attempts[-1][1] == "finished", \
         attempts
     assert attempts[-1][2] is not None and attempts[-1][2] >= 4, attempts
+    if when == "inside_checkpoint":
+        # step 14 of attempt 1 never became visible: attempt 2 resumed from step 9
+        assert attempts[1][2] == 9, attempts
+        assert db_rows(home, "SELECT attempt FROM checkpoints WHERE run_id = ? AND step = 14",
+                       (run_id,)) == [(attempts[-1][0],)]
     rows = [json.loads(r) for r in ckptd(home, "metrics", run_id, "--format", "jsonl",
                                          check=True).stdout.splitlines()]
     assert [r["step"] for r in rows] == list(range(steps))  # no duplicate, none missing

@@ -141,6 +141,7 @@ def save(run: Run, state: Any, step: int, metrics: dict[str, Any] | None) -> Any
         except OSError as exc:
             error = f"checkpoint step {step}: rank {rank}: write RNG state: {exc.strerror}"
     handle.blocked_s = time.perf_counter() - t0
+    _test_fault(run, rank, step)
     files: dict[str, Any] = {}
     if error is None:
         try:
@@ -172,6 +173,20 @@ def save(run: Run, state: Any, step: int, metrics: dict[str, Any] | None) -> Any
     else:
         handle._resolve(dict(result or {}, blocked_s=handle.blocked_s), None)
     return handle
+
+
+#: Test-only fault injection: ``<rank>:<step>`` SIGKILLs that rank in attempt 1's
+#: checkpoint of that step, after its shard is durable and before the ranks
+#: agree (the instant a kill -9 of one rank inside the collective hits).
+TEST_KILL_ENV = "CKPTD_TEST_KILL_DCP"
+
+
+def _test_fault(run: Run, rank: int, step: int) -> None:
+    spec = os.environ.get(TEST_KILL_ENV)
+    if spec and run.attempt == 1 and spec == f"{rank}:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _commit(run: Run, staging: Path, step: int, metrics: dict[str, Any], blocked_s: float,
