@@ -257,7 +257,6 @@ def commit_checkpoint(daemon: Daemon, req: Request, fd: int,
     t0 = time.monotonic()
     ckpt_root = paths.checkpoints_dir(daemon.home, req.run)
     name = fmt.step_dir_name(req.step)
-    final = ckpt_root / name
     staging = ckpt_root / (name + fmt.STAGING_SUFFIX)
     manifest = {
         "format": fmt.FORMAT, "version": fmt.FORMAT_VERSION, "run": req.run,
@@ -295,8 +294,24 @@ def commit_checkpoint(daemon: Daemon, req: Request, fd: int,
                            "are untouched. Free space or set a retention policy") from None
         raise CheckpointError(f"checkpoint step {req.step}: write {staging}: "
                               f"{exc.strerror or exc}") from None
+    return publish(daemon, req.run, req.attempt, req.step, staging,
+                   row_bytes=req.size + len(body), manifest_hash=fmt.content_hash(body),
+                   metrics=req.metrics, blocked_s=req.blocked_s,
+                   created=manifest["created"], t0=t0, timings=timings)
+
+
+def publish(daemon: Daemon, run: str, attempt: int, step: int, staging: Path, *,
+            row_bytes: int, manifest_hash: str, metrics: dict[str, Any], blocked_s: float,
+            created: float, t0: float, timings: dict[str, float]) -> dict[str, Any]:
+    """Rename a durable staging directory to ``step-<N>/`` and commit its row
+    (steps 3-5 of the module docstring; shared by the DCP commit of many ranks).
+    The caller has fsynced every file in ``staging`` and ``staging`` itself.
+    """
+    ckpt_root = staging.parent
+    name = fmt.step_dir_name(step)
+    final = ckpt_root / name
     crashpoint("ckpt.before_rename")
-    digest = fmt.content_hash(body)
+    digest = manifest_hash
     intent = ckpt_root / (name + fmt.INTENT_SUFFIX)
     # CRASH WINDOW: a commit record without step-<N>/ (or with the old one):
     # reconcile finds no directory holding that manifest and removes the record.
@@ -325,19 +340,19 @@ def commit_checkpoint(daemon: Daemon, req: Request, fd: int,
     crashpoint("ckpt.before_row")
     timings["publish"] = time.monotonic() - t0 - sum(timings.values())
     row = {
-        "run_id": req.run, "step": req.step, "attempt": req.attempt, "status": "committed",
-        "path": os.fspath(final.relative_to(daemon.home)), "bytes": req.size + len(body),
-        "hash": digest, "metrics": req.metrics, "blocked_s": req.blocked_s,
-        "persist_s": round(time.monotonic() - t0, 6), "created": manifest["created"],
+        "run_id": run, "step": step, "attempt": attempt, "status": "committed",
+        "path": os.fspath(final.relative_to(daemon.home)), "bytes": row_bytes,
+        "hash": manifest_hash, "metrics": metrics, "blocked_s": blocked_s,
+        "persist_s": round(time.monotonic() - t0, 6), "created": created,
         "reason": None,
     }
 
     def insert(store: Store) -> None:
         store.put_checkpoint(row)
-        store.record_event(req.run, req.attempt,
-                           f"checkpoint step {req.step} committed "
-                           f"({fmt.human_bytes(row['bytes'])}, blocked {req.blocked_s or 0:.3f}"
-                           f" s, durable after {row['persist_s']:.3f} s)", step=req.step)
+        store.record_event(run, attempt,
+                           f"checkpoint step {step} committed "
+                           f"({fmt.human_bytes(row['bytes'])}, blocked {blocked_s or 0:.3f}"
+                           f" s, durable after {row['persist_s']:.3f} s)", step=step)
 
     try:
         daemon.call_writer(insert)
@@ -350,7 +365,7 @@ def commit_checkpoint(daemon: Daemon, req: Request, fd: int,
             fsync_dir(ckpt_root)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(intent)
-        raise CheckpointError(f"checkpoint step {req.step}: cannot record it in the store: "
+        raise CheckpointError(f"checkpoint step {step}: cannot record it in the store: "
                               f"{exc}; the checkpoint was removed") from None
     # CRASH WINDOW: committed, trainer not told yet. Its handle reports a lost
     # connection; `ckptd ckpt ls` shows the checkpoint committed.
@@ -361,7 +376,7 @@ def commit_checkpoint(daemon: Daemon, req: Request, fd: int,
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
     timings["row"] = time.monotonic() - t0 - sum(timings.values())
-    log.info("run %s: checkpoint step %d committed, %s in %.3f s (%s)", req.run, req.step,
+    log.info("run %s: checkpoint step %d committed, %s in %.3f s (%s)", run, step,
              fmt.human_bytes(row["bytes"]), time.monotonic() - t0,
              ", ".join(f"{k} {v:.3f}" for k, v in timings.items()))
     return row

@@ -149,7 +149,8 @@ def _plain_line(line: query.Line) -> str:
     stamp = dt.datetime.fromtimestamp(line.time).strftime("%H:%M:%S.%f")[:-3]
     if line.kind == "log":
         body = "  ".join(f"{k}={fmt_num(v)}" for k, v in (line.fields or {}).items())
-        return safe(f"{stamp} step {line.step}  {body}")
+        return safe(f"{stamp} step {line.step}  {line.message + ' ' if line.message else ''}"
+                    f"{body}")
     if line.kind == "console":
         return f"{stamp} | {safe(line.message)}"
     if line.kind == "status":
@@ -365,8 +366,10 @@ def tail(
     grep: str | None = typer.Option(None, "--grep", help="only lines matching this regex"),
     all_attempts: bool = typer.Option(False, "--all-attempts",
                                       help="include lines superseded by a resume"),
+    rank_: str = typer.Option("0", "--rank", help="which rank's lines: N or all"),
 ) -> None:
     """Print a run's events and console output (with --metrics, its metrics too)."""
+    rank = parse_rank(rank_)
     try:
         pattern = re.compile(grep) if grep else None
     except re.error as exc:
@@ -376,7 +379,7 @@ def tail(
     with query.Reader(home()) as reader:
         info = reader.resolve(run)
         lines, cursor = reader.lines(info["id"], with_metrics=metrics,
-                                     all_attempts=all_attempts)
+                                     all_attempts=all_attempts, rank=rank)
         if pattern:
             lines = [ln for ln in lines if pattern.search(format_line(ln))]
         for line in lines[-n:] if n else []:
@@ -387,7 +390,7 @@ def tail(
         try:
             for line in follow(reader, info["id"], cursor, with_metrics=metrics,
                                all_attempts=all_attempts, until_done=True,
-                               out_fd=sys.stdout.fileno()):
+                               out_fd=sys.stdout.fileno(), rank=rank):
                 text = format_line(line)
                 if pattern and not pattern.search(text):
                     continue
@@ -397,6 +400,15 @@ def tail(
             return
 
 
+def parse_rank(text: str) -> int | None:
+    """``--rank``: a rank number, or ``all`` (None)."""
+    if text == "all":
+        return None
+    if not text.isdigit():
+        raise CkptdError(f"--rank {text!r} must be a rank number (0, 1, ...) or 'all'")
+    return int(text)
+
+
 @app.command("metrics")
 def metrics_cmd(
     run: str | None = typer.Argument(None, help="run id, prefix or name (default: newest)"),
@@ -404,13 +416,16 @@ def metrics_cmd(
     fmt: str = typer.Option("table", "--format", help="table, csv or jsonl"),
     all_attempts: bool = typer.Option(False, "--all-attempts",
                                       help="include values superseded by a resume"),
+    rank_: str = typer.Option("0", "--rank", help="which rank's values: N or all "
+                              "(jsonl/csv rows then carry \"rank\")"),
 ) -> None:
     """Print a run's metrics: the effective timeline unless --all-attempts."""
+    rank = parse_rank(rank_)
     if fmt not in ("table", "csv", "jsonl"):
         raise UsageError(f"--format {fmt!r} is not one of table, csv, jsonl")
     with query.Reader(home()) as reader:
         info = reader.resolve(run)
-        rows = reader.metrics(info["id"], key, all_attempts)
+        rows = reader.metrics(info["id"], key, all_attempts, rank=rank)
         if key is not None and not rows:
             known = reader.keys(info["id"])
             if key not in known:
@@ -426,13 +441,15 @@ def metrics_cmd(
         writer.writeheader()
         writer.writerows(r | {"key": query.printable(r["key"])} for r in rows)
     else:
-        steps: dict[int, dict[str, Any]] = {}
+        steps: dict[tuple[int, int], dict[str, Any]] = {}
         keys: list[str] = []
         for r in rows:
-            steps.setdefault(r["step"], {"step": r["step"]})[r["key"]] = fmt_num(r["value"])
+            who = r.get("rank", 0)
+            steps.setdefault((r["step"], who), {"step": r["step"], "rank": who})[r["key"]] = \
+                fmt_num(r["value"])
             if r["key"] not in keys:
                 keys.append(r["key"])
-        table(list(steps.values()), ["step", *keys])
+        table(list(steps.values()), ["step", *(["rank"] if rank is None else []), *keys])
 
 
 @app.command()

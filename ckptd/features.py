@@ -6,6 +6,7 @@ from . import (
     checkpoints,  # noqa: F401
     console,  # noqa: F401
     control,  # noqa: F401
+    dcp_commit,  # noqa: F401
     manage,  # noqa: F401
     sysmetrics,  # noqa: F401
 )

@@ -38,7 +38,8 @@ def output_closed(fd: int) -> bool:
 
 def follow(reader: Reader, run_id: str, cursor: Cursor, *, with_metrics: bool,
            all_attempts: bool, until_done: bool = False,
-           stop: threading.Event | None = None, out_fd: int | None = None) -> Iterator[Line]:
+           stop: threading.Event | None = None, out_fd: int | None = None,
+           rank: int | None = 0) -> Iterator[Line]:
     """Yield new lines of ``run_id`` as they are committed, forever (or until
     the run ends, with ``until_done``, or ``out_fd``'s reader goes away)."""
     stop = stop or threading.Event()
@@ -55,7 +56,7 @@ def follow(reader: Reader, run_id: str, cursor: Cursor, *, with_metrics: bool,
             # it ended is then in this query, and nothing is cut off at the end
             going = not until_done or reader.still_going(run_id)
             lines, cursor = reader.lines(run_id, with_metrics=with_metrics,
-                                         all_attempts=all_attempts, after=cursor)
+                                         all_attempts=all_attempts, after=cursor, rank=rank)
             yield from lines
             if not going and not lines:
                 return

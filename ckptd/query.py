@@ -190,14 +190,19 @@ class Reader:
     # -------------------------------------------------------------- metrics
 
     def metrics(self, run_id: str, key: str | None = None,
-                all_attempts: bool = False) -> list[dict[str, Any]]:
+                all_attempts: bool = False, rank: int | None = 0) -> list[dict[str, Any]]:
         """The effective timeline: superseded values (logged by an attempt after
-        the step a later attempt resumed from) are left out unless asked for."""
+        the step a later attempt resumed from) are left out unless asked for.
+        ``rank``: whose values (None: every rank's, each row saying whose)."""
         # the daemon's own samples (``sys/...``, src 'd') appear when asked for by key
-        src = "d*" if key is not None and key.startswith("sys/") else "c*"
+        sys_key = key is not None and key.startswith("sys/")
         sql = (f"SELECT step, key, value, attempt, time, NOT {effective('metrics')}"
-               " AS superseded FROM metrics WHERE run_id = ? AND src GLOB ?")
-        args: list[Any] = [run_id, src]
+               " AS superseded, rank FROM metrics"
+               " WHERE run_id = ? AND " + ("src = 'd'" if sys_key else "src != 'd'"))
+        args: list[Any] = [run_id]
+        if rank is not None and not sys_key:
+            sql += " AND rank = ?"
+            args.append(rank)
         if key is not None:
             sql += " AND key = ?"
             args.append(key)
@@ -210,49 +215,55 @@ class Reader:
                 r["value"] = float("nan")
             if not all_attempts:
                 del r["superseded"]
+            if rank is not None:
+                del r["rank"]
         return rows
 
     def keys(self, run_id: str) -> list[str]:
         """The metric keys a run logged (its own, not the daemon's ``sys/`` samples)."""
         return [r["key"] for r in self.rows(
-            "SELECT DISTINCT key FROM metrics WHERE run_id = ? AND src GLOB 'c*' ORDER BY key",
+            "SELECT DISTINCT key FROM metrics WHERE run_id = ? AND src != 'd' ORDER BY key",
             (run_id,))]
 
     # ----------------------------------------------------------------- tail
 
     def lines(self, run_id: str, *, with_metrics: bool, all_attempts: bool,
-              after: Cursor | None = None) -> tuple[list[Line], Cursor]:
+              after: Cursor | None = None, rank: int | None = 0) -> tuple[list[Line], Cursor]:
         """Events, console output and (optionally) metrics, merged by time.
 
         ``after`` continues from an earlier call (``tail -f``); rowids only
         grow, so nothing is shown twice or skipped.
         """
         cursor = after or Cursor()
-        ev_sup = "" if all_attempts else f" AND {effective('events')}"
-        m_sup = "" if all_attempts else f" AND {effective('metrics')}"
+        sup = f" AND rank = {int(rank)}" if rank is not None else ""  # int: no quoting
+        ev_sup = sup + ("" if all_attempts else f" AND {effective('events')}")
+        m_sup = sup + ("" if all_attempts else f" AND {effective('metrics')}")
         ev = self.rows(
-            "SELECT rowid AS rid, attempt, time, kind, level, step, message, fields FROM events"
+            "SELECT rowid AS rid, attempt, time, kind, level, step, message, fields, rank"
+            " FROM events"
             f" WHERE {_run_filter(cursor.event)} AND rowid > ?{ev_sup} AND kind != 'register'"
             f" AND NOT ({_SAID_BEFORE}) ORDER BY rowid",
             (run_id, cursor.event),
         )
-        out = [Line(r["time"], r["attempt"], r["kind"], r["level"], r["step"], r["message"],
-                    _loads(r["fields"])) for r in ev]
+        out = [Line(r["time"], r["attempt"], r["kind"], r["level"], r["step"],
+                    f"[rank {r['rank']}] {r['message']}" if rank is None and r["rank"]
+                    else r["message"], _loads(r["fields"])) for r in ev]
         new_event = max([cursor.event, *(r["rid"] for r in ev)])
         new_metric = cursor.metric
         if with_metrics:
             mrows = self.rows(
-                "SELECT rowid AS rid, attempt, seq, step, key, value, time FROM metrics"
-                f" WHERE {_run_filter(cursor.metric)} AND rowid > ? AND src GLOB 'c*'{m_sup}"
+                "SELECT rowid AS rid, attempt, src, seq, step, key, value, time, rank FROM metrics"
+                f" WHERE {_run_filter(cursor.metric)} AND rowid > ? AND src != 'd'{m_sup}"
                 " ORDER BY rowid",
                 (run_id, cursor.metric),
             )
-            grouped: dict[tuple[int, int], Line] = {}
+            grouped: dict[tuple[int, str, int], Line] = {}
             for r in mrows:
-                line = grouped.get((r["attempt"], r["seq"]))
+                line = grouped.get((r["attempt"], r["src"], r["seq"]))
                 if line is None:
-                    line = grouped[(r["attempt"], r["seq"])] = Line(
-                        r["time"], r["attempt"], "log", "metric", r["step"], "", {})
+                    line = grouped[(r["attempt"], r["src"], r["seq"])] = Line(
+                        r["time"], r["attempt"], "log", "metric", r["step"],
+                        f"[rank {r['rank']}]" if rank is None else "", {})
                 assert line.fields is not None
                 line.fields[r["key"]] = r["value"] if r["value"] is not None else float("nan")
             out.extend(grouped.values())
@@ -266,7 +277,7 @@ class Reader:
         row = self.conn.execute("SELECT status, auto_resume FROM runs WHERE id = ?",
                                 (run_id,)).fetchone()
         return row is not None and (row[0] == "running" or (
-            bool(row[1]) and row[0] in ("interrupted", "failed")))
+            bool(row[1]) and row[0] in ("interrupted", "failed", "preempted")))
 
     def data_version(self) -> int:
         """Changes whenever anyone commits to the store (cheap: no I/O)."""
@@ -327,6 +338,7 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
         "started": run.get("started"),
         "ended": run.get("ended"),
         "group": run.get("group_name"),
+        "world_size": run.get("world_size") or 1,
     }
 
 

@@ -35,12 +35,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptd_client import paths, protocol
+from ckptd_client.distributed import rank_of_src
 from ckptd_client.errors import CkptdError, NotFound, ResumeRefused
 
 if TYPE_CHECKING:
     import sqlite_utils
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: WAL size (bytes) past which the writer truncates it (and SQLite's own
 #: ``journal_size_limit``): the WAL holds whole transactions, so this is also
 #: about the largest batch the daemon commits, with room to spare.
@@ -248,6 +249,8 @@ def _add_tags_and_notes(db: sqlite_utils.Database) -> None:
 #: Tables holding a run's rows, removed together by :meth:`Store.remove_run`.
 RUN_TABLES = {"runs": "id", "attempts": "run_id", "events": "run_id", "metrics": "run_id",
               "checkpoints": "run_id", "tags": "run_id"}
+
+
 def _add_effective_views(db: sqlite_utils.Database) -> None:
     """Supersede on read (views over ``attempts``); spool ingestion progress."""
     for table in ("metrics", "events"):
@@ -257,8 +260,21 @@ def _add_effective_views(db: sqlite_utils.Database) -> None:
                                 if_not_exists=True)
 
 
+def _add_ranks(db: sqlite_utils.Database) -> None:
+    """Distributed runs: which rank wrote a row, and how many ranks a run has.
+
+    ``rank`` is derived from the writer identity (``src`` ``r<N>``, see
+    ``ckptd_client.distributed``), so replays and spools need no new field.
+    """
+    for table in ("metrics", "events"):
+        if "rank" not in db[table].columns_dict:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN rank INTEGER NOT NULL DEFAULT 0")
+    if "world_size" not in db["runs"].columns_dict:
+        db.execute("ALTER TABLE runs ADD COLUMN world_size INTEGER")
+
+
 MIGRATIONS = {1: _create_v1, 2: _add_groups_and_sweeps, 3: _add_tags_and_notes,
-              4: _add_effective_views}
+              4: _add_effective_views, 5: _add_ranks}
 
 
 def _dumps(value: Any) -> str | None:
@@ -344,6 +360,7 @@ class Store:
             kind = msg["t"]
             seq = msg["seq"]
             t = msg.get("time") or time.time()
+            rank = rank_of_src(src)
             if kind == protocol.LOG:
                 step = msg["step"]
                 if msg["m"]:
@@ -351,8 +368,8 @@ class Store:
                 for key, value in msg["m"].items():
                     if isinstance(value, float) and math.isnan(value):
                         value = None  # SQLite stores NaN as NULL; documented in schema.md
-                    metrics.append((run_id, attempt, src, seq, key, step, value, t))
-                if step > steps.get(run_id, -1):
+                    metrics.append((run_id, attempt, src, seq, key, step, value, t, rank))
+                if rank == 0 and step > steps.get(run_id, -1):
                     steps[run_id] = step
                 continue
             fields = msg.get("fields")
@@ -377,8 +394,8 @@ class Store:
             row = (t, kind, level, msg.get("step"), message, _dumps(fields))
             cur = conn.execute(
                 "INSERT OR IGNORE INTO events (run_id, attempt, src, seq, time, kind, level,"
-                " step, message, fields) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (run_id, attempt, src, seq, *row),
+                " step, message, fields, rank) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (run_id, attempt, src, seq, *row, rank),
             )
             if cur.rowcount != 1:
                 # a replay (its side effects were applied the first time), unless
@@ -400,7 +417,7 @@ class Store:
             before = conn.total_changes
             conn.executemany(
                 "INSERT OR IGNORE INTO metrics (run_id, attempt, src, seq, key, step, value,"
-                " time) VALUES (?,?,?,?,?,?,?,?)",
+                " time, rank) VALUES (?,?,?,?,?,?,?,?,?)",
                 metrics,
             )
             if conn.total_changes - before < len(metrics):
@@ -472,7 +489,7 @@ class Store:
             raise ResumeRefused(f"resume {run_id}: attempt {run['attempt']} already "
                                 f"replaced attempt {after_attempt}")
         if auto and (not run["auto_resume"]
-                     or run["status"] not in ("interrupted", "failed", "queued")):
+                     or run["status"] not in ("interrupted", "failed", "queued", "preempted")):
             raise ResumeRefused(f"resume {run_id}: auto-resume no longer applies "
                                 f"(status {run['status']})")
         if not force and run["status"] == "running":
@@ -516,7 +533,7 @@ class Store:
         for a resume slot: ``queued``)."""
         cur = self.conn.execute(
             "SELECT id, attempt, status, ended, restarts, max_restarts, reason FROM runs"
-            " WHERE auto_resume = 1 AND status IN ('interrupted', 'failed', 'queued')")
+            " WHERE auto_resume = 1 AND status IN ('interrupted', 'failed', 'queued', 'preempted')")
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
@@ -573,7 +590,7 @@ class Store:
             # a supervisor registers before its child exists: never erase the child's pid
             fields.update(pid=msg["pid"], pid_started=msg.get("pid_started"))
         for key in ("project", "seed", "supervisor_pid", "supervisor_started", "auto_resume",
-                    "max_restarts"):
+                    "max_restarts", "world_size"):
             if msg.get(key) is not None:
                 fields[key] = msg[key]
         if msg.get("name") and (not msg.get("joined") or row is None or row[1] == run_id):
@@ -595,6 +612,12 @@ class Store:
             fields.update(status="running", attempt=attempt, ended=None, exit_code=None,
                           signal=None, traceback=None, reason=None)
             self.db["runs"].update(run_id, fields)
+            if attempt > row[0]:
+                # a TorchElastic restart begins the next attempt itself: the one it
+                # replaced (its workers were killed) never reported an end
+                self.conn.execute(
+                    "UPDATE attempts SET status = 'interrupted', ended = ? WHERE run_id = ?"
+                    " AND attempt < ? AND status = 'running'", (t, run_id, attempt))
         self.conn.execute(
             "INSERT INTO attempts (run_id, attempt, started, pid, status) VALUES (?,?,?,?,?)"
             " ON CONFLICT(run_id, attempt) DO UPDATE SET pid = COALESCE(excluded.pid, pid)",
@@ -603,6 +626,13 @@ class Store:
 
     def _status(self, run_id: str, attempt: int, msg: dict[str, Any], t: float) -> None:
         status = msg.get("status")
+        if status == "finished":
+            # The trainer said ``preempted`` (it exited cleanly after a
+            # preemption notice); the supervisor's "exit 0" must not undo that.
+            row = self.conn.execute("SELECT status FROM attempts WHERE run_id = ? AND"
+                                    " attempt = ?", (run_id, attempt)).fetchone()
+            if row and row[0] == "preempted":
+                status = "preempted"
         self.conn.execute(
             "UPDATE attempts SET status = ?, ended = ?, exit_code = ?,"
             " signal = COALESCE(?, signal) WHERE run_id = ? AND attempt = ?",

@@ -8,13 +8,13 @@ peer can close its own connection and nothing else.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 from ckptd_client import protocol
+from ckptd_client.distributed import is_client_src
 from ckptd_client.run import LEVELS, valid_run_id
 
-STATUSES = ("running", "finished", "failed", "interrupted")
+STATUSES = ("running", "finished", "failed", "interrupted", "preempted")
 MAX_TEXT = protocol.MAX_TEXT
 MAX_METRICS = protocol.MAX_METRICS
 
@@ -56,7 +56,6 @@ def _num(msg: dict[str, Any], key: str, *, optional: bool = False) -> None:
 #: Latest event time accepted (year 5138): beyond it ``tail`` could not format the time.
 MAX_TIME = 1e11
 #: A writer's identity: its kind (client, supervisor) and a random id per process.
-SRC_RE = re.compile(r"[cs](-[0-9a-f]{1,32})?")
 
 
 def _time(msg: dict[str, Any]) -> None:
@@ -74,8 +73,9 @@ def hello(msg: dict[str, Any]) -> None:
         raise Invalid(f"hello: {msg['run']!r} is not a valid run id")
     _int(msg, "attempt", minimum=1)
     src = msg.get("src")
-    if not (isinstance(src, str) and SRC_RE.fullmatch(src)):
-        raise Invalid("hello: src must be 'c' or 's', optionally with a writer id ('c-1f2e...')")
+    if src != "s" and not is_client_src(src):
+        raise Invalid("hello: src must be 's', or 'c' or 'r<rank>' with an optional writer id "
+                      "('c-1f2e...')")
 
 
 def event(msg: dict[str, Any]) -> None:
@@ -130,6 +130,7 @@ def event(msg: dict[str, Any]) -> None:
         _num(msg, "supervisor_started", optional=True)
         _int(msg, "auto_resume", optional=True, minimum=0)
         _int(msg, "max_restarts", optional=True, minimum=0)
+        _int(msg, "world_size", optional=True, minimum=1)
         cmd = msg.get("command")
         if cmd is not None and not (isinstance(cmd, list) and all(isinstance(a, str)
                                                                   for a in cmd)):

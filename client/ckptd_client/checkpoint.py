@@ -393,6 +393,10 @@ def verify_dir(ckpt_dir: Path, expected_hash: str | None = None) -> tuple[dict[s
     mm = open_data(ckpt_dir, manifest, verify=HASH_ALGO, writable=False)
     if mm is not None:
         mm.close()
+    if manifest.get("dcp"):  # a sharded step: its DCP files are listed with their hashes
+        from .dcp import verify_files
+
+        verify_files(ckpt_dir, manifest)
     return manifest, digest
 
 
@@ -901,7 +905,10 @@ def restore(run: Run, map_location: Any = None) -> Any:
             continue
         ckpt_dir = paths.checkpoints_dir(run.home, run.id) / step_dir_name(row["step"])
         try:
-            payload, _ = load_dir(ckpt_dir, row["hash"], map_location)
+            payload, manifest = load_dir(ckpt_dir, row["hash"], map_location)
+            if manifest.get("dcp"):
+                raise CkptdError(f"restore: checkpoint step {row['step']} is sharded (torch."
+                                 "distributed.checkpoint): load it with run.restore(into=state)")
         except CheckpointError as exc:
             _skip(run, row["step"], str(exc))
             _report_corrupt(run, row["step"], str(exc))

@@ -201,6 +201,23 @@ class Run:
         self.restored_step: int | None = None  # set by restore()
         self._rng_watch: Any = None  # set by restore(): rng.PlacementWatch
         self._link_started = False
+        self.rank, self.world_size = 0, 1  # set by init() under torchrun
+        self._stop_flag = self._watching_stop = False  # see distributed.install_preemption
+        self._stop_signal: int | None = None
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a preemption notice (SIGTERM/SIGUSR1) arrived: checkpoint and exit.
+
+        The first read installs the handlers (see ``distributed.install_preemption``):
+        a script that never asks keeps the signals' default actions.
+        """
+        if not self._watching_stop:
+            self._watching_stop = True
+            from .distributed import install_preemption
+
+            install_preemption(self)
+        return self._stop_flag
 
     # ------------------------------------------------------------------ public
 
@@ -290,12 +307,18 @@ class Run:
             number, string, None or a dict/list/tuple of them (the message
             names its path, e.g. ``state['opt']['foo']``).
         """
+        from . import dcp
         from .checkpoint import checkpointer_for
 
+        if dcp.in_process_group():  # collective, in torch.distributed.checkpoint format
+            return dcp.save(self, state, step, metrics)
         return checkpointer_for(self).checkpoint(state, step, metrics)
 
-    def restore(self, map_location: Any = None) -> Any:
+    def restore(self, map_location: Any = None, into: Any = None) -> Any:
         """The newest checkpoint that verifies (RNG states restored last), or None.
+
+        ``into``: load in place into this state dict (required under
+        torch.distributed, where DCP needs the target layout); returns it.
 
         Call it after the model and optimizer are built, right before the
         training loop: the RNG states are put back at once, so the loop
@@ -306,8 +329,14 @@ class Run:
         and the generator moved by the first ``log()``/``checkpoint()``) and
         warns once, on stderr and as a run event, naming this fix.
         """
+        from . import dcp
         from .checkpoint import restore
 
+        if into is not None:
+            return dcp.restore(self, into)
+        if dcp.in_process_group():
+            raise TypeError("under torch.distributed, restore needs the target: "
+                            "run.restore(into=state)")
         return restore(self, map_location)
 
     def adopt_checkpoint(self, path: str | os.PathLike[str], step: int,
@@ -382,8 +411,13 @@ class Run:
             return
         if self._checkpointer is not None:
             self._checkpointer.close(timeout=timeout)
+        if status == "finished" and self._stop_flag:
+            status = "preempted"  # exited after a preemption notice: to be resumed
         msg: dict[str, Any] = {"t": protocol.STATUS, "time": time.time(), "status": status,
                                "exit_code": exit_code}
+        if self.rank:  # only rank 0 speaks for the run; the others' ends are events
+            msg = {"t": protocol.EVENT, "time": time.time(), "level": "info",
+                   "msg": f"rank {self.rank} {status}"}
         if traceback_text:
             msg["traceback"] = _text(traceback_text)
         msg.update({k: v for k, v in fields.items() if v is not None})
@@ -442,7 +476,7 @@ class Run:
         self._checkpointer = None
         if self._owner_pid:
             self._owner_pid = -1  # a fork never finishes the run
-        self._new_writer(new_src())
+        self._new_writer(new_src(self.src.split("-", 1)[0]))  # same kind: c or r<rank>
 
     def __enter__(self) -> Run:
         return self
@@ -921,6 +955,9 @@ def init(
         raise CkptdError(f"cannot use data home {home_path}: {exc.strerror or exc}; point "
                          "CKPTD_HOME or home= at a writable directory") from None
     worker = is_worker()
+    from . import distributed
+
+    ranks = distributed.env_ranks()
     env_id = os.environ.get("CKPTD_RUN_ID") if resume != "never" else None
     attempt_text = os.environ.get("CKPTD_ATTEMPT", "1")
     if not env_id and worker and resume != "never" and os.environ.get(PARENT_RUN_ENV):
@@ -936,6 +973,10 @@ def init(
             raise CkptdError("CKPTD_ATTEMPT must be an integer") from None
     else:
         run_id, attempt = new_run_id(), 1
+    if ranks is not None:  # torchrun: every rank joins one run (see distributed.py)
+        if not env_id:
+            run_id = distributed.agree_run_id(ranks, run_id)
+        attempt += ranks.restart_count
     if name is not None and (not isinstance(name, str) or not name.strip()
                              or "\0" in name or len(name) > 200 or not protocol.is_utf8(name)):
         raise CkptdError(f"run name {name!r} must be non-empty UTF-8 text of at most 200 "
@@ -957,7 +998,10 @@ def init(
 
         seed_everything(seed)
     worker = worker and bool(env_id)  # a worker's run of its own is its own to finish
-    run = Run(home_path, run_id, attempt, name=name, autostart=autostart, worker=worker)
+    run = Run(home_path, run_id, attempt, name=name, autostart=autostart, worker=worker,
+              src=new_src(distributed.src_kind(ranks.rank)) if ranks else None)
+    if ranks is not None:
+        run.rank, run.world_size = ranks.rank, ranks.world_size
     if worker:
         # A worker adds events to the run it joined; registering would make
         # its pid the attempt's (and its exit the run's end).
@@ -974,9 +1018,11 @@ def init(
         "pid_started": process_start_time(),
         "boot_id": boot_id(),
         "host": socket.gethostname(),
-        "joined": bool(env_id),
+        "joined": bool(env_id) or (ranks is not None and ranks.restart_count > 0),
     }
-    if not env_id:
+    if ranks is not None:
+        register["world_size"] = ranks.world_size
+    if not register["joined"]:
         register.update(
             command=_relaunch_command(),
             cwd=os.getcwd(),
@@ -985,7 +1031,7 @@ def init(
         )
     if retention is not None:
         register["retention"] = retention.to_dict() if hasattr(retention, "to_dict") else retention
-    run._start(register)
+    run._start(register if run.rank == 0 else None)
     _install_process_hooks()
     if not worker:
         # what this process's spawned workers join (see is_worker)

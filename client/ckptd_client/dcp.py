@@ -1,0 +1,325 @@
+"""Sharded checkpoints of many ranks, in the ``torch.distributed.checkpoint`` format.
+
+Under an initialized process group ``run.checkpoint(state, step)`` is
+collective. The order, and the crash window each step closes:
+
+1. rank 0 creates ``step-<N>.dcp.ckptd-tmp/`` (a staging name: never read,
+   removed at the daemon's next start); every rank waits for it.
+2. ``dcp.save`` with DCP's own ``FileSystemWriter(sync_files=True)``: every
+   rank writes and fsyncs its ``__<rank>_0.distcp``; rank 0 writes
+   ``.metadata``. Each rank also writes ``ckptd-rng-<rank>.pt`` (its RNG
+   states, ``torch.load(weights_only=True)``-safe) and fsyncs it.
+   CRASH WINDOW: a rank killed here leaves a staging directory only.
+3. Each rank hashes (sha256) its own files; rank 0 gathers the hashes (a
+   collective: it returns only when every rank's shard is durable), hashes
+   ``.metadata``, writes ``manifest.json`` (the ckptd manifest, listing every
+   file with its size and hash) and fsyncs it and the directory.
+4. rank 0 asks the daemon (``dcp_commit``) to check sizes, fsync again, and
+   publish: rename to ``step-<N>/``, fsync the parent, commit the row (the
+   same ordered protocol as one process's checkpoint, ``ckptd.checkpoints``).
+5. rank 0 tells every rank the outcome; each returns a resolved handle.
+
+The step directory is a plain DCP checkpoint: ``torch.distributed.checkpoint.load``
+reads it without ckptd (it ignores ``manifest.json``, ``tensors.bin`` and
+the RNG files). Not done yet: the loop is blocked for the whole save (DCP
+writes from the training process); an async variant (snapshot, then
+``dcp.async_save`` into the same staging protocol) is the next step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import checkpoint as fmt
+from . import paths, protocol, transport
+from .errors import CheckpointError, CkptdError
+from .spool import fsync_dir
+
+if TYPE_CHECKING:
+    from .run import Run
+
+RNG_PREFIX = "ckptd-rng-"
+METADATA = ".metadata"
+#: Staging directory of a DCP step (ends in the sweepable staging suffix).
+DCP_STAGING = ".dcp" + fmt.STAGING_SUFFIX
+
+
+def in_process_group() -> bool:
+    """True under an initialized ``torch.distributed`` process group (torch
+    is never imported here: a script that did not import it has none)."""
+    if "torch" not in sys.modules:
+        return False
+    try:
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _sha256_file(path: Path) -> tuple[int, str]:
+    """Size and sha256 of ``path``, after fsyncing it (the hash is of what is durable)."""
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+        size = 0
+        while True:
+            chunk = os.read(fd, 8 << 20)
+            if not chunk:
+                break
+            size += len(chunk)
+            h.update(chunk)
+    finally:
+        os.close(fd)
+    return size, h.hexdigest()
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _one_outcome(dist: Any, error: str | None) -> str | None:
+    """Every rank learns whether any rank failed (the first error wins)."""
+    errors: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
+def save(run: Run, state: Any, step: int, metrics: dict[str, Any] | None) -> Any:
+    """Collective checkpoint of every rank's ``state`` (see the module doc)."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from . import rng
+
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise TypeError(f"checkpoint step must be a non-negative int, not {step!r}")
+    values = {k: protocol.check_metric(k, v) for k, v in (metrics or {}).items()}
+    handle = fmt.CheckpointHandle(step)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    root = paths.checkpoints_dir(run.home, run.id)
+    staging = root / (fmt.step_dir_name(step) + DCP_STAGING)
+    t0 = time.perf_counter()
+    error = None
+    if rank == 0:
+        try:
+            shutil.rmtree(staging, ignore_errors=True)  # an earlier failed try of this step
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            staging.mkdir(mode=0o700)
+        except OSError as exc:
+            error = f"checkpoint step {step}: cannot create {staging}: {exc.strerror or exc}"
+    error = _one_outcome(dist, error)
+    if error is None:
+        try:
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(
+                staging, single_file_per_rank=True, sync_files=True, thread_count=1))
+        except Exception as exc:  # noqa: BLE001 - DCP gathers every rank's failure
+            error = f"checkpoint step {step}: torch.distributed.checkpoint.save failed: {exc}"
+    if error is None:
+        try:
+            buf = io.BytesIO()
+            torch.save(rng.capture(), buf)
+            _write_durable(staging / f"{RNG_PREFIX}{rank}.pt", buf.getvalue())
+        except OSError as exc:
+            error = f"checkpoint step {step}: rank {rank}: write RNG state: {exc.strerror}"
+    handle.blocked_s = time.perf_counter() - t0
+    _test_fault(run, rank, step)
+    files: dict[str, Any] = {}
+    if error is None:
+        try:
+            mine = [p for p in staging.iterdir()
+                    if p.name.startswith(f"__{rank}_") or p.name == f"{RNG_PREFIX}{rank}.pt"]
+            for p in mine:
+                size, digest = _sha256_file(p)
+                files[p.name] = {"bytes": size, "sha256": digest}
+        except OSError as exc:
+            error = f"checkpoint step {step}: rank {rank}: hash shards: {exc.strerror or exc}"
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, error or files)
+    error = next((g for g in gathered if isinstance(g, str)), None)
+    result: dict[str, Any] | None = None
+    if rank == 0 and error is None:
+        try:
+            result = _commit(run, staging, step, values, handle.blocked_s, world,
+                             {k: v for g in gathered for k, v in g.items()})
+        except CkptdError as exc:
+            error = str(exc)
+        except OSError as exc:
+            error = f"checkpoint step {step}: {exc.strerror or exc}"
+    outcome: list[Any] = [(result, error)]
+    dist.broadcast_object_list(outcome, src=0)
+    result, error = outcome[0]
+    if error is not None:
+        run._warn("ckpt-dcp", error)
+        handle._resolve(None, CheckpointError(error))
+    else:
+        handle._resolve(dict(result or {}, blocked_s=handle.blocked_s), None)
+    return handle
+
+
+#: Test-only fault injection: ``<rank>:<step>`` SIGKILLs that rank in attempt 1's
+#: checkpoint of that step, after its shard is durable and before the ranks
+#: agree (the instant a kill -9 of one rank inside the collective hits).
+TEST_KILL_ENV = "CKPTD_TEST_KILL_DCP"
+
+
+def _test_fault(run: Run, rank: int, step: int) -> None:
+    spec = os.environ.get(TEST_KILL_ENV)
+    if spec and run.attempt == 1 and spec == f"{rank}:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _commit(run: Run, staging: Path, step: int, metrics: dict[str, Any], blocked_s: float,
+            world: int, files: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0: write the ckptd manifest of every rank's files, then have the daemon publish."""
+    size, digest = _sha256_file(staging / METADATA)
+    files[METADATA] = {"bytes": size, "sha256": digest}
+    _write_durable(staging / fmt.DATA_FILE, b"")  # no tensors of ckptd's own format
+    files[fmt.DATA_FILE] = {"bytes": 0, "chunk": fmt.CHUNK, "sha256": [], "crc32": []}
+    manifest = {
+        "format": fmt.FORMAT, "version": fmt.FORMAT_VERSION, "run": run.id,
+        "attempt": run.attempt, "step": step, "metrics": metrics, "created": time.time(),
+        "blocked_s": blocked_s, "dcp": {"world_size": world},
+        "tree": {"D": [["state", None], ["rng", None]]}, "tensors": [], "files": files,
+    }
+    _write_durable(staging / fmt.MANIFEST_FILE,
+                   json.dumps(manifest, separators=(",", ":")).encode())
+    fsync_dir(staging)
+    return transport.call(run.home, "dcp_commit", {
+        "run": run.id, "attempt": run.attempt, "step": step, "staging": staging.name,
+        "metrics": metrics, "blocked_s": blocked_s}, autostart=run._autostart, timeout=600)
+
+
+def verify_files(ckpt_dir: Path, manifest: dict[str, Any], sizes_only: bool = False) -> None:
+    """Check every file a DCP step's manifest lists besides ckptd's own data file.
+
+    :raises CheckpointError: a file is missing, has the wrong size or hash.
+    """
+    for name, info in sorted(manifest.get("files", {}).items()):
+        if name == fmt.DATA_FILE:
+            continue
+        if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+            raise CheckpointError(f"verify {ckpt_dir}: bad file name {name!r} in the manifest")
+        path = ckpt_dir / name
+        try:
+            if sizes_only:
+                size, digest = path.stat().st_size, info.get("sha256")
+            else:
+                size, digest = _sha256_file(path)
+        except OSError as exc:
+            raise CheckpointError(f"verify {path}: {exc.strerror or exc}") from None
+        if size != info.get("bytes"):
+            raise CheckpointError(f"verify {path}: {size} bytes, manifest says "
+                                  f"{info.get('bytes')} (truncated or damaged)")
+        if digest != info.get("sha256"):
+            raise CheckpointError(f"verify {path}: sha256 does not match the manifest "
+                                  "(file damaged)")
+
+
+# ----------------------------------------------------------------- restore
+
+def restore(run: Run, into: Any) -> Any:
+    """Load the newest verified checkpoint into ``into`` in place; None if there is none.
+
+    Every rank takes the same step: the rows come from the store, and
+    verification is of the same shared files. A DCP step is loaded with
+    ``torch.distributed.checkpoint.load`` (resharding to this world size);
+    one written by a single process in ckptd's format is copied in.
+    """
+    from . import rng
+
+    for row in fmt.committed_rows(run.home, run.id):
+        if row["status"] == "corrupt":
+            fmt._skip(run, row["step"], f"marked corrupt earlier ({row['reason'] or 'no reason'})")
+            continue
+        ckpt_dir = paths.checkpoints_dir(run.home, run.id) / fmt.step_dir_name(row["step"])
+        try:
+            manifest, _ = fmt.read_manifest(ckpt_dir, row["hash"])
+            if manifest.get("dcp"):
+                verify_files(ckpt_dir, manifest)
+                rng_state = _load_dcp(ckpt_dir, into, run.rank)
+            else:
+                payload, _ = fmt.load_dir(ckpt_dir, row["hash"])
+                copy_into(into, payload["state"], "state")
+                rng_state = fmt.clone_tensors(payload.get("rng"))
+        except CheckpointError as exc:
+            fmt._skip(run, row["step"], str(exc))
+            fmt._report_corrupt(run, row["step"], str(exc))
+            continue
+        if rng_state:
+            rng.restore(rng_state)  # last: nothing after draws a number
+        fmt._announce(run, row["step"])
+        return into
+    fmt._announce(run, None)
+    return None
+
+
+def _load_dcp(ckpt_dir: Path, into: Any, rank: int) -> dict[str, Any] | None:
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no process group: loading without one"
+            dcp.load(into, checkpoint_id=os.fspath(ckpt_dir))
+    except Exception as exc:  # noqa: BLE001 - a layout that does not match, a bad file
+        raise CheckpointError(f"load {ckpt_dir}: torch.distributed.checkpoint.load: "
+                              f"{exc}") from None
+    path = ckpt_dir / f"{RNG_PREFIX}{rank}.pt"
+    if not path.exists():
+        return None  # more ranks now than when it was saved: this one starts a new stream
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"load {path}: {exc}") from None
+
+
+def copy_into(dst: Any, src: Any, where: str) -> None:
+    """Copy a loaded state into the user's objects in place (tensors by ``copy_``)."""
+    torch = sys.modules.get("torch")
+    if isinstance(dst, dict) and isinstance(src, dict):
+        for k, v in src.items():
+            if k in dst and (isinstance(dst[k], (dict, list))
+                             or (torch is not None and isinstance(dst[k], torch.Tensor))):
+                copy_into(dst[k], v, f"{where}[{k!r}]")
+            else:
+                dst[k] = v
+    elif isinstance(dst, list) and isinstance(src, (list, tuple)) and len(dst) == len(src):
+        for i, v in enumerate(src):
+            if isinstance(dst[i], (dict, list)) or (torch is not None
+                                                     and isinstance(dst[i], torch.Tensor)):
+                copy_into(dst[i], v, f"{where}[{i}]")
+            else:
+                dst[i] = v
+    elif torch is not None and isinstance(dst, torch.Tensor) and isinstance(src, torch.Tensor):
+        if dst.shape != src.shape:
+            raise CheckpointError(f"restore: {where} has shape {tuple(src.shape)} in the "
+                                  f"checkpoint, {tuple(dst.shape)} in the target")
+        with torch.no_grad():
+            dst.copy_(src)
+    else:
+        raise CheckpointError(f"restore: {where} cannot be loaded in place "
+                              f"({type(src).__name__} into {type(dst).__name__})")
+
+
+__all__ = ["save", "restore", "in_process_group", "verify_files"]
