@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from argparse import Namespace
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,28 +33,10 @@ from .. import rng  # noqa: E402
 from ..errors import CkptdError  # noqa: E402
 from ..run import Run, init  # noqa: E402
 from .adopt import AdoptHandle  # noqa: E402
+from .params import flat_params  # noqa: E402
 
 #: Where the RNG states go in a Lightning checkpoint dict.
 RNG_KEY = "ckptd_rng"
-
-
-def flat_params(params: Any, prefix: str = "") -> dict[str, Any]:
-    """Hyperparameters (dict, Namespace, nested) as ``a/b`` keys of plain values,
-    the form every ckptd view and export shows."""
-    if isinstance(params, Namespace):
-        params = vars(params)
-    out: dict[str, Any] = {}
-    for key, value in (params or {}).items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Namespace):
-            value = vars(value)
-        if isinstance(value, Mapping) and value:
-            out.update(flat_params(value, name + "/"))
-        elif value is None or isinstance(value, (str, int, float, bool)):
-            out[name] = value
-        else:
-            out[name] = str(value)  # modules, callables, dtypes: their repr says enough
-    return out
 
 
 class CkptdCheckpointIO(CheckpointIO):
@@ -205,4 +186,4 @@ class CkptdLogger(Logger):
             print(f"ckptd: {text}", file=sys.stderr)
 
 
-__all__ = ["CkptdLogger", "CkptdCheckpointIO", "flat_params"]
+__all__ = ["CkptdLogger", "CkptdCheckpointIO"]
