@@ -109,8 +109,9 @@ def test_killed_lightning_run_resumes_to_the_same_weights(home: Path, daemon: Da
     env = env_for(home, CKPTD_RUN_ID=run_id, CKPTD_ATTEMPT="2")
     resumed = run_script(home, TRAIN, env=env, args=[os.fspath(out), "-1"])
     restored = resumed.stdout.split("RESTORED ")[1].split()[0]
-    # adopted as the last step whose metrics the checkpoint covers (global_step - 1)
-    checkpoint_steps = [s - 1 for s in range(STEPS_PER_EPOCH, kill_at + 1, STEPS_PER_EPOCH)]
+    # epoch-end saves come after the epoch's last batch: one at kill_at is not made.
+    # Adopted as the last step whose metrics the checkpoint covers (global_step - 1)
+    checkpoint_steps = [s - 1 for s in range(STEPS_PER_EPOCH, kill_at, STEPS_PER_EPOCH)]
     assert restored == (str(checkpoint_steps[-1]) if checkpoint_steps else "None"), (
         resumed.stdout, resumed.stderr[-3000:])
 
