@@ -440,7 +440,7 @@ class Store:
         """Count the log events whose stored copy differs (not a replay), by the
         first row of each (another writer's event differs in its time at least).
         Runs only when some row was ignored: replays after a reconnect."""
-        for run_id, attempt, src, seq, key, step, value, t in metrics:
+        for run_id, attempt, src, seq, key, step, value, t, _rank in metrics:
             old = self.conn.execute(
                 "SELECT step, value, time FROM metrics WHERE run_id = ? AND attempt = ?"
                 " AND src = ? AND seq = ? AND key = ?", (run_id, attempt, src, seq, key)
