@@ -213,11 +213,15 @@ class Run:
 
         return checkpointer_for(self).checkpoint(state, step, metrics)
 
-    def restore(self, map_location: Any = None) -> Any:
-        """The newest checkpoint that verifies (RNG states restored last), or None."""
+    def restore(self, map_location: Any = None, into: Any = None) -> Any:
+        """The newest checkpoint that verifies (RNG states restored last), or None.
+
+        ``into`` (e.g. ``{"model": model.state_dict(), "opt": opt.state_dict()}``):
+        verify and copy straight into those tensors in one pass over the file.
+        """
         from .checkpoint import restore
 
-        return restore(self, map_location)
+        return restore(self, map_location, into)
 
     def logging_handler(self, level: int = logging.INFO) -> logging.Handler:
         """A ``logging.Handler`` that records each log record as a run event."""
