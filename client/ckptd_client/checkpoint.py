@@ -25,17 +25,18 @@ On disk a checkpoint is a directory ``step-<N>/`` holding:
 
 * ``tensors.bin``: every tensor's raw bytes, at 64-byte-aligned offsets;
 * ``manifest.json``: the nested structure (dicts, lists, tuples, plain
-  values inline, tensors by index), each tensor's dtype/shape/offset, and a
-  sha256 and a crc32 per 64 MiB chunk of ``tensors.bin``. The store's row
-  holds the sha256 of the manifest itself, so one value pins the whole
-  checkpoint.
+  values inline, tensors by index; tensors sharing one view, e.g. tied
+  embeddings, once), each tensor's dtype/shape/offset, and a blake3 per
+  64 MiB chunk of ``tensors.bin``, computed by the daemon in the pass that
+  writes the file. The store's row holds the sha256 of the manifest itself,
+  so one value pins the whole checkpoint.
 
-Verification: ``ckptd ckpt verify``, the daemon's start-up reconcile and
-``export`` re-compute every chunk's sha256. ``restore()`` checks the
-manifest's sha256 against the store and every chunk's crc32: that catches
-the damage crashes and disks cause (flipped bits, torn or truncated files)
-at memory speed, so a restore costs about what ``torch.load(mmap=True)``
-does instead of a full sha256 pass (~0.5 s per GiB per core).
+Verification: ``ckptd ckpt verify``, the daemon's start-up reconcile,
+``export`` and ``restore()`` all check every chunk's blake3 (cryptographic:
+any flipped, torn or truncated byte fails; ~7 GB/s a core, so restore pays
+about what ``torch.load(mmap=True)`` does). ``restore(into=...)`` hashes
+each piece right before copying it into the model. Checkpoints from before
+blake3 record sha256 (verify) and crc32 (restore) and are checked with those.
 
 Nothing is pickled: loading runs no code, and ``ckptd ckpt export`` turns a
 checkpoint into one plain ``torch.save`` file (``weights_only=True``-safe).
