@@ -154,3 +154,26 @@ print("into", torch.equal(m2.emb.weight, m.emb.weight), m2.head.weight is m2.emb
 run.finish()
 """, timeout=300).stdout
     assert "stored 1" in out and "shared True True" in out and "into True True" in out, out
+
+
+def test_hash_dir_and_verify_files_catch_damage(tmp_path: Path) -> None:
+    """The pair adopted (not ckptd-written) checkpoint directories are checked with."""
+    d = tmp_path / "adopted"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.bin").write_bytes(os.urandom((64 << 20) + 5))  # two chunks
+    (d / "sub" / "b.json").write_bytes(b"{}")
+    files = fmt.hash_dir(d)
+    assert sorted(files) == ["a.bin", "sub/b.json"] and len(files["a.bin"]["blake3"]) == 2
+    fmt.verify_files(d, files)
+    with open(d / "a.bin", "r+b") as f:
+        f.seek((64 << 20) + 1)
+        b = f.read(1)
+        f.seek((64 << 20) + 1)
+        f.write(bytes([b[0] ^ 0x10]))
+    with pytest.raises(CheckpointError, match="chunk 1 .* fails its blake3"):
+        fmt.verify_files(d, files)
+    (d / "sub" / "b.json").write_bytes(b"{")
+    with pytest.raises(CheckpointError, match="truncated"):
+        fmt.verify_files(d, {"sub/b.json": files["sub/b.json"]})
+    with pytest.raises(CheckpointError, match="leaves the directory"):
+        fmt.verify_files(d, {"../x": files["sub/b.json"]})

@@ -258,7 +258,8 @@ def hash_file(path: Path, algo: str = HASH_ALGO) -> dict[str, Any]:
     hasher = ChunkHasher(algo)
     size = 0
     buf = bytearray(PIECE)
-    with open(path, "rb", buffering=0) as f:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # never a planted link
+    with open(fd, "rb", buffering=0) as f:
         while n := f.readinto(buf):
             hasher.update(memoryview(buf)[:n])
             size += n
@@ -283,8 +284,11 @@ def verify_files(d: Path, files: dict[str, dict[str, Any]],
         path = d / name
         if ".." in Path(name).parts or Path(name).is_absolute():
             raise CheckpointError(f"verify {d}: file name {name!r} leaves the directory")
-        algo = pick_check(info, prefer)
-        got = hash_file(path, algo)
+        algo = _pick(path, info, prefer)
+        try:
+            got = hash_file(path, algo)
+        except OSError as exc:
+            raise CheckpointError(f"read {path}: {exc.strerror or exc}") from None
         _compare(path, got["bytes"], info.get("bytes"), got[algo], info[algo], algo)
 
 
