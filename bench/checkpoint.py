@@ -201,8 +201,8 @@ def main() -> None:
     finally:
         run.finish()
         dcp.close()
-        try:
-            transport.call(home, "stop", autostart=False)
+        try:  # force: without it the daemon refused ("runs connected") and stayed up
+            transport.call(home, "stop", {"force": True}, autostart=False)
         except Exception:  # noqa: BLE001
             pass
         time.sleep(0.5)
