@@ -217,14 +217,14 @@ print("warned", [str(w.message) for w in caught])
 run.finish()
 """, env=env_for(home, CKPTD_RUN_ID=run_id, CKPTD_ATTEMPT="2"))
     assert "restored 10 10.0" in proc.stdout
-    assert "skipped checkpoint step 20" in proc.stdout and "fails its crc32" in proc.stdout
+    assert "skipped checkpoint step 20" in proc.stdout and "fails its blake3" in proc.stdout
     events = db_rows(home, "SELECT message FROM events WHERE run_id = ? AND level = 'warning'",
                      (run_id,))
     assert any("skipped checkpoint step 20" in m for (m,) in events)
     verify = ckptd(home, "ckpt", "verify", run_id)
     assert verify.returncode != 0
     assert "step 20" in verify.stderr and "corrupt" in verify.stderr
-    assert "fails its sha256" in verify.stdout
+    assert "fails its blake3" in verify.stdout
     assert ckpt_rows(home) == [(10, "committed"), (20, "corrupt")]
 
 

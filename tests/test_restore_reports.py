@@ -39,7 +39,7 @@ run.finish()
     proc = run_script(home, RESTORE, env=env_for(home, CKPTD_RUN_ID=run_id, CKPTD_ATTEMPT="2"))
     assert "restored 10" in proc.stdout
     assert "skipped checkpoint step 20: marked corrupt earlier" in proc.stdout, proc.stdout
-    assert "sha256" in proc.stdout  # the reason verify recorded
+    assert "blake3" in proc.stdout  # the reason verify recorded
     events = db_rows(home, "SELECT message FROM events WHERE run_id = ? AND attempt = 2"
                      " AND level = 'warning'", (run_id,))
     assert any("skipped checkpoint step 20" in m for (m,) in events)

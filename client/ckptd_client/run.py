@@ -317,8 +317,10 @@ class Run:
     def restore(self, map_location: Any = None, into: Any = None) -> Any:
         """The newest checkpoint that verifies (RNG states restored last), or None.
 
-        ``into``: load in place into this state dict (required under
-        torch.distributed, where DCP needs the target layout); returns it.
+        ``into`` (e.g. ``{"model": model.state_dict(), "opt": opt.state_dict()}``):
+        verify and copy straight into those tensors in one pass over the file
+        (required under torch.distributed, where DCP needs the target layout;
+        a sharded step is loaded with ``torch.distributed.checkpoint``).
 
         Call it after the model and optimizer are built, right before the
         training loop: the RNG states are put back at once, so the loop
@@ -332,12 +334,12 @@ class Run:
         from . import dcp
         from .checkpoint import restore
 
-        if into is not None:
-            return dcp.restore(self, into)
         if dcp.in_process_group():
-            raise TypeError("under torch.distributed, restore needs the target: "
-                            "run.restore(into=state)")
-        return restore(self, map_location)
+            if into is None:
+                raise TypeError("under torch.distributed, restore needs the target: "
+                                "run.restore(into=state)")
+            return dcp.restore(self, into)
+        return restore(self, map_location, into)
 
     def adopt_checkpoint(self, path: str | os.PathLike[str], step: int,
                          metrics: dict[str, Any] | None = None) -> Any:
