@@ -51,7 +51,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--old", default=None)
     args = ap.parse_args()
-    from ckptd import checkpoints as new
+    from ckptd.daemon import checkpoints as new
 
     size = args.mib << 20
     fd = os.memfd_create("bench")
@@ -66,7 +66,7 @@ def main() -> int:
         import hashlib
         import zlib
 
-        from ckptd_client import checkpoint as fmt
+        from ckptd_client.checkpoint import format as fmt
         old = load_old(args.old)
         old_checks = {"sha256": lambda v: hashlib.sha256(v).hexdigest(),
                       "crc32": lambda v: f"{zlib.crc32(v):08x}"}

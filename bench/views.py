@@ -33,7 +33,7 @@ sys.path[:0] = [str(REPO), str(REPO / "client")]
 
 from ckptd_client import paths  # noqa: E402
 
-from ckptd.store import Store  # noqa: E402
+from ckptd.store.writer import Store  # noqa: E402
 
 RUN = "20260101-000000-000001"
 
@@ -89,7 +89,7 @@ def main() -> None:
     try:
         print(f"building {args.points:,} points ...", flush=True)
         print(f"build: {timed(lambda: build(home, args.points)):.1f} s")
-        from ckptd.query import Reader
+        from ckptd.store.query import Reader
         from ckptd.views import series
 
         with Reader(home) as reader:

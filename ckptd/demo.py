@@ -72,7 +72,7 @@ def run_demo(home: Path, steps: int = 300, out: Callable[[str], None] = print) -
     import ckptd_client as ckptd
     import torch
 
-    from .retention import LatestN
+    from ckptd.daemon.retention import LatestN
 
     out(f"ckptd demo: training a small MLP for {steps} steps (home {home})")
     with ckptd.init(project="demo", name="demo", config={"steps": steps}, seed=0,
@@ -119,8 +119,8 @@ def weights_hash(model: Any) -> str:
 def crash_and_resume(home: Path, steps: int, out: Callable[[str], None] = print) -> bool:
     """Train uninterrupted; train again, SIGKILL it half-way, ``ckptd resume``
     it; say whether the final weights are bit-identical."""
-    from . import query
-    from .resume import resume
+    from ckptd.store import query
+    from ckptd.supervise.resume import resume
 
     out("")
     out(f"crash test: {steps} steps in a process of its own, killed with SIGKILL half-way, "
@@ -161,7 +161,7 @@ def _wait_run(home: Path, name: str, pred: Callable[[dict[str, Any]], bool],
               timeout: float = 60) -> dict[str, Any]:
     from ckptd_client.errors import NotFound
 
-    from . import query
+    from ckptd.store import query
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

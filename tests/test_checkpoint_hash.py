@@ -15,7 +15,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from ckptd_client import checkpoint as fmt
+from ckptd_client.checkpoint import format as fmt
 from ckptd_client.errors import CheckpointError
 from helpers import DaemonProc, env_for, run_script
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckptd_client import checkpoint as fmt
+from ckptd_client.checkpoint import format as fmt
 from helpers import DaemonProc, ckptd, db_rows, env_for, run_script, wait_for
 
-from ckptd import crashpoints
+from ckptd.daemon import crashpoints
 
 #: Sends one checkpoint and dies at once: its snapshot was taken, so the daemon
 #: owes it a commit whatever happens next.

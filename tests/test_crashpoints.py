@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import pytest
-from ckptd_client import checkpoint as fmt
 from ckptd_client import paths, transport
+from ckptd_client.checkpoint import format as fmt
 from helpers import (
     REPO,
     RESTORE_SCRIPT,
@@ -37,7 +37,7 @@ from helpers import (
     wait_for,
 )
 
-from ckptd import crashpoints
+from ckptd.daemon import crashpoints
 
 #: Logs ``N`` steps, flushing every 50, then finishes. Prints its run id first.
 EVENTS_TRAINER = """

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 from ckptd_client import paths, protocol
-from ckptd_client.run import LEVELS, valid_run_id
+from ckptd_client.identity import LEVELS, valid_run_id
 from helpers import DaemonProc, db_rows, env_for, run_script, wait_for
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st

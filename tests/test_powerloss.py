@@ -226,7 +226,7 @@ def check_cut(tmp: Path, copy: Path, seen: tuple[Any, ...], run_id: str,
 
 def _check_durable_checkpoint(home: Path, db: Path, run_id: str, step: int) -> None:
     """The checkpoint whose handle reported durable is committed and verifies."""
-    from ckptd_client import checkpoint as fmt
+    from ckptd_client.checkpoint import format as fmt
 
     conn = sqlite3.connect(db, timeout=30)
     try:

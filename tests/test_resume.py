@@ -262,7 +262,7 @@ def test_restart_limit_stops_auto_resume(home: Path) -> None:
 
 
 def test_relaunch_policy_is_pure_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ckptd.autoresume import MAX_BACKOFF_S, backoff, stuck
+    from ckptd.daemon.autoresume import MAX_BACKOFF_S, backoff, stuck
 
     monkeypatch.setenv("CKPTD_RESTART_BACKOFF", "5")
     assert [backoff(n) for n in range(4)] == [5, 10, 20, 40]

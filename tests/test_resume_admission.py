@@ -86,7 +86,7 @@ def test_a_reboot_relaunches_a_few_runs_at_a_time(home: Path) -> None:
 
 
 def test_backoff_jitter_is_per_run_and_bounded(monkeypatch) -> None:
-    from ckptd.autoresume import backoff
+    from ckptd.daemon.autoresume import backoff
 
     monkeypatch.setenv("CKPTD_RESTART_BACKOFF", "10")
     delays = {backoff(1, f"run-{i}") for i in range(20)}
@@ -96,7 +96,7 @@ def test_backoff_jitter_is_per_run_and_bounded(monkeypatch) -> None:
 
 
 def test_gpu_admission_waits_only_when_a_gpu_is_seen() -> None:
-    from ckptd.autoresume import gpu_free_mib, gpu_ready
+    from ckptd.daemon.autoresume import gpu_free_mib, gpu_ready
 
     free = gpu_free_mib()  # None here without nvidia-smi; a list of MiB on a GPU machine
     assert free is None or (free and all(isinstance(x, int) and x >= 0 for x in free))

@@ -20,7 +20,7 @@ from pathlib import Path
 from ckptd_client import paths, protocol
 from helpers import DaemonProc, ckptd, db_rows, env_for, spawn_script, wait_for
 
-from ckptd.store import Store
+from ckptd.store.writer import Store
 
 RUN = "20260101-000000-000002"
 STEPS, KEYS, RESTORED_AT = 20_000, 100, 1000

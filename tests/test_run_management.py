@@ -182,7 +182,7 @@ def test_keys_lists_counts_last_values_and_system_metrics(home: Path) -> None:
 def test_a_version_1_store_is_migrated_and_readable_before(home: Path) -> None:
     import sqlite_utils
 
-    from ckptd import store
+    from ckptd.store import writer as store
 
     conn = sqlite3.connect(home / "ckptd.db")
     store._create_v1(sqlite_utils.Database(conn))
@@ -206,7 +206,7 @@ def test_a_version_1_store_is_migrated_and_readable_before(home: Path) -> None:
 
 
 def test_a_half_removed_run_directory_is_swept_at_startup(home: Path) -> None:
-    from ckptd.manage import REMOVING_SUFFIX
+    from ckptd.daemon.manage import REMOVING_SUFFIX
 
     left = home / "runs" / ("20260101-000000-abcdef" + REMOVING_SUFFIX) / "checkpoints"
     left.mkdir(parents=True)

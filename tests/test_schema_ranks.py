@@ -7,7 +7,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from ckptd.store import SCHEMA_VERSION, Store, _create_v1
+from ckptd.store.writer import SCHEMA_VERSION, Store, _create_v1
 
 
 def test_v1_store_migrates_to_ranks_keeping_rows(tmp_path: Path) -> None:

@@ -173,7 +173,7 @@ def test_run_id_with_a_trailing_newline_is_invalid() -> None:
     """Found by this suite: ``re.match`` with ``$`` accepted "run\\n" (``$``
     matches before a final newline), creating a run and a directory whose
     name ends in a newline. Now the whole id must match."""
-    from ckptd_client.run import valid_run_id
+    from ckptd_client.identity import valid_run_id
 
     assert not valid_run_id("run\n")
     assert valid_run_id("run-1.a_b")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, ckptd, env_for
 
-from ckptd.service import render_unit
+from ckptd.supervise.service import render_unit
 
 ANALYZE = shutil.which("systemd-analyze")
 

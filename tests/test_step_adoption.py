@@ -13,8 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
-from ckptd_client import checkpoint as fmt
 from ckptd_client import paths
+from ckptd_client.checkpoint import format as fmt
 from helpers import RESTORE_SCRIPT, DaemonProc, ckptd, db_rows, env_for, run_script, wait_for
 
 TRAIN = """

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from ckptd_client import protocol
 
-from ckptd.store import SCHEMA_VERSION, SchemaTooNew, Store
+from ckptd.store.writer import SCHEMA_VERSION, SchemaTooNew, Store
 
 REPO = Path(__file__).resolve().parent.parent
 

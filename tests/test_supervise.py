@@ -12,7 +12,7 @@ from pathlib import Path
 
 from helpers import DaemonProc, ckptd, db_rows, env_for, spawn_script, wait_for
 
-from ckptd.supervise import LineSplitter, exit_status
+from ckptd.supervise.supervisor import LineSplitter, exit_status
 
 
 def test_line_splitter_keeps_the_last_state_of_a_progress_bar() -> None:

@@ -18,8 +18,8 @@ from typing import Any
 
 from ckptd_client.errors import CkptdError, NotFound
 
-from ..query import Reader
-from . import stats
+from ckptd.analysis import stats
+from ckptd.store.query import Reader
 
 #: Key names that are "higher is better" when the user did not say.
 HIGHER_WORDS = re.compile(r"(acc|accuracy|reward|return|score|f1|auc|precision|recall|bleu|"

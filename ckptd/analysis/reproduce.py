@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from ckptd_client.errors import CkptdError, NotFound
-from ckptd_client.run import new_run_id
+from ckptd_client.identity import new_run_id
 
-from ..query import Reader
+from ckptd.store.query import Reader
 
 #: Where the clean worktrees go, under the home (kept: the new run's cwd is there).
 WORKTREES = "reproduce"

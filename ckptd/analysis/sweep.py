@@ -38,13 +38,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptd_client.errors import CkptdError
-from ckptd_client.run import new_run_id, process_start_time
-
-from ..daemon import STARTUP_HOOKS, Conn, Daemon, rpc
+from ckptd_client.identity import new_run_id, process_start_time
 
 if TYPE_CHECKING:
-    from ..query import Reader
-    from ..store import Store
+    from ckptd.daemon.server import Conn, Daemon
+    from ckptd.store.query import Reader
+    from ckptd.store.writer import Store
 
 log = logging.getLogger("ckptd.sweep")
 
@@ -164,7 +163,6 @@ ACTIVE = ("launching", "running", "resuming")
 
 # -------------------------------------------------------------- daemon side
 
-@rpc("sweep_create")
 def sweep_create(daemon: Daemon, args: dict[str, Any], conn: Conn) -> dict[str, Any]:
     """Record a sweep (or find the same one again); the scheduler takes it from there."""
     name, items = args.get("name"), args.get("items")
@@ -197,7 +195,7 @@ def scan(daemon: Daemon, now: float | None = None) -> list[str]:
     if daemon.stop.is_set():
         return []
     now = time.time() if now is None else now
-    from ..liveness import process_alive
+    from ckptd.daemon.liveness import process_alive
 
     def work(store: Store) -> list[dict[str, Any]]:
         due = []
@@ -258,7 +256,7 @@ _children: list[subprocess.Popen[bytes]] = []
 
 def launch(home: Path, item: dict[str, Any]) -> subprocess.Popen[bytes]:
     """Start ``ckptd run`` for one item, detached like an auto-resume supervisor."""
-    from ..resume import supervisor_log
+    from ckptd.supervise.resume import supervisor_log
 
     sweep = item["sweep_row"]
     params = json.loads(item["params"])
@@ -300,7 +298,6 @@ def start_scheduler(daemon: Daemon) -> None:
     threading.Thread(target=_scheduler, args=(daemon,), name="ckptd-sweep", daemon=True).start()
 
 
-STARTUP_HOOKS.append(start_scheduler)
 
 
 # ------------------------------------------------------------------ reading

@@ -22,8 +22,8 @@ from typing import Any
 
 from ckptd_client.errors import CkptdError
 
-from .. import query
-from . import need
+from ckptd.exports import need
+from ckptd.store import query
 
 FORMATS = ("tensorboard", "csv", "parquet", "jsonl")
 LONG_COLUMNS = ("run", "attempt", "step", "key", "value", "time")

@@ -14,7 +14,7 @@ from typing import Any
 
 from ckptd_client.errors import CkptdError
 
-from . import need
+from ckptd.exports import need
 
 #: The metadata key holding the non-tensor leaves, as JSON.
 EXTRA_KEY = "ckptd.extra"

@@ -13,8 +13,8 @@ from typing import Any
 
 from ckptd_client.errors import CkptdError
 
-from ..query import Reader, UnknownKey, printable
-from . import series
+from ckptd.store.query import Reader, UnknownKey, printable
+from ckptd.views import series
 
 FORMATS = (".png", ".svg", ".html")
 

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..query import Reader, effective
+from ckptd.store.query import Reader, effective
 
 #: SQL condition: a metric row is on the effective timeline (no later attempt
 #: resumed from a step before it).

@@ -24,8 +24,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from ..query import Reader, json_safe, printable, redact
-from . import series
+from ckptd.store.query import Reader, json_safe, printable, redact
+from ckptd.views import series
 
 STATIC = Path(__file__).resolve().parent / "static"
 POLL_S = 0.25

@@ -24,8 +24,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Input, RichLog, Static
 
-from ..query import Cursor, Reader, printable
-from . import series
+from ckptd.store.query import Cursor, Reader, printable
+from ckptd.views import series
 
 TICK_S = 0.25
 #: Checkpoint dots drawn per curve (more would hide the line in a terminal).

@@ -39,8 +39,10 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import checkpoint as fmt
 from . import paths, protocol, transport
+from .checkpoint import format as fmt
+from .checkpoint import restore as restoring
+from .checkpoint import snapshot
 from .errors import CheckpointError, CkptdError
 from .spool import fsync_dir
 
@@ -113,7 +115,7 @@ def save(run: Run, state: Any, step: int, metrics: dict[str, Any] | None) -> Any
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise TypeError(f"checkpoint step must be a non-negative int, not {step!r}")
     values = {k: protocol.check_metric(k, v) for k, v in (metrics or {}).items()}
-    handle = fmt.CheckpointHandle(step)
+    handle = snapshot.CheckpointHandle(step)
     rank, world = dist.get_rank(), dist.get_world_size()
     root = paths.checkpoints_dir(run.home, run.id)
     staging = root / (fmt.step_dir_name(step) + DCP_STAGING)
@@ -250,7 +252,8 @@ def restore(run: Run, into: Any) -> Any:
 
     for row in fmt.committed_rows(run.home, run.id):
         if row["status"] == "corrupt":
-            fmt._skip(run, row["step"], f"marked corrupt earlier ({row['reason'] or 'no reason'})")
+            restoring.skip(run, row["step"],
+                           f"marked corrupt earlier ({row['reason'] or 'no reason'})")
             continue
         ckpt_dir = paths.checkpoints_dir(run.home, run.id) / fmt.step_dir_name(row["step"])
         try:
@@ -263,14 +266,14 @@ def restore(run: Run, into: Any) -> Any:
                 copy_into(into, payload["state"], "state")
                 rng_state = fmt.clone_tensors(payload.get("rng"))
         except CheckpointError as exc:
-            fmt._skip(run, row["step"], str(exc))
-            fmt._report_corrupt(run, row["step"], str(exc))
+            restoring.skip(run, row["step"], str(exc))
+            restoring.report_corrupt(run, row["step"], str(exc))
             continue
         if rng_state:
             rng.restore(rng_state)  # last: nothing after draws a number
-        fmt._announce(run, row["step"])
+        restoring.announce(run, row["step"])
         return into
-    fmt._announce(run, None)
+    restoring.announce(run, None)
     return None
 
 

@@ -113,7 +113,7 @@ def agree_run_id(ranks: Ranks, propose: str) -> str:
                                   timeout=timedelta(seconds=STORE_TIMEOUT_S))
             got = store.compare_set(f"ckptd/run_id/{elastic}", "", propose)
             winner = got.decode() if isinstance(got, bytes) else str(got)
-            from .run import valid_run_id
+            from .identity import valid_run_id
 
             if valid_run_id(winner):
                 return winner

@@ -16,7 +16,7 @@ from typing import Any
 
 def collect(cwd: str | None = None) -> dict[str, Any]:
     """Gather provenance; every part is best effort and bounded in time."""
-    from .run import boot_id
+    from .identity import boot_id
 
     info: dict[str, Any] = {
         "host": socket.gethostname(),

@@ -30,7 +30,6 @@ import collections
 import contextlib
 import logging
 import os
-import re
 import select
 import socket
 import sys
@@ -42,6 +41,13 @@ from typing import Any
 
 from . import paths, protocol, transport
 from .errors import CkptdError, DaemonUnavailable
+from .identity import (
+    LEVELS,
+    boot_id,
+    new_run_id,
+    process_start_time,
+    valid_run_id,
+)
 from .spool import SpoolWriter, encode_record
 
 #: Unacked events kept in memory before the oldest are moved to the spool.
@@ -66,17 +72,6 @@ MAX_BACKLOG = 1_000_000
 #: A deep buffer lets log() hand frames to the kernel while the daemon commits,
 #: instead of spilling them to the spool (slower for both sides).
 SEND_BUFFER = 4 << 20
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-LEVELS = ("debug", "info", "warning", "error", "critical")
-
-
-def valid_run_id(run_id: str) -> bool:
-    """Run ids become directory names: no separators, no ``..``, no NUL."""
-    return bool(RUN_ID_RE.fullmatch(run_id)) and ".." not in run_id
-
-
-def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(3).hex()
 
 
 def new_src(kind: str = "c") -> str:
@@ -98,31 +93,6 @@ def is_worker() -> bool:
                 or bool(getattr(mp.current_process(), "_inheriting", False)))
     except Exception:  # noqa: BLE001 - an exotic multiprocessing: assume the main process
         return False
-
-
-def process_start_time(pid: int | None = None) -> float | None:
-    """Process start as seconds since the epoch, the way psutil computes it,
-    so the daemon can tell a live process from a recycled pid."""
-    try:
-        with open(f"/proc/{pid or os.getpid()}/stat", "rb") as f:
-            stat = f.read()
-        ticks = int(stat.rsplit(b")", 1)[1].split()[19])
-        with open("/proc/stat", "rb") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime"))
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-
-
-def boot_id() -> str:
-    override = os.environ.get("CKPTD_TEST_BOOT_ID")
-    if override:
-        return override
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return "unknown"
 
 
 class Run:
@@ -265,7 +235,7 @@ class Run:
         with self._lock:
             self._emit_locked(msg)
 
-    def _register_process(self, pid: int) -> None:
+    def register_process(self, pid: int) -> None:
         """Name the process doing this attempt's work (what a supervisor says of
         its child, so liveness follows a command that never uses the client)."""
         msg = {"t": protocol.REGISTER, "time": time.time(), "joined": True, "pid": pid,
@@ -308,7 +278,7 @@ class Run:
             names its path, e.g. ``state['opt']['foo']``).
         """
         from . import dcp
-        from .checkpoint import checkpointer_for
+        from .checkpoint.snapshot import checkpointer_for
 
         if dcp.in_process_group():  # collective, in torch.distributed.checkpoint format
             return dcp.save(self, state, step, metrics)
@@ -332,7 +302,7 @@ class Run:
         warns once, on stderr and as a run event, naming this fix.
         """
         from . import dcp
-        from .checkpoint import restore
+        from .checkpoint.restore import restore
 
         if dcp.in_process_group():
             if into is None:
@@ -494,7 +464,7 @@ class Run:
 
     # ------------------------------------------------------------- internals
 
-    def _start(self, register: dict[str, Any] | None) -> None:
+    def start(self, register: dict[str, Any] | None) -> None:
         """Connect (starting a daemon when allowed), register, start the link thread.
 
         ``register`` is None when the attempt was already begun by the daemon
@@ -1007,7 +977,7 @@ def init(
     if worker:
         # A worker adds events to the run it joined; registering would make
         # its pid the attempt's (and its exit the run's end).
-        run._start(None)
+        run.start(None)
         _install_process_hooks()
         return run
     register: dict[str, Any] = {
@@ -1033,7 +1003,7 @@ def init(
         )
     if retention is not None:
         register["retention"] = retention.to_dict() if hasattr(retention, "to_dict") else retention
-    run._start(register if run.rank == 0 else None)
+    run.start(register if run.rank == 0 else None)
     _install_process_hooks()
     if not worker:
         # what this process's spawned workers join (see is_worker)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ckptd_client.checkpoint import STAGING_SUFFIX, step_dir_name
+from ckptd_client.checkpoint.format import STAGING_SUFFIX, step_dir_name
 from helpers import REPO, DaemonProc, ckptd, db_rows, env_for, wait_for
 from machine import CONTAINER_PATH, Machine, python_prefix
 

@@ -88,7 +88,7 @@ def verify_adopted(ckpt_dir: Path, adopted: dict[str, Any]) -> Path:
 
     :raises CheckpointError: a file is missing, has the wrong size or fails a hash.
     """
-    from ..checkpoint import chunk_hashes
+    from ..checkpoint.format import chunk_hashes
 
     root = ckpt_dir / ADOPTED_DIR
     algo = adopted["algo"]
@@ -122,20 +122,13 @@ def latest_path(run: Run) -> str | None:
     skips (saying why) what fails verification, and records the step this
     attempt continues from. Native checkpoints are not paths: passed over.
     """
-    from ..checkpoint import (
-        _announce,
-        _await_commits,
-        _report_corrupt,
-        _skip,
-        committed_rows,
-        read_manifest,
-        step_dir_name,
-    )
+    from ..checkpoint.format import committed_rows, read_manifest, step_dir_name
+    from ..checkpoint.restore import announce, await_commits, report_corrupt, skip
 
-    _await_commits(run)
+    await_commits(run)
     for row in committed_rows(run.home, run.id):
         if row["status"] == "corrupt":
-            _skip(run, row["step"], f"marked corrupt earlier ({row['reason'] or 'no reason'})")
+            skip(run, row["step"], f"marked corrupt earlier ({row['reason'] or 'no reason'})")
             continue
         ckpt_dir = paths.checkpoints_dir(run.home, run.id) / step_dir_name(row["step"])
         try:
@@ -144,10 +137,10 @@ def latest_path(run: Run) -> str | None:
                 continue
             found = verify_adopted(ckpt_dir, manifest["adopted"])
         except CheckpointError as exc:
-            _skip(run, row["step"], str(exc))
-            _report_corrupt(run, row["step"], str(exc))
+            skip(run, row["step"], str(exc))
+            report_corrupt(run, row["step"], str(exc))
             continue
-        _announce(run, row["step"])
+        announce(run, row["step"])
         return os.fspath(found)
-    _announce(run, None)
+    announce(run, None)
     return None

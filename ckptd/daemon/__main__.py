@@ -1,0 +1,7 @@
+"""``python -m ckptd.daemon``: what auto-start and the tests run (``ckptd daemon`` is the same)."""
+
+import sys
+
+from ckptd.daemon.server import main
+
+sys.exit(main())

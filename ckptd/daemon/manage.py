@@ -1,0 +1,132 @@
+"""Run management in the daemon: rename, tag, note and remove runs.
+
+The CLI (:mod:`ckptd.cli_manage`) resolves names to run ids read-only and
+sends one RPC per change; every write happens here, in the writer thread
+(:meth:`Daemon.call_writer`), so ``store`` stays the only SQLite writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ckptd_client import paths
+from ckptd_client.errors import NotFound, UsageError
+from ckptd_client.identity import valid_run_id
+from ckptd_client.spool import fsync_dir
+
+from ckptd.daemon.checkpoints import run_lock
+
+if TYPE_CHECKING:
+    from ckptd.daemon.server import Conn, Daemon
+
+log = logging.getLogger("ckptd.manage")
+
+#: A run directory being removed: renamed to this first, so a crash half-way
+#: through ``rmtree`` never leaves something that looks like a run's files.
+REMOVING_SUFFIX = ".ckptd-rm"
+MAX_NAME = 200
+MAX_TAG = 100
+MAX_NOTE = 10_000
+
+
+def _run_id(op: str, args: dict[str, Any]) -> str:
+    run = args.get("run")
+    if not isinstance(run, str) or not valid_run_id(run):
+        raise NotFound(f"{op}: no run {run!r}")
+    return run
+
+
+def check_text(op: str, what: str, value: object, limit: int, *, spaces: bool = True) -> str:
+    """A name, tag or note as given by a person: non-empty, bounded, printable."""
+    if not isinstance(value, str) or not value.strip():
+        raise UsageError(f"{op}: the {what} must be a non-empty string")
+    if len(value) > limit:
+        raise UsageError(f"{op}: the {what} is {len(value)} characters; at most {limit}")
+    allowed = "\n\t" if what == "note" else ""
+    if any((ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0) and c not in allowed for c in value):
+        raise UsageError(f"{op}: the {what} {value!r} holds control characters")
+    if not spaces and any(c.isspace() or c == "," for c in value):
+        raise UsageError(f"{op}: the {what} {value!r} holds a space or comma; tags are "
+                         "single words (e.g. baseline, lr-sweep)")
+    return value
+
+
+def rpc_rename(daemon: Daemon, args: dict[str, Any], conn: Conn) -> dict[str, Any]:
+    run = _run_id("rename", args)
+    name = check_text("rename", "new name", args.get("name"), MAX_NAME)
+    daemon.call_writer(lambda store: store.rename_run(run, name))
+    return {"id": run, "name": name}
+
+
+def rpc_note(daemon: Daemon, args: dict[str, Any], conn: Conn) -> dict[str, Any]:
+    run = _run_id("note", args)
+    text = args.get("text")
+    if text == "":
+        text = None  # `ckptd note RUN ""` clears it
+    else:
+        text = check_text("note", "note", text, MAX_NOTE)
+    daemon.call_writer(lambda store: store.note_run(run, text))
+    return {"id": run, "note": text}
+
+
+def rpc_tag(daemon: Daemon, args: dict[str, Any], conn: Conn) -> dict[str, Any]:
+    run = _run_id("tag", args)
+    tags = args.get("tags")
+    if not isinstance(tags, list) or not tags:
+        raise UsageError("tag: give at least one tag")
+    tags = [check_text("tag", "tag", t, MAX_TAG, spaces=False) for t in tags]
+    untag = bool(args.get("untag"))
+    now = daemon.call_writer(lambda store: store.tag_run(run, tags, untag))
+    return {"id": run, "tags": now}
+
+
+def rpc_rm(daemon: Daemon, args: dict[str, Any], conn: Conn) -> dict[str, Any]:
+    """Remove a run: its files first out of sight, then its rows, then the files.
+
+    CRASH WINDOW (after the rename, before the rows go): the run is still
+    listed but its checkpoints are gone; ``rm`` again finishes it, and the
+    start-up sweep deletes the renamed directory. CRASH WINDOW (after the
+    rows, during the ``rmtree``): only the renamed directory is left; the
+    start-up sweep deletes it. No crash leaves rows pointing at torn files
+    that ``restore()`` could pick: the rows' files never change, they vanish.
+    """
+    run = _run_id("rm", args)
+    with run_lock(run):  # no checkpoint commit, gc or verify of this run meanwhile
+        daemon.call_writer(lambda store: store.removable(run))
+        home = daemon.home
+        src = paths.run_dir(home, run)
+        gone = src.with_name(src.name + REMOVING_SUFFIX)
+        if src.exists():
+            os.rename(src, gone)
+            fsync_dir(src.parent)
+        removed = daemon.call_writer(lambda store: store.remove_run(run))
+        shutil.rmtree(gone, ignore_errors=True)
+        if gone.parent.exists():
+            fsync_dir(gone.parent)
+    return removed
+
+
+def sweep_removed(home: Path) -> list[Path]:
+    """Delete run directories a crash left half-removed (see :func:`rpc_rm`)."""
+    root = home / paths.RUNS_DIR
+    found = [p for p in root.iterdir() if p.name.endswith(REMOVING_SUFFIX)] \
+        if root.is_dir() else []
+    for p in found:
+        log.info("removing %s (a crash during `ckptd rm`)", p)
+        shutil.rmtree(p, ignore_errors=True)
+    return found
+
+
+def startup(daemon: Daemon) -> None:
+    try:
+        sweep_removed(daemon.home)
+    except OSError as exc:  # a sweep must never stop the daemon from serving
+        log.warning("cannot sweep removed runs: %s", exc)
+
+
+
+__all__ = ["REMOVING_SUFFIX", "check_text", "sweep_removed"]

@@ -1,0 +1,8 @@
+"""Running a training command under ckptd: ``ckptd run`` (``supervisor``),
+``ckptd resume`` (``resume``) and the systemd unit that brings the daemon back
+at boot (``service``).
+
+May import: ``ckptd_client`` (a supervisor is a client of its own run),
+``ckptd.store`` (read-only queries). The daemon starts supervisors as
+processes, it does not import them.
+"""

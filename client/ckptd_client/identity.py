@@ -1,0 +1,50 @@
+"""Who a run and a process are: run ids, the boot, a process's start time.
+
+Shared by the client and the daemon (liveness, validation), which must agree
+on them; stdlib only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def valid_run_id(run_id: str) -> bool:
+    """Run ids become directory names: no separators, no ``..``, no NUL."""
+    return bool(RUN_ID_RE.fullmatch(run_id)) and ".." not in run_id
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(3).hex()
+
+
+def process_start_time(pid: int | None = None) -> float | None:
+    """Process start as seconds since the epoch, the way psutil computes it,
+    so the daemon can tell a live process from a recycled pid."""
+    try:
+        with open(f"/proc/{pid or os.getpid()}/stat", "rb") as f:
+            stat = f.read()
+        ticks = int(stat.rsplit(b")", 1)[1].split()[19])
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def boot_id() -> str:
+    override = os.environ.get("CKPTD_TEST_BOOT_ID")
+    if override:
+        return override
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
