@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from helpers import DaemonProc, kill_home_daemon  # noqa: E402
+from helpers import DaemonProc, kill_home_daemon, kill_home_processes  # noqa: E402
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -56,6 +56,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     yield h
     kill_home_daemon(h)
+    # what the test's runs left: relaunched trainers, orphaned workers, and a
+    # daemon one of them auto-started after the test's own daemon stopped
+    kill_home_processes(h)
 
 
 @pytest.fixture

@@ -113,6 +113,31 @@ class DaemonProc:
         kill_home_daemon(self.home)
 
 
+def kill_home_processes(home: Path) -> list[int]:
+    """SIGKILL every process working on ``home`` that a test left behind: trainers
+    an auto-resume relaunched, supervisors, torchrun workers, daemons they
+    auto-started. Found by ``CKPTD_HOME`` in their environment or ``home`` on
+    their command line; the test process itself is spared."""
+    import psutil
+
+    target, killed = os.fspath(home), []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.pid == os.getpid():
+            continue
+        try:
+            mine = target in (proc.info["cmdline"] or []) or \
+                proc.environ().get("CKPTD_HOME") == target
+            if mine:
+                proc.kill()
+                killed.append(proc.pid)
+        except (psutil.Error, OSError):
+            continue
+    for pid in killed:  # reap our own children among them
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+    return killed
+
+
 def kill_home_daemon(home: Path) -> None:
     """Stop whatever daemon holds ``home``'s lock (e.g. one auto-started by a client)."""
     lock = home / "daemon.lock"
