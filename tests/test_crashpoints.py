@@ -1,7 +1,7 @@
 """Crash points and random kill -9: SPEC promises 1 and 2 at every step of the write paths.
 
 The daemon is started with ``CKPTD_CRASH_AT=<point>[:<count>]`` and SIGKILLs
-itself at that step (``ckptd/crashpoints.py``). The training process keeps
+itself at that step (``ckptd/daemon/crashpoints.py``). The training process keeps
 going (its client starts a new daemon, as systemd would), and after it ends
 the test checks the promises on the real store. Every point in
 ``crashpoints.POINTS`` is run; a test fails if the daemon never reached it, so

@@ -132,7 +132,7 @@ def recv_message(sock: Any, reader: FrameReader) -> dict[str, Any] | None:
             return msgs[0]
 
 
-#: The daemon's limits (ckptd/validate.py). A value it would refuse must be
+#: The daemon's limits (ckptd/daemon/validate.py). A value it would refuse must be
 #: refused (or converted) here: refused there, it costs the whole connection
 #: and the event is dropped long after ``log()`` returned.
 MAX_KEY = 256
