@@ -71,9 +71,9 @@ def write_spool(home: Path, run_id: str, size: int = SPOOL_BYTES) -> int:
     chunk: list[bytes] = []
     while written < size:
         seq += 1
-        rec = encode_record({"t": protocol.LOG, "seq": seq, "step": seq, "time": 1.8e9 + seq,
-                             "m": {f"metric_{k}": seq * 0.001 + k for k in range(KEYS)},
-                             **tag})
+        rec = encode_record(protocol.dumps(
+            {"t": protocol.LOG, "seq": seq, "step": seq, "time": 1.8e9 + seq,
+             "m": {f"metric_{k}": seq * 0.001 + k for k in range(KEYS)}, **tag}).encode())
         chunk.append(rec)
         written += len(rec)
         if len(chunk) == 1000:
@@ -146,7 +146,7 @@ def test_flood_of_large_events_keeps_rss_and_wal_bounded(home: Path) -> None:
             out = run_script(home, FLOOD, args=[str(FLOOD_EVENTS)], timeout=900,
                              env=env_for(home, CKPTD_NO_AUTOSTART="1")).stdout
         run_id = re.search(r"^run (\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
-        count = db_rows(home, "SELECT COUNT(*) FROM events WHERE run_id = ? AND src = 'c'"
+        count = db_rows(home, "SELECT COUNT(*) FROM events WHERE run_id = ? AND src GLOB 'c*'"
                         " AND kind = 'event' AND length(message) > 1000000", (run_id,))
         assert count == [(FLOOD_EVENTS,)], count
         print(f"flood {FLOOD_EVENTS} x 1 MiB ({float(out.split()[-1]):.1f} s): daemon RSS "

@@ -74,7 +74,7 @@ print("RESTORED", logger.experiment.restored_step)
 
 def timeline(home: Path, run_id: str) -> list[tuple[int, str, float]]:
     return [tuple(r) for r in db_rows(
-        home, "SELECT step, key, value FROM metrics WHERE run_id = ? AND src = 'c'"
+        home, "SELECT step, key, value FROM metrics WHERE run_id = ? AND src GLOB 'c*'"
         " AND superseded = 0 ORDER BY step, attempt, seq, key", (run_id,))]
 
 
