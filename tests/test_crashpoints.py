@@ -107,7 +107,7 @@ def assert_crashed_at(d: DaemonProc, point: str) -> None:
 
 def test_every_point_is_in_the_code() -> None:
     """A point listed but never called would make its matrix case a no-op."""
-    sources = "".join(p.read_text() for p in (REPO / "ckptd").glob("*.py"))
+    sources = "".join(p.read_text() for p in (REPO / "ckptd").rglob("*.py"))
     called = set(re.findall(r'crashpoint\("([^"]+)"\)', sources))
     missing = [p for p in crashpoints.POINTS if p not in called]
     assert not missing, f"points listed but never reached: {missing}"
