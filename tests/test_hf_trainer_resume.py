@@ -94,8 +94,8 @@ def test_killed_hf_run_resumes_and_falls_back_past_a_damaged_checkpoint(
     # everything Trainer logged, at its steps; the resumed timeline is the reference's
     def points(rid: str) -> list[tuple[int, str]]:
         return [tuple(r) for r in db_rows(
-            home, "SELECT step, key FROM metrics WHERE run_id = ? AND src GLOB 'c*'"
-            " AND superseded = 0 AND key NOT LIKE 'train_%' ORDER BY step, key", (rid,))]
+            home, "SELECT step, key FROM effective_metrics WHERE run_id = ? AND src GLOB 'c*'"
+            " AND key NOT LIKE 'train_%' ORDER BY step, key", (rid,))]
     assert points(run_id) == points(ref_id)
     assert {k for _, k in points(ref_id)} >= {"loss", "learning_rate", "grad_norm", "epoch"}
     assert [s for s, k in points(ref_id) if k == "loss"] == list(range(1, MAX_STEPS + 1))

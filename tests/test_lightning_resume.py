@@ -74,8 +74,8 @@ print("RESTORED", logger.experiment.restored_step)
 
 def timeline(home: Path, run_id: str) -> list[tuple[int, str, float]]:
     return [tuple(r) for r in db_rows(
-        home, "SELECT step, key, value FROM metrics WHERE run_id = ? AND src GLOB 'c*'"
-        " AND superseded = 0 ORDER BY step, attempt, seq, key", (run_id,))]
+        home, "SELECT step, key, value FROM effective_metrics WHERE run_id = ? AND src GLOB 'c*'"
+        " ORDER BY step, attempt, seq, key", (run_id,))]
 
 
 def csv_points(out: Path) -> list[tuple[int, str, float]]:

@@ -22,7 +22,7 @@ def test_v1_store_migrates_to_ranks_keeping_rows(tmp_path: Path) -> None:
     db.conn.close()
     store = Store(path)
     try:
-        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert store.conn.execute("SELECT key, value, rank FROM metrics").fetchall() == \
             [("loss", 0.5, 0)]
         assert store.conn.execute("SELECT world_size FROM runs").fetchall() == [(None,)]

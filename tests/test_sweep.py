@@ -144,8 +144,8 @@ def test_sweep_survives_daemon_kill9_and_a_killed_trainer(home: Path, tmp_path: 
                                  " attempt > 1", (victim_run,))
         assert restored and all(r[0] >= 4 for r in restored)
         # the effective curve of the resumed run is whole: one value per step
-        steps = db_rows(home, "SELECT step FROM metrics WHERE run_id = ? AND key = 'loss'"
-                              " AND superseded = 0 ORDER BY step", (victim_run,))
+        steps = db_rows(home, "SELECT step FROM effective_metrics WHERE run_id = ? AND"
+                              " key = 'loss' ORDER BY step", (victim_run,))
         assert [s[0] for s in steps] == list(range(40))
     finally:
         d.stop()

@@ -169,6 +169,10 @@ class _SharedBuffer:
 MAX_RESENDS = 3
 
 
+#: Sends of one snapshot before checkpoint() gives up (each reconnect is bounded).
+SEND_TRIES = 4
+
+
 class Checkpointer:
     """The checkpoint side of a ``Run``: one dedicated daemon connection, one
     shared buffer, at most one checkpoint in flight."""
@@ -219,15 +223,20 @@ class Checkpointer:
                 msg = self._snapshot_locked(tree, tensors, step, values)
                 handle.blocked_s = encode_s + time.perf_counter() - t1
                 msg["blocked_s"] = handle.blocked_s
-                try:
-                    self._send_locked(msg, handle)
-                except DaemonUnavailable:
-                    # The daemon died under a connection that looked alive (a
-                    # kill -9 or restart whose EOF the reader has not seen yet).
-                    # The snapshot is in the buffer already: reconnect (starting
-                    # a daemon, bounded) and hand it over once more.
-                    self._connect_locked()
-                    self._send_locked(msg, handle)
+                for attempt in range(SEND_TRIES):
+                    try:
+                        self._send_locked(msg, handle)
+                        break
+                    except DaemonUnavailable:
+                        # The daemon died under a connection that looked alive (a
+                        # kill -9 or restart whose EOF the reader has not seen
+                        # yet; under load the next one may still be starting).
+                        # The snapshot is in the buffer already: reconnect
+                        # (starting a daemon, bounded) and hand it over again.
+                        if attempt == SEND_TRIES - 1:
+                            raise
+                        time.sleep(0.1 * (attempt + 1))
+                        self._connect_locked()
             except CkptdError as exc:
                 return self._fail(handle, exc)
             self._last = handle
