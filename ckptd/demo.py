@@ -72,7 +72,7 @@ def run_demo(home: Path, steps: int = 300, out: Callable[[str], None] = print) -
     import ckptd_client as ckptd
     import torch
 
-    from ckptd.daemon.retention import LatestN
+    from ckptd.retention import LatestN
 
     out(f"ckptd demo: training a small MLP for {steps} steps (home {home})")
     with ckptd.init(project="demo", name="demo", config={"steps": steps}, seed=0,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ckptd.daemon.retention import AnyOf, BestN, EveryN, KeepAll, LatestN, from_dict, to_delete
+from ckptd.retention import AnyOf, BestN, EveryN, KeepAll, LatestN, from_dict, to_delete
 
 
 def ckpts(*steps: int, losses: dict[int, float] | None = None) -> list[dict]:

@@ -9,8 +9,9 @@
   receives the ``Daemon`` as its first argument and never imports ``server`` at
   run time (only for type hints);
 * helpers shared by server and features: ``validate`` (what a frame may hold),
-  ``crashpoints`` (test-only fault injection), ``notify`` (systemd),
-  ``retention`` (which checkpoints to keep).
+  ``crashpoints`` (test-only fault injection), ``notify`` (systemd). Which
+  checkpoints to keep is ``ckptd.retention``, a public module training scripts
+  import too.
 
 May import: ``ckptd_client``'s shared modules (protocol, paths, errors,
 identity, spool, checkpoint.format), ``ckptd.store``. Never ``ckptd.cli``.

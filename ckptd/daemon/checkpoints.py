@@ -50,7 +50,8 @@ from ckptd_client.errors import CheckpointError, CkptdError, DiskFull, NotFound
 from ckptd_client.identity import valid_run_id
 from ckptd_client.spool import fsync_dir
 
-from ckptd.daemon import retention, validate
+from ckptd import retention
+from ckptd.daemon import validate
 from ckptd.daemon.crashpoints import crashpoint, slow_commit
 
 if TYPE_CHECKING:
@@ -281,7 +282,7 @@ def commit_checkpoint(daemon: Daemon, req: Request, fd: int,
         manifest["files"] = {fmt.DATA_FILE: {"bytes": req.size, "chunk": fmt.CHUNK,
                                               **checks}}
         body = json.dumps(manifest, separators=(",", ":")).encode()
-        write_file(staging / fmt.MANIFEST_FILE, body)
+        fmt.write_durable(staging / fmt.MANIFEST_FILE, body, exclusive=True)
         # The directory entries of both files must be durable before the
         # rename publishes them, or a power cut could leave step-<N>/ empty.
         fsync_dir(staging)
@@ -318,7 +319,7 @@ def publish(daemon: Daemon, run: str, attempt: int, step: int, staging: Path, *,
     # power cut that loses it loses only this unacknowledged checkpoint.
     with contextlib.suppress(FileNotFoundError):
         os.unlink(intent)
-    write_file(intent, digest.encode())
+    fmt.write_durable(intent, digest.encode(), exclusive=True)
     replaced = ckpt_root / (name + fmt.REPLACED_SUFFIX)
     if final.exists():
         # Same step committed before (by an attempt that was later resumed
@@ -461,17 +462,6 @@ def _start_writeback(fd: int, off: int, n: int) -> None:
     nothing: durability still comes from the fsync)."""
     if _sync_file_range is not None:
         _sync_file_range(fd, off, n, SYNC_FILE_RANGE_WRITE)
-
-
-def write_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def unpublish(ckpt_dir: Path, ckpt_root: Path) -> None:

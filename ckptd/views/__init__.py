@@ -2,7 +2,7 @@
 (picture files) and ``ckptd ui`` (a local web page).
 
 What may be imported here, and why: the read-only store queries
-(:mod:`ckptd.query`, which opens the store ``mode=ro``) and the client's
+(:mod:`ckptd.store.query`, which opens the store ``mode=ro``) and the client's
 ``protocol`` / ``paths`` / ``errors``. Never the daemon or the store writer:
 a view must not be able to change what it shows, and a page left open for a
 week must not hold the writer's lock. The heavy libraries (Textual,

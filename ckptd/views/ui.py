@@ -4,7 +4,7 @@ Safety: it listens on 127.0.0.1 unless ``--host`` says otherwise, and every
 request (page, API, the vendored chart library) must carry the token printed
 at start, as ``?token=`` (the first page load, which then sets an
 ``HttpOnly; SameSite=Strict`` cookie) or that cookie; anything else is 401.
-The store is opened read-only per request (:class:`ckptd.query.Reader`), so
+The store is opened read-only per request (:class:`ckptd.store.query.Reader`), so
 a page left open never holds a lock the daemon needs.
 
 Live updates: one task looks at ``PRAGMA data_version`` four times a second

@@ -86,17 +86,6 @@ def _sha256_file(path: Path) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def _write_durable(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _one_outcome(dist: Any, error: str | None) -> str | None:
     """Every rank learns whether any rank failed (the first error wins)."""
     errors: list[Any] = [None] * dist.get_world_size()
@@ -139,7 +128,7 @@ def save(run: Run, state: Any, step: int, metrics: dict[str, Any] | None) -> Any
         try:
             buf = io.BytesIO()
             torch.save(rng.capture(), buf)
-            _write_durable(staging / f"{RNG_PREFIX}{rank}.pt", buf.getvalue())
+            fmt.write_durable(staging / f"{RNG_PREFIX}{rank}.pt", buf.getvalue())
         except OSError as exc:
             error = f"checkpoint step {step}: rank {rank}: write RNG state: {exc.strerror}"
     handle.blocked_s = time.perf_counter() - t0
@@ -196,7 +185,7 @@ def _commit(run: Run, staging: Path, step: int, metrics: dict[str, Any], blocked
     """Rank 0: write the ckptd manifest of every rank's files, then have the daemon publish."""
     size, digest = _sha256_file(staging / METADATA)
     files[METADATA] = {"bytes": size, "sha256": digest}
-    _write_durable(staging / fmt.DATA_FILE, b"")  # no tensors of ckptd's own format
+    fmt.write_durable(staging / fmt.DATA_FILE, b"")  # no tensors of ckptd's own format
     files[fmt.DATA_FILE] = {"bytes": 0, "chunk": fmt.CHUNK, "sha256": [], "crc32": []}
     manifest = {
         "format": fmt.FORMAT, "version": fmt.FORMAT_VERSION, "run": run.id,
@@ -204,7 +193,7 @@ def _commit(run: Run, staging: Path, step: int, metrics: dict[str, Any], blocked
         "blocked_s": blocked_s, "dcp": {"world_size": world},
         "tree": {"D": [["state", None], ["rng", None]]}, "tensors": [], "files": files,
     }
-    _write_durable(staging / fmt.MANIFEST_FILE,
+    fmt.write_durable(staging / fmt.MANIFEST_FILE,
                    json.dumps(manifest, separators=(",", ":")).encode())
     fsync_dir(staging)
     return transport.call(run.home, "dcp_commit", {
@@ -250,12 +239,7 @@ def restore(run: Run, into: Any) -> Any:
     """
     from . import rng
 
-    for row in fmt.committed_rows(run.home, run.id):
-        if row["status"] == "corrupt":
-            restoring.skip(run, row["step"],
-                           f"marked corrupt earlier ({row['reason'] or 'no reason'})")
-            continue
-        ckpt_dir = paths.checkpoints_dir(run.home, run.id) / fmt.step_dir_name(row["step"])
+    for row, ckpt_dir in restoring.candidates(run):
         try:
             manifest, _ = fmt.read_manifest(ckpt_dir, row["hash"])
             if manifest.get("dcp"):

@@ -763,3 +763,18 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def write_durable(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+    """Write a small file and fsync it before returning (manifests, records, RNG
+    files): its content is durable; its directory entry needs the caller's
+    directory fsync. ``exclusive``: refuse a file that is already there."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -6,16 +6,29 @@ skipped and why.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .. import paths, transport
 from ..errors import CheckpointError, CkptdError
-
-if TYPE_CHECKING:
-    from ..run import Run
 from .format import clone_tensors, committed_rows, load_dir, read_manifest, step_dir_name
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ..run import Run
+
 # ----------------------------------------------------------------- restore
+
+def candidates(run: Run) -> Iterator[tuple[dict[str, Any], Path]]:
+    """The run's committed checkpoints, newest first, with their directories;
+    those an earlier ``ckpt verify`` marked corrupt are skipped, saying why."""
+    for row in committed_rows(run.home, run.id):
+        if row["status"] == "corrupt":
+            skip(run, row["step"], f"marked corrupt earlier ({row['reason'] or 'no reason'})")
+            continue
+        yield row, paths.checkpoints_dir(run.home, run.id) / step_dir_name(row["step"])
+
 
 def restore(run: Run, map_location: Any = None, into: Any = None) -> Any:
     """The state of the run's newest checkpoint that verifies, RNG restored last.
@@ -34,11 +47,7 @@ def restore(run: Run, map_location: Any = None, into: Any = None) -> Any:
 
     await_commits(run)
     touched = False
-    for row in committed_rows(run.home, run.id):
-        if row["status"] == "corrupt":
-            skip(run, row["step"], f"marked corrupt earlier ({row['reason'] or 'no reason'})")
-            continue
-        ckpt_dir = paths.checkpoints_dir(run.home, run.id) / step_dir_name(row["step"])
+    for row, ckpt_dir in candidates(run):
         try:
             manifest, _ = read_manifest(ckpt_dir, row["hash"])
             if manifest.get("dcp"):
@@ -116,4 +125,4 @@ def report_corrupt(run: Run, step: int, reason: str) -> None:
         pass
 
 
-__all__ = ["announce", "await_commits", "report_corrupt", "restore", "skip"]
+__all__ = ["announce", "await_commits", "candidates", "report_corrupt", "restore", "skip"]

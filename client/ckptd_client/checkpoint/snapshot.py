@@ -16,9 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 from .. import errors, protocol, transport
 from ..errors import CheckpointError, CkptdError, DaemonUnavailable, DiskFull
-
-if TYPE_CHECKING:
-    from ..run import Run
 from .format import (
     BUFFER_NAME,
     CKPT_DONE,
@@ -28,6 +25,9 @@ from .format import (
     human_bytes,
     layout,
 )
+
+if TYPE_CHECKING:
+    from ..run import Run
 
 # ----------------------------------------------------------------- handles
 

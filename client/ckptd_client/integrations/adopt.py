@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import paths, transport
+from .. import transport
 from ..errors import CheckpointError, CkptdError
 
 if TYPE_CHECKING:
@@ -122,15 +122,11 @@ def latest_path(run: Run) -> str | None:
     skips (saying why) what fails verification, and records the step this
     attempt continues from. Native checkpoints are not paths: passed over.
     """
-    from ..checkpoint.format import committed_rows, read_manifest, step_dir_name
-    from ..checkpoint.restore import announce, await_commits, report_corrupt, skip
+    from ..checkpoint.format import read_manifest
+    from ..checkpoint.restore import announce, await_commits, candidates, report_corrupt, skip
 
     await_commits(run)
-    for row in committed_rows(run.home, run.id):
-        if row["status"] == "corrupt":
-            skip(run, row["step"], f"marked corrupt earlier ({row['reason'] or 'no reason'})")
-            continue
-        ckpt_dir = paths.checkpoints_dir(run.home, run.id) / step_dir_name(row["step"])
+    for row, ckpt_dir in candidates(run):
         try:
             manifest, _ = read_manifest(ckpt_dir, row["hash"])
             if "adopted" not in manifest:
