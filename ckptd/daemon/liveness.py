@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import psutil
-from ckptd_client.identity import boot_id
+from ckptd_client.identity import BOOT_RELATIVE_MAX, boot_id, process_start_time
 
 if TYPE_CHECKING:
     from ckptd.daemon.server import Daemon
@@ -30,7 +30,12 @@ def process_alive(pid: int | None, started: float | None) -> bool:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
-        return started is None or abs(proc.create_time() - started) < 1.0
+        if started is None:
+            return True
+        if started < BOOT_RELATIVE_MAX:  # seconds since boot: immune to clock steps
+            now = process_start_time(pid)
+            return now is not None and abs(now - started) < 0.05
+        return abs(proc.create_time() - started) < 1.0  # an older client's epoch time
     except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
         return False
 

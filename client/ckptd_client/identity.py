@@ -25,17 +25,26 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(3).hex()
 
 
+#: Recorded start times below this are seconds since boot; larger ones are
+#: seconds since the epoch, as clients before wave 2 recorded them.
+BOOT_RELATIVE_MAX = 1e9
+
+
 def process_start_time(pid: int | None = None) -> float | None:
-    """Process start as seconds since the epoch, the way psutil computes it,
-    so the daemon can tell a live process from a recycled pid."""
+    """When the process started, in seconds since boot (``/proc/<pid>/stat``).
+
+    With the boot id this names one process for good, so the daemon can tell a
+    live process from a recycled pid. Not seconds since the epoch: those are
+    derived from the wall clock, and an NTP step (common right after boot on a
+    machine without a clock battery) moved them, so a live run looked vanished
+    and auto-resume would have started it a second time.
+    """
     try:
         with open(f"/proc/{pid or os.getpid()}/stat", "rb") as f:
             stat = f.read()
         ticks = int(stat.rsplit(b")", 1)[1].split()[19])
-        with open("/proc/stat", "rb") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime"))
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        return ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
         return None
 
 
