@@ -118,15 +118,27 @@ def kill_home_processes(home: Path) -> list[int]:
     an auto-resume relaunched, supervisors, torchrun workers, daemons they
     auto-started. Found by ``CKPTD_HOME`` in their environment or ``home`` on
     their command line; the test process itself is spared."""
+
+    return kill_processes_under(home, exact=True)
+
+
+def kill_processes_under(root: Path, exact: bool = False) -> list[int]:
+    """SIGKILL every process whose ``CKPTD_HOME`` or command-line argument is
+    ``root`` (``exact``) or lies below it; the test process itself is spared."""
     import psutil
 
-    target, killed = os.fspath(home), []
+    target, killed = os.fspath(root), []
+
+    def hit(value: str | None) -> bool:
+        return bool(value) and (value == target or (not exact and value.startswith(
+            target + os.sep)))
+
     for proc in psutil.process_iter(["pid", "cmdline"]):
         if proc.pid == os.getpid():
             continue
         try:
-            mine = target in (proc.info["cmdline"] or []) or \
-                proc.environ().get("CKPTD_HOME") == target
+            mine = any(hit(a) for a in (proc.info["cmdline"] or [])) or \
+                hit(proc.environ().get("CKPTD_HOME"))
             if mine:
                 proc.kill()
                 killed.append(proc.pid)

@@ -72,4 +72,7 @@ def shared_dir() -> Iterator[Path]:
     try:
         yield d
     finally:
+        from helpers import kill_processes_under
+
+        kill_processes_under(d)  # daemons of homes in here: the home fixture never saw them
         shutil.rmtree(d, ignore_errors=True)
