@@ -180,7 +180,10 @@ def test_daemon_killed_during_commit_leaves_no_torn_checkpoint(home: Path, point
     try:
         want = [(1, "committed"), (2, "committed")] if survives else [(1, "committed")]
         wait_for(lambda: ckpt_rows(home) == want, what=f"rows {want}")
-        assert ckpt_dirs(home, run_id) == [f"step-{s}" for s, _ in want]  # no staging left
+        # no staging left, and reconcile removes the commit record it adopted
+        # step-2 by (just after the row, under the run's lock)
+        wait_for(lambda: ckpt_dirs(home, run_id) == [f"step-{s}" for s, _ in want],
+                 timeout=10, what="only whole step directories")
         restored = run_script(home, RESTORE_SCRIPT,
                               env=env_for(home, CKPTD_RUN_ID=run_id, CKPTD_ATTEMPT="2")).stdout
         step = 2 if survives else 1
