@@ -234,3 +234,23 @@ else:
     print("restored", state["step"], "whole" if whole else "TORN", flush=True)
 run.finish(timeout=30)
 """
+
+
+def two_checkpoints_newest_flipped(home: Path, name: str, offset: int) -> str:
+    """A run with checkpoints at steps 10 and 20, one bit of step 20's data
+    flipped at ``offset``; returns the run id (restore must fall back to 10)."""
+    run_id = run_script(home, f"""
+import torch, ckptd_client as ckptd
+run = ckptd.init(name={name!r})
+for step in (10, 20):
+    run.checkpoint({{"w": torch.full((1000,), float(step)), "step": step}}, step=step).wait(30)
+print(run.id)
+run.finish()
+""").stdout.split()[-1]
+    data = home / "runs" / run_id / "checkpoints" / "step-20" / "tensors.bin"
+    with open(data, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+    return run_id

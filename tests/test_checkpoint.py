@@ -15,7 +15,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import RESTORE_SCRIPT, DaemonProc, ckptd, db_rows, env_for, run_script, wait_for
+from helpers import (
+    RESTORE_SCRIPT,
+    DaemonProc,
+    ckptd,
+    db_rows,
+    env_for,
+    run_script,
+    two_checkpoints_newest_flipped,
+    wait_for,
+)
 
 TRAIN = """
 import os, random, sys, warnings
@@ -195,20 +204,7 @@ def test_daemon_killed_during_commit_leaves_no_torn_checkpoint(home: Path, point
 
 def test_flipped_byte_makes_restore_fall_back_and_verify_fail(home: Path,
                                                               daemon: DaemonProc) -> None:
-    run_id = run_script(home, """
-import torch, ckptd_client as ckptd
-run = ckptd.init(name="flip")
-for step in (10, 20):
-    run.checkpoint({"w": torch.full((1000,), float(step)), "step": step}, step=step).wait(30)
-print(run.id)
-run.finish()
-""").stdout.split()[-1]
-    data = home / "runs" / run_id / "checkpoints" / "step-20" / "tensors.bin"
-    with open(data, "r+b") as f:
-        f.seek(1234)
-        byte = f.read(1)
-        f.seek(1234)
-        f.write(bytes([byte[0] ^ 0x01]))
+    run_id = two_checkpoints_newest_flipped(home, "flip", 1234)
     proc = run_script(home, """
 import warnings, torch, ckptd_client as ckptd
 run = ckptd.init()

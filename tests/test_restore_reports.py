@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from helpers import DaemonProc, ckptd, db_rows, env_for, run_script
+from helpers import DaemonProc, ckptd, db_rows, env_for, run_script, two_checkpoints_newest_flipped
 
 RESTORE = """
 import warnings, torch, ckptd_client as ckptd
@@ -21,20 +21,7 @@ run.finish()
 
 def test_restore_names_a_checkpoint_verify_marked_corrupt(home: Path,
                                                          daemon: DaemonProc) -> None:
-    run_id = run_script(home, """
-import torch, ckptd_client as ckptd
-run = ckptd.init(name="marked")
-for step in (10, 20):
-    run.checkpoint({"w": torch.full((1000,), float(step)), "step": step}, step=step).wait(30)
-print(run.id)
-run.finish()
-""").stdout.split()[-1]
-    data = home / "runs" / run_id / "checkpoints" / "step-20" / "tensors.bin"
-    with open(data, "r+b") as f:
-        f.seek(100)
-        byte = f.read(1)
-        f.seek(100)
-        f.write(bytes([byte[0] ^ 0x01]))
+    run_id = two_checkpoints_newest_flipped(home, "marked", 100)
     assert ckptd(home, "ckpt", "verify", run_id).returncode != 0  # marks step 20 corrupt
     proc = run_script(home, RESTORE, env=env_for(home, CKPTD_RUN_ID=run_id, CKPTD_ATTEMPT="2"))
     assert "restored 10" in proc.stdout
