@@ -228,7 +228,7 @@ def stop(timeout: float = typer.Option(60.0, help="seconds to wait for a clean s
     deadline = time.monotonic() + timeout
     # The socket goes first, the store is closed last: wait for the process
     # itself, or "stopped" would be said while it still commits (found by
-    # tests/test_security.py: a store copied right after `stop` was stale).
+    # tests/faults/test_security.py: a store copied right after `stop` was stale).
     from ckptd.daemon.liveness import process_alive  # here: psutil stays out of other commands
 
     pid = info.get("stopping")

@@ -5,7 +5,7 @@ When the daemon runs with ``CKPTD_CRASH_AT=<name>[:<count>]`` it kills itself
 with SIGKILL the ``count``-th time (default: the first time) it reaches that
 point, exactly as a ``kill -9`` or an OOM kill at that instant would.
 ``CKPTD_CRASH_MODE=exit`` uses ``os._exit(70)`` instead (no signal, same
-effect on files). The tests in ``tests/test_crashpoints.py`` run every name
+effect on files). The tests in ``tests/faults/test_crashpoints.py`` run every name
 in :data:`POINTS` and check the promises after a restart.
 
 Test-only, too: ``CKPTD_DELAY_AT=<name>:<seconds>`` makes the daemon sleep

@@ -84,7 +84,7 @@ def event(msg: dict[str, Any]) -> None:
     _int(msg, "seq", minimum=1)
     _time(msg)
     # Every event row stores ``step``, whatever the kind: unchecked, a string or
-    # a list failed the writer's whole group commit (found by tests/test_fuzz.py).
+    # a list failed the writer's whole group commit (found by tests/faults/test_fuzz.py).
     _int(msg, "step", optional=True, minimum=-1)
     if kind == protocol.LOG:
         _int(msg, "step", minimum=0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DAEMON_CORE = {"ckptd.daemon.server", "ckptd.daemon.handlers", "ckptd.daemon.__main__",
                "ckptd.daemon"}
 
@@ -138,3 +138,14 @@ def test_the_rules_see_real_imports() -> None:
     assert any(t == "ckptd.daemon.handlers" for t, _, _ in server)
     ckpt = imports(REPO / "ckptd/daemon/checkpoints.py")
     assert any(t.startswith("ckptd_client.checkpoint") for t, _, _ in ckpt)
+
+
+def test_tests_follow_the_layout() -> None:
+    """Every test lives in the folder of the part it proves (tests/<part>/), so a
+    newcomer finds the tests of the room they are in; only shared helpers sit at
+    the top of tests/."""
+    top = sorted(p.name for p in (REPO / "tests").glob("test_*.py"))
+    assert top == [], f"tests at the top of tests/, move them into a part's folder: {top}"
+    parts = {p.name for p in (REPO / "tests").iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
+    for part in parts - {"boot"}:
+        assert (REPO / "tests" / part / "README.md").exists(), f"tests/{part}/ says what it holds"

@@ -193,7 +193,7 @@ def test_planted_tmp_socket_directory_is_refused(attacker: User) -> None:
     """The /tmp fallback (a home too deep for a socket path), for a victim user
     of its own so no other test's /tmp/ckptd-0 is disturbed: her symlink at
     /tmp/ckptd-<victim uid> is refused and its target keeps its mode."""
-    client = Path(__file__).resolve().parent.parent / "client"
+    client = Path(__file__).resolve().parents[2] / "client"
     with second_user("vic") as victim, shared_dir() as public:
         target = public / "victims"
         target.mkdir()

@@ -6,7 +6,7 @@ image (what reached the block device), then checks each copy the way a
 rebooted machine would see it. See ``tests/powerloss.py`` for the model.
 
 Every test prints its seed; rerun one cut sequence with
-``CKPTD_TEST_SEED=<seed> pytest tests/test_powerloss.py``.
+``CKPTD_TEST_SEED=<seed> pytest tests/faults/test_powerloss.py``.
 """
 
 from __future__ import annotations

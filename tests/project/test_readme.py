@@ -9,7 +9,7 @@ from pathlib import Path
 
 from helpers import ckptd
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def setup_commands() -> list[str]:

@@ -13,7 +13,7 @@ from ckptd_client import protocol
 
 from ckptd.store.writer import SCHEMA_VERSION, SchemaTooNew, Store
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def events(run: str, attempt: int, *msgs: dict) -> list[tuple[str, int, str, dict]]:
