@@ -146,6 +146,7 @@ def test_tests_follow_the_layout() -> None:
     the top of tests/."""
     top = sorted(p.name for p in (REPO / "tests").glob("test_*.py"))
     assert top == [], f"tests at the top of tests/, move them into a part's folder: {top}"
-    parts = {p.name for p in (REPO / "tests").iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
+    parts = {p.name for p in (REPO / "tests").iterdir()
+             if p.is_dir() and not p.name.startswith((".", "_"))}
     for part in parts - {"boot"}:
         assert (REPO / "tests" / part / "README.md").exists(), f"tests/{part}/ says what it holds"
