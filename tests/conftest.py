@@ -84,3 +84,21 @@ def _no_stray_children() -> Iterator[None]:
 
 
 __all__ = ["signal", "subprocess", "time"]
+
+
+@pytest.fixture
+def attacker() -> Iterator[object]:
+    """A real second local user (``useradd``), removed with what she left in /tmp."""
+    from users import second_user
+
+    with second_user("atk") as user:
+        yield user
+
+
+@pytest.fixture
+def public() -> Iterator[Path]:
+    """A 0755 directory under /tmp that the second user can reach."""
+    from users import shared_dir
+
+    with shared_dir() as d:
+        yield d

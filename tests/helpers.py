@@ -191,6 +191,21 @@ def run_script(home: Path, code: str, *, timeout: float = 120, check: bool = Tru
     return proc
 
 
+def home_with_runs(parent: Path, code: str, *, args: list[str] | None = None) -> Path:
+    """A fresh home under ``parent`` whose runs the training snippet ``code`` wrote,
+    with its daemon stopped again: what the read-only commands (ls, show, compare,
+    export) see after a day's work."""
+    home = parent / "home"
+    home.mkdir(mode=0o700)
+    d = DaemonProc(home)
+    d.start()
+    try:
+        run_script(home, code, args=args)
+    finally:
+        d.stop()
+    return home
+
+
 def spawn_script(home: Path, code: str, *, env: dict[str, str] | None = None,
                  stdout: Any = subprocess.PIPE) -> subprocess.Popen[str]:
     script = home.parent / f"script_{time.monotonic_ns()}.py"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import DaemonProc, ckptd, env_for, run_script
+from helpers import DaemonProc, ckptd, env_for, home_with_runs, run_script
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -44,15 +44,7 @@ for group, values in json.loads(sys.argv[1]).items():
 
 @pytest.fixture(scope="module")
 def groups_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    home = tmp_path_factory.mktemp("cmp") / "home"
-    home.mkdir(mode=0o700)
-    d = DaemonProc(home)
-    d.start()
-    try:
-        run_script(home, MAKE_RUNS, args=[json.dumps(GROUPS)])
-        yield home
-    finally:
-        d.stop()
+    yield home_with_runs(tmp_path_factory.mktemp("cmp"), MAKE_RUNS, args=[json.dumps(GROUPS)])
 
 
 def compare_json(home: Path, *args: str) -> dict:

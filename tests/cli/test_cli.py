@@ -22,7 +22,15 @@ from pathlib import Path
 
 import pytest
 from ckptd_client import paths
-from helpers import DaemonProc, ckptd, env_for, kill_home_daemon, run_script, spawn_script
+from helpers import (
+    DaemonProc,
+    ckptd,
+    env_for,
+    home_with_runs,
+    kill_home_daemon,
+    run_script,
+    spawn_script,
+)
 
 RUNS = """
     import ckptd_client as ckptd
@@ -42,14 +50,7 @@ RUNS = """
 @pytest.fixture(scope="module")
 def store_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A home with two finished runs ("alpha" finished, "beta" failed) and no daemon."""
-    home = tmp_path_factory.mktemp("cli") / "home"
-    home.mkdir(mode=0o700)
-    d = DaemonProc(home)
-    d.start()
-    try:
-        run_script(home, RUNS)
-    finally:
-        d.stop()
+    home = home_with_runs(tmp_path_factory.mktemp("cli"), RUNS)
     assert not paths.socket_path(home).exists()
     yield home
     assert not paths.socket_path(home).exists(), "a reading command started a daemon"

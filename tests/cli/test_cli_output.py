@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from ckptd_client import paths
-from helpers import DaemonProc, ckptd, run_script
+from helpers import ckptd, home_with_runs
 
 #: What a terminal acts on: ESC (OSC title/clipboard, cursor moves), BEL, CR,
 #: LF, DEL, a C1 CSI, and a bidi override.
@@ -39,15 +39,7 @@ HOSTILE = f"""
 
 @pytest.fixture(scope="module")
 def hostile_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    home = tmp_path_factory.mktemp("hostile") / "home"
-    home.mkdir(mode=0o700)
-    d = DaemonProc(home)
-    d.start()
-    try:
-        run_script(home, HOSTILE)
-    finally:
-        d.stop()
-    yield home
+    yield home_with_runs(tmp_path_factory.mktemp("hostile"), HOSTILE)
 
 
 def no_raw_controls(text: str) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from ckptd_client import paths
 from helpers import DaemonProc, db_rows, env_for
-from users import User, need_users, second_user
+from users import User, need_users
 
 pytestmark = need_users
 
@@ -44,12 +44,6 @@ run.log({"after": 1.0}, step=2)
 print("alive", flush=True)
 run.finish()
 """.replace("VALUE", repr(VALUE))
-
-
-@pytest.fixture
-def attacker() -> Iterator[User]:
-    with second_user("shm") as user:
-        yield user
 
 
 @pytest.fixture

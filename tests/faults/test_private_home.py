@@ -14,7 +14,6 @@ import sqlite3
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,18 +30,6 @@ run.checkpoint({"w": torch.ones(16)}, step=1).wait(timeout=60)
 print("run", run.id, flush=True)
 run.finish()
 """
-
-
-@pytest.fixture
-def attacker() -> Iterator[User]:
-    with second_user("sec") as user:
-        yield user
-
-
-@pytest.fixture
-def public() -> Iterator[Path]:
-    with shared_dir() as d:
-        yield d
 
 
 def _modes(root: Path) -> dict[str, int]:

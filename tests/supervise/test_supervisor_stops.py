@@ -24,6 +24,28 @@ def supervise(home: Path, *args: str, **env: str) -> subprocess.Popen[bytes]:
         stderr=subprocess.DEVNULL, cwd=home.parent)
 
 
+def stop_supervisor(sup: subprocess.Popen[bytes]) -> None:
+    """What a test started is killed when it ends, whatever happened (finally:)."""
+    if sup.poll() is None:
+        sup.kill()
+        sup.wait()
+
+
+def orphan_the_trainer(home: Path, sup: subprocess.Popen[bytes], line: str) -> int:
+    """kill -9 of ``ckptd run`` once the trainer printed ``line``: the trainer's pid."""
+    wait_for(lambda: ("s", line) in console(home), timeout=60, what=f"output {line!r}")
+    pid = run_row(home)["pid"]
+    sup.kill()
+    sup.wait(timeout=10)
+    return pid
+
+
+def ended(home: Path, timeout: float = 30) -> dict:
+    """The run's row once it is no longer running."""
+    return wait_for(lambda: (r := run_row(home))["status"] != "running" and r,
+                    timeout=timeout, what="the run to end")
+
+
 def run_row(home: Path) -> dict:
     keys = ["id", "status", "pid", "signal", "reason", "auto_resume"]
     rows = db_rows(home, f"SELECT {', '.join(keys)} FROM runs")
@@ -65,12 +87,8 @@ def test_training_outlives_a_killed_supervisor(home: Path, daemon: DaemonProc) -
     sup = supervise(home, "--", sys.executable, "-c", TRAINER)
     pid = None
     try:
-        wait_for(lambda: ("s", "line 3") in console(home), timeout=60, what="output")
-        pid = run_row(home)["pid"]
-        sup.kill()
-        sup.wait(timeout=10)
-        row = wait_for(lambda: (r := run_row(home))["status"] != "running" and r,
-                       timeout=60, what="the run to end")
+        pid = orphan_the_trainer(home, sup, "line 3")
+        row = ended(home, timeout=60)
         assert row["status"] == "finished", row
         wait_for(lambda: gone(pid), timeout=30, what="the trainer to exit")
         lines = console(home)
@@ -81,9 +99,7 @@ def test_training_outlives_a_killed_supervisor(home: Path, daemon: DaemonProc) -
                                               " 'event' AND src = 'd'")]
         assert any("supervisor of attempt 1 went away" in m for m in events), events
     finally:
-        if sup.poll() is None:
-            sup.kill()
-            sup.wait()
+        stop_supervisor(sup)
         if pid:
             reap(pid)
 
@@ -119,7 +135,7 @@ def test_a_command_that_ignores_a_stop_is_killed_after_the_grace_period(
         assert 0.9 < took < 15, took
         for pid in pids:  # the command and its child: the whole process group
             wait_for(lambda pid=pid: gone(pid), timeout=10, what="the process group to die")
-        row = wait_for(lambda: (r := run_row(home))["status"] != "running" and r, timeout=30)
+        row = ended(home)
         assert row["status"] == "interrupted" and row["signal"] == signal.SIGKILL, row
         assert row["auto_resume"] == 0 and sig.name in row["reason"], row
         (att_sig,), = db_rows(home, "SELECT signal FROM attempts WHERE attempt = 1")
@@ -127,9 +143,7 @@ def test_a_command_that_ignores_a_stop_is_killed_after_the_grace_period(
         events = [m for (m,) in db_rows(home, "SELECT message FROM events WHERE kind = 'event'")]
         assert any("sending SIGKILL to its process group" in m for m in events), events
     finally:
-        if sup.poll() is None:
-            sup.kill()
-            sup.wait()
+        stop_supervisor(sup)
         reap(*pids)
 
 
@@ -145,15 +159,13 @@ def test_a_stop_signal_sent_to_the_command_itself_sticks(home: Path) -> None:
         wait_for(lambda: ("s", "up") in console(home), timeout=60, what="start")
         os.kill(run_row(home)["pid"], signal.SIGTERM)
         sup.wait(timeout=30)
-        row = wait_for(lambda: (r := run_row(home))["status"] != "running" and r, timeout=30)
+        row = ended(home)
         assert row["status"] == "interrupted" and row["auto_resume"] == 0, row
         time.sleep(2.5)  # a sweep: not relaunched
         (attempt,), = db_rows(home, "SELECT attempt FROM runs")
         assert attempt == 1
     finally:
-        if sup.poll() is None:
-            sup.kill()
-            sup.wait()
+        stop_supervisor(sup)
         d.stop()
 
 
@@ -180,22 +192,17 @@ def test_stopping_an_orphaned_trainer_sticks(home: Path, sig: signal.Signals) ->
                     " time.sleep(60)")
     pid = None
     try:
-        wait_for(lambda: ("s", "up") in console(home), timeout=60, what="start")
-        pid = run_row(home)["pid"]
-        sup.kill()
-        sup.wait(timeout=10)
+        pid = orphan_the_trainer(home, sup, "up")
         time.sleep(2.5)  # a sweep: the orphan runs on
         assert run_row(home)["status"] == "running"
         os.kill(pid, sig)
-        row = wait_for(lambda: (r := run_row(home))["status"] != "running" and r, timeout=30)
+        row = ended(home)
         assert row["status"] == "interrupted" and row["auto_resume"] == 0, row
         time.sleep(4.5)  # two sweeps: nothing relaunches it
         (attempt,), = db_rows(home, "SELECT attempt FROM runs")
         assert attempt == 1
     finally:
-        if sup.poll() is None:
-            sup.kill()
-            sup.wait()
+        stop_supervisor(sup)
         if pid:
             reap(pid)
         d.stop()
