@@ -638,6 +638,8 @@ def reconcile_rows(daemon: Daemon, found: Found) -> dict[str, int]:
                         size = manifest["files"][fmt.DATA_FILE]["bytes"]
                         if (d / fmt.DATA_FILE).stat().st_size != size:
                             reason = f"{d / fmt.DATA_FILE}: wrong size"
+                        else:  # adopted or DCP files: present, with their sizes
+                            fmt.verify_extra_files(d, manifest, sizes_only=True)
                 except CheckpointError as exc:
                     reason = str(exc)
                     with contextlib.suppress(CheckpointError):
