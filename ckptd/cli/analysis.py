@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -46,6 +47,8 @@ def print_comparison(result: dict[str, Any]) -> None:
     for n in result["notes"]:
         echo(printable(f"note: {n}"))
     echo(printable(f"verdict: {result['verdict']}"))
+    if result.get("plot"):
+        echo(printable(f"plot: {result['plot']}"))
 
 
 def register(app: typer.Typer) -> None:
@@ -65,6 +68,9 @@ def register(app: typer.Typer) -> None:
                                       help="bootstrap resamples"),
         seed: int = typer.Option(0, "--seed", help="seed of the bootstrap"),
         as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+        plot: Path | None = typer.Option(
+            None, "--plot", help="also draw FILE (.png/.svg): per-seed curves, each side's "
+                                 "mean and 95% bootstrap band"),
     ) -> None:
         """Is one side better than another, or is that the seed? Mean, IQM, bootstrap
         intervals, P(A better than B), and a verdict that refuses to guess."""
@@ -75,6 +81,11 @@ def register(app: typer.Typer) -> None:
         with query.Reader(cli.home()) as reader:
             result = compare(reader, list(sides), key, at=at, higher=higher, where=where,
                              resamples=resamples, seed=seed)
+            if plot is not None:
+                from ckptd.analysis import compare_plot
+
+                compare_plot.render(reader, result, plot)
+                result["plot"] = str(plot)
         if as_json:
             cli.emit_json(result)
         else:

@@ -115,20 +115,26 @@ def register(app: typer.Typer) -> None:
                    step: int | None = typer.Option(None, "--step",
                                                    help="this step (default: newest)"),
                    output: Path = typer.Option(..., "-o", "--output",
-                                               help="file to write"),
+                                               help="file to write (a new directory for "
+                                                    "--format dcp)"),
                    fmt: str = typer.Option("torch", "--format",
                                            help="torch (torch.save, loads with "
-                                                "weights_only=True) or safetensors"),
+                                                "weights_only=True), safetensors, or dcp "
+                                                "(a torch.distributed.checkpoint directory)"),
                    ) -> None:
-        """Write one checkpoint as a plain torch.save or safetensors file."""
+        """Write one checkpoint as a plain torch.save or safetensors file, or a DCP
+        directory (`dcp.load(state, checkpoint_id=DIR)`, no process group needed)."""
         from ckptd import cli
         from ckptd.daemon.checkpoints import export
 
-        write = None
+        write = write_dir = None
         if fmt == "safetensors":
             from ckptd.exports.safetensors import write
+        elif fmt == "dcp":
+            from ckptd.exports.dcp import write_dir
         elif fmt != "torch":
-            raise CkptdError(f"ckpt export: --format {fmt!r} is not one of torch, safetensors")
+            raise CkptdError(f"ckpt export: --format {fmt!r} is not one of torch, "
+                             "safetensors, dcp")
 
         with query.Reader(cli.home()) as reader:
             info = reader.resolve(run)
@@ -137,7 +143,7 @@ def register(app: typer.Typer) -> None:
             with query.Reader(cli.home()) as reader:
                 return reader.checkpoints(info["id"])
 
-        result = export(cli.home(), info["id"], list_rows, step, output, write)
+        result = export(cli.home(), info["id"], list_rows, step, output, write, write_dir)
         cli.echo(f"exported {info['id']} step {result['step']} to {result['path']} "
                  f"({human_bytes(result['bytes'])})")
 

@@ -638,6 +638,8 @@ def reconcile_rows(daemon: Daemon, found: Found) -> dict[str, int]:
                         size = manifest["files"][fmt.DATA_FILE]["bytes"]
                         if (d / fmt.DATA_FILE).stat().st_size != size:
                             reason = f"{d / fmt.DATA_FILE}: wrong size"
+                        else:  # adopted or DCP files: present, with their sizes
+                            fmt.verify_extra_files(d, manifest, sizes_only=True)
                 except CheckpointError as exc:
                     reason = str(exc)
                     with contextlib.suppress(CheckpointError):
@@ -827,10 +829,15 @@ EXPORT_RELISTS = 20
 
 def export(home: Path, run_id: str, list_rows: Callable[[], list[dict[str, Any]]],
            step: int | None, out: Path,
-           write: Callable[[dict[str, Any], Any], None] | None = None) -> dict[str, Any]:
+           write: Callable[[dict[str, Any], Any], None] | None = None,
+           write_dir: Callable[[dict[str, Any], Path, dict[str, Any], Path], None] | None
+           = None) -> dict[str, Any]:
     """Write one plain ``torch.save`` file of a checkpoint (newest committed that
     verifies, or ``step``); loadable with ``torch.load(weights_only=True)``.
-    ``write(obj, file)`` writes another format instead (``ckptd.exports.safetensors``).
+    ``write(obj, file)`` writes another format instead (``ckptd.exports.safetensors``);
+    ``write_dir(obj, step_dir, manifest, out)`` writes a directory
+    (``ckptd.exports.dcp``; a DCP step is not loaded for it: its files are copied).
+    A DCP step (many ranks' shards) exports to a file as its whole state.
 
     Reads the files directly; the daemon is not needed. The daemon may prune
     meanwhile (retention): a checkpoint whose directory vanished and whose row
@@ -845,19 +852,24 @@ def export(home: Path, run_id: str, list_rows: Callable[[], list[dict[str, Any]]
 
     vanished: set[int] = set()
     for _ in range(EXPORT_RELISTS):
-        found = _load_newest(home, run_id, list_rows(), step, vanished)
+        found = _load_newest(home, run_id, list_rows(), step, vanished,
+                             load_dcp=write_dir is None)
         if found is not None:
             break
     else:
         raise CheckpointError(f"export: retention deleted the checkpoints of run {run_id} "
                               f"{EXPORT_RELISTS} times while they were being read; try again")
-    row, payload = found
+    row, payload, step_dir, manifest = found
     # clone: each tensor gets its own storage, not a view of the whole data file
     obj = {"format": "ckptd-export/1", "run": run_id, "step": row["step"],
            "metrics": row.get("metrics") or {},
-           "state": fmt.clone_tensors(payload["state"]),
-           "rng": fmt.clone_tensors(payload.get("rng"))}
+           "state": fmt.clone_tensors(payload["state"]) if payload else None,
+           "rng": fmt.clone_tensors(payload.get("rng")) if payload else None}
     out = out.absolute()
+    if write_dir is not None:
+        write_dir(obj, step_dir, manifest, out)
+        size = sum(p.stat().st_size for p in out.iterdir())
+        return {"run": run_id, "step": row["step"], "path": os.fspath(out), "bytes": size}
     tmp = out.with_name(out.name + ".ckptd-tmp")
     with open(tmp, "wb") as f:
         (write or torch.save)(obj, f)
@@ -871,10 +883,13 @@ def export(home: Path, run_id: str, list_rows: Callable[[], list[dict[str, Any]]
 
 
 def _load_newest(home: Path, run_id: str, rows: list[dict[str, Any]], step: int | None,
-                 vanished: set[int]) -> tuple[dict[str, Any], Any] | None:
-    """The newest listed checkpoint that loads and verifies; None when one
-    vanished (pruned since the listing: list again). A step that is listed
-    again after its directory vanished is truly missing: an error."""
+                 vanished: set[int], load_dcp: bool = True
+                 ) -> tuple[dict[str, Any], Any, Path, dict[str, Any]] | None:
+    """The newest listed checkpoint that loads and verifies, as (row, payload,
+    its directory, manifest); None when one vanished (pruned since the listing:
+    list again). A step that is listed again after its directory vanished is
+    truly missing: an error. A DCP step is verified in full (every shard's
+    sha256), then loaded whole unless ``load_dcp`` is False (payload None)."""
     candidates = [r for r in rows if r["status"] == "committed"]
     if step is not None:
         candidates = [r for r in candidates if r["step"] == step]
@@ -887,8 +902,17 @@ def _load_newest(home: Path, run_id: str, rows: list[dict[str, Any]], step: int 
     for row in sorted(candidates, key=lambda r: -r["step"]):
         d = paths.checkpoints_dir(home, run_id) / fmt.step_dir_name(row["step"])
         try:
-            payload, _ = fmt.load_dir(d, row["hash"], verify=fmt.FULL)
-            return row, payload
+            manifest, _ = fmt.read_manifest(d, row["hash"])
+            if manifest.get("dcp"):
+                fmt.verify_dir(d, row["hash"])
+                payload = None
+                if load_dcp:
+                    from ckptd.exports.dcp import load_payload
+
+                    payload = load_payload(d)
+            else:
+                payload, manifest = fmt.load_dir(d, row["hash"], verify=fmt.FULL)
+            return row, payload, d, manifest
         except CheckpointError as exc:
             if not d.exists() and row["step"] not in vanished:
                 vanished.add(row["step"])

@@ -89,15 +89,15 @@ def render_file(curves: list[dict[str, Any]], keys: list[str], out: Path, *, smo
         title = html.escape(", ".join(keys))
         text = (f"<!doctype html><meta charset=utf-8><title>ckptd plot: {title}</title>"
                 f"<body style='margin:0'>{buf.getvalue()}</body>")
-        _write(out, text.encode())
+        write_picture(out, text.encode())
     else:
         buf2 = io.BytesIO()
         fig.savefig(buf2, format=out.suffix.lower()[1:], dpi=dpi)
-        _write(out, buf2.getvalue())
+        write_picture(out, buf2.getvalue())
     plt.close(fig)
 
 
-def _write(out: Path, data: bytes) -> None:
+def write_picture(out: Path, data: bytes) -> None:
     """Whole or not at all: a picture a browser is reloading is never half-written."""
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:

@@ -540,11 +540,26 @@ def verify_dir(ckpt_dir: Path, expected_hash: str | None = None) -> tuple[dict[s
     mm = open_data(ckpt_dir, manifest, verify=FULL, writable=False)
     if mm is not None:
         mm.close()
+    verify_extra_files(ckpt_dir, manifest)
+    return manifest, digest
+
+
+def verify_extra_files(ckpt_dir: Path, manifest: dict[str, Any],
+                       sizes_only: bool = False) -> None:
+    """Check the files a manifest lists beside ckptd's own data file: a DCP
+    step's shards, or an adopted checkpoint's files (written by a framework,
+    hashed at adoption). Without this a flipped byte in them would verify.
+
+    :raises CheckpointError: naming the damaged file.
+    """
     if manifest.get("dcp"):  # a sharded step: its DCP files are listed with their hashes
         from ..dcp import verify_files
 
-        verify_files(ckpt_dir, manifest)
-    return manifest, digest
+        verify_files(ckpt_dir, manifest, sizes_only=sizes_only)
+    if manifest.get("adopted"):
+        from ..integrations.adopt import verify_adopted
+
+        verify_adopted(ckpt_dir, manifest["adopted"], sizes_only=sizes_only)
 
 
 def load_dir(ckpt_dir: Path, expected_hash: str | None = None, map_location: Any = None,

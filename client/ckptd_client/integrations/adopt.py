@@ -83,8 +83,9 @@ def adopt(run: Run, path: str | os.PathLike[str], step: int,
     return AdoptHandle(run, p, step, values)
 
 
-def verify_adopted(ckpt_dir: Path, adopted: dict[str, Any]) -> Path:
-    """Check every adopted file against its manifest hashes; returns the adopted path.
+def verify_adopted(ckpt_dir: Path, adopted: dict[str, Any], sizes_only: bool = False) -> Path:
+    """Check every adopted file against its manifest hashes (``sizes_only``: the
+    cheap check reconcile gives older checkpoints); returns the adopted path.
 
     :raises CheckpointError: a file is missing, has the wrong size or fails a hash.
     """
@@ -100,6 +101,8 @@ def verify_adopted(ckpt_dir: Path, adopted: dict[str, Any]) -> Path:
                 if size != info["bytes"]:
                     raise CheckpointError(f"verify {path}: {size} bytes, manifest says "
                                           f"{info['bytes']} (truncated or damaged)")
+                if sizes_only:
+                    continue
                 got = []
                 if size:
                     with mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mm:
