@@ -118,6 +118,8 @@ def event(msg: dict[str, Any]) -> None:
         _str(msg, "traceback", optional=True)
         _str(msg, "reason", optional=True, limit=4096)
         _int(msg, "auto_resume", optional=True, minimum=0)
+        _int(msg, "supervisor_pid", optional=True, minimum=1)
+        _num(msg, "supervisor_started", optional=True)
     elif kind == protocol.RESTORED:
         _int(msg, "step", optional=True, minimum=-1)
     elif kind == protocol.REGISTER:

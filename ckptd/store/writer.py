@@ -376,7 +376,8 @@ class Store:
             if kind == protocol.REGISTER:
                 message, level = "run registered", "info"
             elif kind == protocol.STATUS:
-                message, level = f"attempt {attempt} {msg.get('status')}", "info"
+                ended = self._status_attempt(run_id, attempt, msg)
+                message, level = f"attempt {ended} {msg.get('status')}", "info"
                 if msg.get("reason"):
                     message += f": {msg['reason']}"
             elif kind == protocol.CONSOLE:
@@ -410,7 +411,7 @@ class Store:
             if kind == protocol.REGISTER:
                 self._register(run_id, attempt, msg, t)
             elif kind == protocol.STATUS:
-                self._status(run_id, attempt, msg, t)
+                self._status(run_id, self._status_attempt(run_id, attempt, msg), msg, t)
             elif kind == protocol.RESTORED:
                 self._restored(run_id, attempt, msg.get("step"))
         if metrics:
@@ -623,6 +624,30 @@ class Store:
             " ON CONFLICT(run_id, attempt) DO UPDATE SET pid = COALESCE(excluded.pid, pid)",
             (run_id, attempt, t, msg.get("pid"), "running"),
         )
+
+    def _status_attempt(self, run_id: str, attempt: int, msg: dict[str, Any]) -> int:
+        """The attempt a status ends: its own, except for a supervisor's report.
+
+        ``ckptd run -- torchrun --max-restarts N`` supervises attempt A, but each
+        TorchElastic restart inside the command begins the next attempt itself
+        (the ranks register A + ``TORCHELASTIC_RESTART_COUNT``). How torchrun
+        exited is then the end of the run's current attempt: applied to A, it
+        overwrote A's own end and left the current one ``running`` until
+        liveness guessed ``interrupted``. Only while the run is still this
+        supervisor's (same pid and start time; ``ckptd resume`` records its own),
+        so a late report from a superseded supervisor never ends a newer attempt.
+        """
+        pid = msg.get("supervisor_pid")
+        if pid is None:
+            return attempt
+        row = self.conn.execute("SELECT attempt, supervisor_pid, supervisor_started FROM runs"
+                                " WHERE id = ?", (run_id,)).fetchone()
+        if row is None or row[0] <= attempt or row[1] != pid:
+            return attempt
+        started = msg.get("supervisor_started")
+        if started is not None and row[2] is not None and abs(row[2] - started) > 0.05:
+            return attempt  # a recycled pid: another supervisor
+        return int(row[0])
 
     def _status(self, run_id: str, attempt: int, msg: dict[str, Any], t: float) -> None:
         status = msg.get("status")

@@ -276,7 +276,10 @@ class Supervisor:
             ended["reason"] = (f"stopped by the system shutting down "
                                f"({_signame(self.stopped_by)}); auto-resume at next boot")
         self.status, exit_code = ended.pop("status"), ended.pop("exit_code")
-        run.finish(status=self.status, exit_code=exit_code, timeout=30, **ended)
+        # who reports: the store applies it to the run's current attempt when
+        # TorchElastic restarts inside the command began later ones (writer._status_attempt)
+        run.finish(status=self.status, exit_code=exit_code, timeout=30,
+                   supervisor_pid=os.getpid(), supervisor_started=process_start_time(), **ended)
         return returncode if returncode >= 0 else 128 - returncode
 
     def _wait(self, run: Run) -> int:
