@@ -86,6 +86,7 @@ def event(msg: dict[str, Any]) -> None:
     # Every event row stores ``step``, whatever the kind: unchecked, a string or
     # a list failed the writer's whole group commit (found by tests/test_fuzz.py).
     _int(msg, "step", optional=True, minimum=-1)
+    _int(msg, "rank", optional=True, minimum=0)  # honoured from the supervisor only
     if kind == protocol.LOG:
         _int(msg, "step", minimum=0)
         m = msg.get("m")
