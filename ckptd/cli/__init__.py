@@ -300,13 +300,20 @@ def ls(status: str | None = typer.Option(None, "--status", help="only runs in th
         rows = runfilter.list_runs(
             reader, status=status, group=group, project=project, tags=tag, name=name, where=clauses,
             with_last=as_json or runfilter.needs_last([c.key for c in clauses] + extra))
+        ranks = [reader.rank_processes(r["id"], r["attempt"]) if r["world_size"] > 1 else []
+                 for r in rows]
     if as_json:
         emit_json(rows)
         return
     shown = [r | {"started": fmt_time(r["started"]), "ended": fmt_time(r["ended"]),
                   "tags": " ".join(r["tags"]) or None}
              | {c: runfilter.cell(r, c) for c in extra} for r in rows]
+    for r, procs in zip(shown, ranks, strict=True):
+        if r["world_size"] > 1:  # live rank processes / world size, and their nodes
+            r["ranks"] = f"{sum(p['alive'] for p in procs)}/{r['world_size']}"
+            r["nodes"] = ",".join(sorted({p["host"] for p in procs if p["host"]})) or None
     table(shown, ["id", "name", "status", "attempt", "step", "started", "ended",
+                  *(["ranks", "nodes"] if any(r["world_size"] > 1 for r in rows) else []),
                   *(["tags"] if any(r["tags"] for r in rows) else []), *extra])
 
 
@@ -328,6 +335,14 @@ def show(run: str | None = typer.Argument(None, help="run id, unique prefix or n
         say(f"{label + ':':<13} {value if value is not None else '-'}")
     say(f"{'started:':<13} {fmt_time(info['started'])}")
     say(f"{'ended:':<13} {fmt_time(info['ended'])}")
+    if info["world_size"] > 1 or info["ranks"]:
+        say(f"{'world size:':<13} {info['world_size']}")
+        say(f"{'nodes:':<13} {' '.join(info['nodes']) or '-'}")
+        say(f"ranks (attempt {info['attempt']}):")
+        for r in info["ranks"]:
+            state = "alive" if r["alive"] else f"ended {fmt_time(r['ended'])}"
+            say(f"  rank {r['rank']}: {r['host'] or '-'} pid {r['pid']}  {state}, last seen "
+                f"{fmt_time(r['last_seen'])}")
     if info.get("command"):
         say(f"{'command:':<13} {shlex.join(info['command'])}")
     if info.get("retention"):

@@ -31,6 +31,10 @@ def register(app: typer.Typer) -> None:
                  "process group is killed (default 30, or $CKPTD_STOP_GRACE)"),
         group: str | None = typer.Option(None, "--group", help="put the run in this group "
                                          "(compare groups with `ckptd compare @G1 @G2`)"),
+        requeue: bool = typer.Option(
+            False, "--requeue",
+            help="under SLURM: after an attempt preempted (it checkpointed and exited), "
+                 "`scontrol requeue $SLURM_JOB_ID`; the requeued job continues the run"),
         run_id: str | None = typer.Option(None, "--run-id", hidden=True),
         attach_run: str | None = typer.Option(None, "--attach-run", hidden=True),
         force: bool = typer.Option(False, "--force", hidden=True),
@@ -56,7 +60,8 @@ def register(app: typer.Typer) -> None:
             raise CkptdError(f"run: --run-id {run_id!r} is not a valid run id")
         raise typer.Exit(run_command(cli.home(), list(command), name=name,
                                      auto_resume=auto_resume, max_restarts=max_restarts,
-                                     stop_grace=stop_grace, group=group, run_id=run_id))
+                                     stop_grace=stop_grace, group=group, run_id=run_id,
+                                     requeue=requeue))
 
     @app.command("resume")
     def resume_cmd(

@@ -29,6 +29,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ckptd_client import paths, protocol
+from ckptd_client.distributed import line_rank
 from ckptd_client.identity import valid_run_id
 
 from ckptd.daemon import validate
@@ -132,8 +133,14 @@ def adopt(daemon: Daemon, run: str, attempt: int, pairs: list[tuple[int, str]]) 
 def _record(daemon: Daemon, run: str, attempt: int, lines: list[tuple[str, str]],
             note: str | None = None) -> None:
     now = time.time()
-    events = [(run, attempt, "d", {"t": protocol.CONSOLE, "seq": _next_seq(), "time": now,
-                                   "stream": stream, "text": text}) for stream, text in lines]
+    events = []
+    for stream, line in lines:
+        rank, text = line_rank(line)  # a torchrun rank's line, as the supervisor reads it
+        msg = {"t": protocol.CONSOLE, "seq": _next_seq(), "time": now, "stream": stream,
+               "text": text}
+        if rank is not None:
+            msg["rank"] = rank
+        events.append((run, attempt, "d", msg))
 
     def work(store: Store) -> None:
         if note:

@@ -64,6 +64,7 @@ STARTUP_HOOKS: list[Callable[..., None]] = [
 #: Run by the sweeper every period: fn(daemon).
 PERIODIC_HOOKS: list[Callable[..., None]] = [
     liveness.sweep,
+    liveness.track_ranks,
     autoresume.scan,
     sysmetrics.sample,
 ]

@@ -8,6 +8,7 @@ same start time (a recycled pid is not the same process), same boot.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,6 @@ if TYPE_CHECKING:
     from ckptd.store.writer import Store
 
 log = logging.getLogger("ckptd.liveness")
-
 
 
 def process_alive(pid: int | None, started: float | None) -> bool:
@@ -98,5 +98,60 @@ def sweep(daemon: Daemon) -> list[dict[str, Any]]:
             log.info("run %s attempt %d interrupted: %s", run["id"], run["attempt"], reason)
             marked.append(dict(run, status="interrupted", reason=reason))
         return marked
+
+    return daemon.call_writer(work)
+
+
+#: Seconds between two writes of a live rank's ``last_seen`` (each is a commit).
+RANK_SEEN_EVERY_S = 10.0
+
+
+def track_ranks(daemon: Daemon) -> int:
+    """Record which ranks of distributed runs have a live process on this node.
+
+    A rank is seen alive while its client's connection is open, or its process
+    (pid and start time) still runs; the first sweep that finds neither records
+    when it ended, so ``ckptd show`` tells "rank 3 dead since 12:04" from a
+    slow rank. Only runs with ``world_size`` > 1 are tracked. Returns the rows
+    written.
+    """
+    if daemon.stop.is_set():
+        return 0
+    from ckptd_client.distributed import is_client_src, rank_of_src
+
+    with daemon.conns_lock:
+        conns = [(c.run, c.attempt, rank_of_src(c.src), c.pid) for c in daemon.conns
+                 if c.run and not c.closed and is_client_src(c.src)]
+    host = socket.gethostname()
+
+    def work(store: Store) -> int:
+        now = time.time()
+        distributed = {r["id"] for r in store.running_runs() if (r.get("world_size") or 1) > 1}
+        known = {(r["run_id"], r["attempt"], r["rank"]): r
+                 for r in store.rank_processes(open_only=True)}
+        written, connected = 0, set()
+        for run_id, attempt, rank, pid in conns:
+            if run_id not in distributed:
+                continue
+            key = (run_id, attempt, rank)
+            connected.add(key)
+            row = known.get(key)
+            if row is None or row["pid"] != pid or now - (row["last_seen"] or 0) >= \
+                    RANK_SEEN_EVERY_S:
+                started = row["pid_started"] if row is not None and row["pid"] == pid \
+                    else process_start_time(pid)
+                store.see_rank(run_id, attempt, rank, host, pid, started, now)
+                written += 1
+        for key, row in known.items():
+            if key in connected or row["host"] != host:
+                continue  # another node's daemon watches its own ranks
+            if process_alive(row["pid"], row["pid_started"]):
+                if now - (row["last_seen"] or 0) >= RANK_SEEN_EVERY_S:
+                    store.mark_rank(*key, last_seen=now)
+                    written += 1
+            else:
+                store.mark_rank(*key, ended=now)
+                written += 1
+        return written
 
     return daemon.call_writer(work)

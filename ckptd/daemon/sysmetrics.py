@@ -117,12 +117,18 @@ def sample(daemon: Daemon, now: float | None = None) -> int:
     now = time.time() if now is None else now
     every = interval()
 
-    def running(store: Store) -> list[dict[str, Any]]:
-        return store.running_runs()
+    def running(store: Store) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        return store.running_runs(), store.rank_processes(open_only=True)
 
     events: list[tuple[str, int, str, dict[str, Any]]] = []
     live: set[int] = set()
-    for run in daemon.call_writer(running):
+    runs, ranks = daemon.call_writer(running)
+    others: dict[tuple[str, int], list[tuple[int, int, float | None]]] = {}
+    for r in ranks:  # ranks 1.. of distributed runs whose process lives on this node
+        if r["rank"] and r["pid"]:
+            others.setdefault((r["run_id"], r["attempt"]), []).append(
+                (r["rank"], r["pid"], r["pid_started"]))
+    for run in runs:
         pid = run.get("pid")
         if not pid or not process_alive(pid, run.get("pid_started")):
             continue
@@ -130,18 +136,28 @@ def sample(daemon: Daemon, now: float | None = None) -> int:
         if now - _last.get(run["id"], 0.0) < every:
             continue
         _last[run["id"]] = now
-        try:
-            values, pids = tree_sample(pid)
-        except psutil.Error:
-            continue
-        values.update(gpu_sample(pids))
-        try:
-            values["sys/disk_free_bytes"] = psutil.disk_usage(os.fspath(daemon.home)).free
-        except OSError:
-            pass
-        msg = {"t": protocol.LOG, "seq": time.time_ns() // 1000, "time": now,
-               "step": run.get("step") or 0, "m": values}
-        events.append((run["id"], run["attempt"], "d", msg))
+        seq = time.time_ns() // 1000
+        # rank 0 is the run's own process; each other rank is sampled as itself,
+        # its rows carrying its rank (``ckptd metrics --key sys/... --rank N|all``)
+        procs = [(0, pid)] + [(rank, p) for rank, p, started in
+                              sorted(others.get((run["id"], run["attempt"]), []))
+                              if process_alive(p, started)]
+        for rank, p in procs:
+            live.add(p)
+            try:
+                values, pids = tree_sample(p)
+            except psutil.Error:
+                continue
+            values.update(gpu_sample(pids))  # per GPU this rank's processes use
+            if rank == 0:
+                try:
+                    values["sys/disk_free_bytes"] = psutil.disk_usage(
+                        os.fspath(daemon.home)).free
+                except OSError:
+                    pass
+            msg = {"t": protocol.LOG, "seq": seq + rank, "time": now,
+                   "step": run.get("step") or 0, "m": values, "rank": rank}
+            events.append((run["id"], run["attempt"], "d", msg))
     for pid in list(_procs):
         if pid not in live and not psutil.pid_exists(pid):
             del _procs[pid]

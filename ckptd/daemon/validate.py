@@ -86,6 +86,7 @@ def event(msg: dict[str, Any]) -> None:
     # Every event row stores ``step``, whatever the kind: unchecked, a string or
     # a list failed the writer's whole group commit (found by tests/faults/test_fuzz.py).
     _int(msg, "step", optional=True, minimum=-1)
+    _int(msg, "rank", optional=True, minimum=0)  # honoured from the supervisor only
     if kind == protocol.LOG:
         _int(msg, "step", minimum=0)
         m = msg.get("m")
@@ -118,6 +119,8 @@ def event(msg: dict[str, Any]) -> None:
         _str(msg, "traceback", optional=True)
         _str(msg, "reason", optional=True, limit=4096)
         _int(msg, "auto_resume", optional=True, minimum=0)
+        _int(msg, "supervisor_pid", optional=True, minimum=1)
+        _num(msg, "supervisor_started", optional=True)
     elif kind == protocol.RESTORED:
         _int(msg, "step", optional=True, minimum=-1)
     elif kind == protocol.REGISTER:

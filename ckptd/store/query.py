@@ -149,10 +149,25 @@ class Reader:
             r["system"] = bool(r["system"])
         return rows
 
+    def rank_processes(self, run_id: str, attempt: int) -> list[dict[str, Any]]:
+        """Per-rank liveness of one attempt: rank, host, pid, alive, last_seen, ended."""
+        if self.version < 6:  # recorded since schema version 6
+            return []
+        rows = self.rows(
+            "SELECT rank, host, pid, last_seen, ended FROM rank_processes WHERE run_id = ?"
+            " AND attempt = ? ORDER BY rank", (run_id, attempt))
+        for r in rows:
+            r["alive"] = r["ended"] is None
+        return rows
+
     def show(self, ref: str | None) -> dict[str, Any]:
         run = self.resolve(ref)
         out = summary(run)
+        ranks = self.rank_processes(run["id"], run["attempt"])
         out.update(
+            nodes=sorted({r["host"] for r in ranks if r["host"]} | (
+                {run["host"]} if run.get("host") else set())),
+            ranks=ranks,
             tags=self.tags([run["id"]]).get(run["id"], []),
             note=run.get("note"),
             project=run.get("project"),
@@ -200,7 +215,7 @@ class Reader:
                " AS superseded, rank FROM metrics"
                " WHERE run_id = ? AND " + ("src = 'd'" if sys_key else "src != 'd'"))
         args: list[Any] = [run_id]
-        if rank is not None and not sys_key:
+        if rank is not None:
             sql += " AND rank = ?"
             args.append(rank)
         if key is not None:

@@ -41,7 +41,7 @@ from ckptd_client.errors import CkptdError, NotFound, ResumeRefused
 if TYPE_CHECKING:
     import sqlite_utils
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: WAL size (bytes) past which the writer truncates it (and SQLite's own
 #: ``journal_size_limit``): the WAL holds whole transactions, so this is also
 #: about the largest batch the daemon commits, with room to spare.
@@ -273,8 +273,23 @@ def _add_ranks(db: sqlite_utils.Database) -> None:
         db.execute("ALTER TABLE runs ADD COLUMN world_size INTEGER")
 
 
+def _add_rank_processes(db: sqlite_utils.Database) -> None:
+    """Per-rank liveness of distributed runs: which rank's process runs where,
+    whether it still lives, and when the daemon last saw it alive.
+
+    Written by the daemon of the rank's node (``liveness.track_ranks``) from
+    the ranks' own connections, so ``ckptd ls``/``show`` tell a hung job with a
+    dead rank from a healthy one.
+    """
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS rank_processes (run_id TEXT NOT NULL, attempt INTEGER"
+        " NOT NULL, rank INTEGER NOT NULL, host TEXT, pid INTEGER, pid_started REAL,"
+        " first_seen REAL, last_seen REAL, ended REAL,"
+        " PRIMARY KEY (run_id, attempt, rank))")
+
+
 MIGRATIONS = {1: _create_v1, 2: _add_groups_and_sweeps, 3: _add_tags_and_notes,
-              4: _add_effective_views, 5: _add_ranks}
+              4: _add_effective_views, 5: _add_ranks, 6: _add_rank_processes}
 
 
 def _dumps(value: Any) -> str | None:
@@ -361,6 +376,9 @@ class Store:
             seq = msg["seq"]
             t = msg.get("time") or time.time()
             rank = rank_of_src(src)
+            if src in ("d", "s") and isinstance(msg.get("rank"), int):
+                # the daemon's per-rank samples, a rank's line the supervisor captured
+                rank = msg["rank"]
             if kind == protocol.LOG:
                 step = msg["step"]
                 if msg["m"]:
@@ -376,7 +394,8 @@ class Store:
             if kind == protocol.REGISTER:
                 message, level = "run registered", "info"
             elif kind == protocol.STATUS:
-                message, level = f"attempt {attempt} {msg.get('status')}", "info"
+                ended = self._status_attempt(run_id, attempt, msg)
+                message, level = f"attempt {ended} {msg.get('status')}", "info"
                 if msg.get("reason"):
                     message += f": {msg['reason']}"
             elif kind == protocol.CONSOLE:
@@ -410,7 +429,7 @@ class Store:
             if kind == protocol.REGISTER:
                 self._register(run_id, attempt, msg, t)
             elif kind == protocol.STATUS:
-                self._status(run_id, attempt, msg, t)
+                self._status(run_id, self._status_attempt(run_id, attempt, msg), msg, t)
             elif kind == protocol.RESTORED:
                 self._restored(run_id, attempt, msg.get("step"))
         if metrics:
@@ -624,6 +643,30 @@ class Store:
             (run_id, attempt, t, msg.get("pid"), "running"),
         )
 
+    def _status_attempt(self, run_id: str, attempt: int, msg: dict[str, Any]) -> int:
+        """The attempt a status ends: its own, except for a supervisor's report.
+
+        ``ckptd run -- torchrun --max-restarts N`` supervises attempt A, but each
+        TorchElastic restart inside the command begins the next attempt itself
+        (the ranks register A + ``TORCHELASTIC_RESTART_COUNT``). How torchrun
+        exited is then the end of the run's current attempt: applied to A, it
+        overwrote A's own end and left the current one ``running`` until
+        liveness guessed ``interrupted``. Only while the run is still this
+        supervisor's (same pid and start time; ``ckptd resume`` records its own),
+        so a late report from a superseded supervisor never ends a newer attempt.
+        """
+        pid = msg.get("supervisor_pid")
+        if pid is None:
+            return attempt
+        row = self.conn.execute("SELECT attempt, supervisor_pid, supervisor_started FROM runs"
+                                " WHERE id = ?", (run_id,)).fetchone()
+        if row is None or row[0] <= attempt or row[1] != pid:
+            return attempt
+        started = msg.get("supervisor_started")
+        if started is not None and row[2] is not None and abs(row[2] - started) > 0.05:
+            return attempt  # a recycled pid: another supervisor
+        return int(row[0])
+
     def _status(self, run_id: str, attempt: int, msg: dict[str, Any], t: float) -> None:
         status = msg.get("status")
         if status == "finished":
@@ -702,6 +745,29 @@ class Store:
         """The retention policy a run registered (decoded), or None."""
         row = self.conn.execute("SELECT retention FROM runs WHERE id = ?", (run_id,)).fetchone()
         return json.loads(row[0]) if row and row[0] else None
+
+    def rank_processes(self, open_only: bool = False) -> list[dict[str, Any]]:
+        """Rank process rows (``open_only``: those not yet seen to end)."""
+        sql = "SELECT * FROM rank_processes" + (" WHERE ended IS NULL" if open_only else "")
+        cur = self.conn.execute(sql)
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+    def see_rank(self, run_id: str, attempt: int, rank: int, host: str, pid: int,
+                 pid_started: float | None, now: float) -> None:
+        """A rank's process is alive now (its connection is open)."""
+        self.conn.execute(
+            "INSERT INTO rank_processes (run_id, attempt, rank, host, pid, pid_started,"
+            " first_seen, last_seen) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(run_id, attempt,"
+            " rank) DO UPDATE SET last_seen = excluded.last_seen, ended = NULL,"
+            " host = excluded.host, pid = excluded.pid, pid_started = excluded.pid_started",
+            (run_id, attempt, rank, host, pid, pid_started, now, now))
+
+    def mark_rank(self, run_id: str, attempt: int, rank: int, *, last_seen: float | None = None,
+                  ended: float | None = None) -> None:
+        self.conn.execute(
+            "UPDATE rank_processes SET last_seen = COALESCE(?, last_seen), ended = ? WHERE"
+            " run_id = ? AND attempt = ? AND rank = ?", (last_seen, ended, run_id, attempt, rank))
 
     def running_runs(self) -> list[dict[str, Any]]:
         cur = self.conn.execute("SELECT * FROM runs WHERE status = 'running'")

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd_client import Run
+from ckptd_client.distributed import LINE_PREFIX, LINE_PREFIX_ENV, line_rank
 from ckptd_client.errors import CkptdError
 from ckptd_client.identity import boot_id, new_run_id, process_start_time
 from ckptd_client.provenance import collect
@@ -115,6 +116,8 @@ def child_env(recorded: Mapping[str, str], home: Path, run_id: str, attempt: int
     env.update({k: v for k, v in os.environ.items() if k.startswith("CKPTD_")})
     env.update(CKPTD_HOME=os.fspath(home), CKPTD_RUN_ID=run_id, CKPTD_ATTEMPT=str(attempt))
     env.pop("CKPTD_AUTOSTARTED", None)
+    # torchrun (with --tee) prefixes each rank's lines so we can record whose they are
+    env.setdefault(LINE_PREFIX_ENV, LINE_PREFIX)
     return env
 
 
@@ -206,8 +209,9 @@ class Supervisor:
     def __init__(self, home: Path, run_id: str, attempt: int, command: list[str],
                  cwd: str | None, env: dict[str, str], *, name: str | None = None,
                  register: dict[str, Any] | None = None,
-                 stop_grace: float | None = None) -> None:
+                 stop_grace: float | None = None, requeue_job: str | None = None) -> None:
         self.home = home
+        self.requeue_job = requeue_job  # ``--requeue`` under SLURM (supervise/slurm.py)
         self.run_id = run_id
         self.attempt = attempt
         self.command = command
@@ -275,9 +279,55 @@ class Supervisor:
             ended.pop("auto_resume", None)
             ended["reason"] = (f"stopped by the system shutting down "
                                f"({_signame(self.stopped_by)}); auto-resume at next boot")
+        requeue = self.requeue_job is not None and returncode == 0 and self._preempted()
+        if requeue:
+            # The allocation ends soon: SLURM relaunches the job, not the daemon here.
+            ended.update(auto_resume=0, reason=f"preempted; SLURM job {self.requeue_job} "
+                                               "requeued (ckptd run --requeue)")
         self.status, exit_code = ended.pop("status"), ended.pop("exit_code")
-        run.finish(status=self.status, exit_code=exit_code, timeout=30, **ended)
-        return returncode if returncode >= 0 else 128 - returncode
+        # who reports: the store applies it to the run's current attempt when
+        # TorchElastic restarts inside the command began later ones (writer._status_attempt)
+        run.finish(status=self.status, exit_code=exit_code, timeout=30,
+                   supervisor_pid=os.getpid(), supervisor_started=process_start_time(), **ended)
+        code = returncode if returncode >= 0 else 128 - returncode
+        if requeue:
+            assert self.requeue_job is not None
+            from ckptd.supervise import slurm
+
+            # after finish: requeueing makes SLURM stop this job, us included
+            why = slurm.requeue(self.requeue_job)
+            if why is None:
+                print(f"ckptd: run {self.run_id} preempted after its checkpoint; requeued "
+                      f"SLURM job {self.requeue_job}", file=sys.stderr, flush=True)
+            else:
+                print(f"ckptd: run {self.run_id} preempted, but requeueing failed ({why}); "
+                      f"continue it with `ckptd resume {self.run_id}`", file=sys.stderr,
+                      flush=True)
+                code = code or 1
+        return code
+
+    def _preempted(self) -> bool:
+        """Whether the attempt's trainer ended it ``preempted`` (it checkpointed after
+        a notice and exited), with every checkpoint it sent committed.
+
+        Read from the store before our own report: the trainer's status is
+        durable once its ``finish()`` returned. ``ckpt_await_commits`` closes the
+        window where a checkpoint was still committing (the requeued job must
+        find it)."""
+        from ckptd_client import transport
+
+        from ckptd.store import query
+
+        with contextlib.suppress(Exception):
+            transport.call(self.home, "ckpt_await_commits", {"run": self.run_id})
+        try:
+            with query.Reader(self.home) as reader:
+                rows = reader.rows("SELECT a.status FROM attempts a JOIN runs r ON"
+                                   " r.id = a.run_id AND r.attempt = a.attempt WHERE"
+                                   " r.id = ?", (self.run_id,))
+        except Exception:  # noqa: BLE001 - no store to read: do not requeue blindly
+            return False
+        return bool(rows) and rows[0]["status"] == "preempted"
 
     def _wait(self, run: Run) -> int:
         """Wait for the command; SIGKILL its process group once a stop's grace is over."""
@@ -425,10 +475,12 @@ class Supervisor:
                     lines = splitter.feed(data)
                 now = time.time()
                 for line in lines:
-                    run.console(line, stream, when=now)
+                    rank, text = line_rank(line)
+                    run.console(text, stream, when=now, rank=rank)
         for _fd, (stream, _out, splitter) in live.items():
             for line in splitter.close():
-                run.console(line, stream)
+                rank, text = line_rank(line)
+                run.console(text, stream, rank=rank)
 
 
 def _terminal_foreground() -> bool:
@@ -507,14 +559,31 @@ def check_register(register: dict[str, Any]) -> None:
 def run_command(home: Path, command: list[str], *, name: str | None = None,
                 auto_resume: bool = False, max_restarts: int | None = None,
                 stop_grace: float | None = None, group: str | None = None,
-                run_id: str | None = None) -> int:
+                run_id: str | None = None, requeue: bool = False) -> int:
     """``ckptd run -- CMD``: register a new run for ``command`` and supervise it.
 
     ``run_id`` is given by a launcher that recorded the id before starting us
     (``ckptd sweep``), so a crash right after the launch cannot start it twice.
+    ``requeue``: under SLURM, the run is named after the job and a preempted
+    attempt requeues it; a requeued job continues its run (supervise/slurm.py).
 
     :raises InvalidRun: the name, command or environment cannot be recorded.
     """
+    job = None
+    if requeue:
+        from ckptd.supervise import slurm
+
+        job = slurm.job_id()
+        if job is None:
+            print("ckptd: --requeue: not under SLURM (SLURM_JOB_ID is not set); a preempted "
+                  "attempt is not requeued", file=sys.stderr)
+        else:
+            run_id = slurm.run_id_for_job(job)
+            begun = _continue_job(home, run_id)
+            if begun is not None:
+                print(f"ckptd: SLURM job {job} requeued: run {run_id} continues as attempt "
+                      f"{begun['attempt']}", file=sys.stderr)
+                return attach_run(home, begun, stop_grace, requeue_job=job)
     cwd = os.getcwd()
     env = dict(os.environ)
     for key in ("CKPTD_RUN_ID", "CKPTD_ATTEMPT"):
@@ -536,7 +605,7 @@ def run_command(home: Path, command: list[str], *, name: str | None = None,
     }
     check_register(register)
     sup = Supervisor(home, run_id, 1, command, cwd, child_env(env, home, run_id, 1),
-                     name=name, register=register, stop_grace=stop_grace)
+                     name=name, register=register, stop_grace=stop_grace, requeue_job=job)
     code = sup.run()
     if auto_resume and sup.status != "finished" and sup.stopped_by is None:
         print(f"ckptd: run {run_id} {sup.status}; the daemon relaunches it from its newest "
@@ -553,12 +622,28 @@ def run_command(home: Path, command: list[str], *, name: str | None = None,
     return code
 
 
-def attach_run(home: Path, begun: dict[str, Any], stop_grace: float | None = None) -> int:
+def attach_run(home: Path, begun: dict[str, Any], stop_grace: float | None = None,
+               requeue_job: str | None = None) -> int:
     """Supervise an attempt the daemon has begun (``ckptd resume``, auto-resume)."""
     env = child_env(begun.get("env") or {}, home, begun["id"], begun["attempt"])
     sup = Supervisor(home, begun["id"], begun["attempt"], begun["command"], begun.get("cwd"),
-                     env, name=begun.get("name"), stop_grace=stop_grace)
+                     env, name=begun.get("name"), stop_grace=stop_grace,
+                     requeue_job=requeue_job)
     return sup.run()
+
+
+def _continue_job(home: Path, run_id: str) -> dict[str, Any] | None:
+    """The next attempt of a requeued SLURM job's run, or None when the job is new."""
+    from ckptd.store import query
+    from ckptd.supervise.resume import begin_attempt
+
+    try:
+        with query.Reader(home) as reader:
+            if not reader.rows("SELECT 1 FROM runs WHERE id = ?", (run_id,)):
+                return None
+    except query.NotFound:
+        return None  # no store yet
+    return begin_attempt(home, run_id)
 
 
 __all__ = ["InvalidRun", "LineSplitter", "Supervisor", "attach_run", "check_register",

@@ -94,6 +94,23 @@ def is_client_src(src: Any) -> bool:
 _CLIENT_RE = re.compile(r"^(?:c|r[1-9][0-9]{0,6})(?:-[0-9a-f]{1,32})?$")
 
 
+#: What ``ckptd run`` asks torchrun to put before each line of a rank's output
+#: (``TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE``; torchrun adds it to teed output,
+#: ``torchrun --tee 3``): the global rank, so lines from several nodes agree.
+LINE_PREFIX_ENV = "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"
+LINE_PREFIX = "[rank${rank}]:"
+_LINE_RANK_RE = re.compile(r"^\[rank([0-9]{1,7})\]:")
+
+
+def line_rank(line: str) -> tuple[int | None, str]:
+    """The rank a captured console line came from (torchrun's prefix, see
+    :data:`LINE_PREFIX`) and the line without it; ``(None, line)`` when unprefixed."""
+    m = _LINE_RANK_RE.match(line)
+    if m is None:
+        return None, line
+    return int(m.group(1)), line[m.end():]
+
+
 def _derived_id(elastic_id: str) -> str:
     cleaned = re.sub(r"[^A-Za-z0-9_.-]", "-", elastic_id).strip("-.")[:100] or "none"
     return f"te-{cleaned}".replace("..", "-")
@@ -210,5 +227,6 @@ def _on_notice(signum: int, frame: Any) -> None:
         run._stop_signal = signum
 
 
-__all__ = ["Ranks", "env_ranks", "elastic_store", "src_kind", "rank_of_src", "agree_run_id",
+__all__ = ["Ranks", "env_ranks", "line_rank", "LINE_PREFIX", "LINE_PREFIX_ENV",
+           "elastic_store", "src_kind", "rank_of_src", "agree_run_id",
            "install_preemption", "PREEMPT_SIGNALS"]

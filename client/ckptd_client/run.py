@@ -228,10 +228,14 @@ class Run:
             msg["step"] = self._step if self._step >= 0 else None
             self._emit_locked(msg)
 
-    def console(self, text: str, stream: str = "stdout", when: float | None = None) -> None:
-        """Record one line of captured terminal output (what ``ckptd run`` sends)."""
-        msg = {"t": protocol.CONSOLE, "time": when or time.time(), "stream": stream,
-               "text": _text(text)}
+    def console(self, text: str, stream: str = "stdout", when: float | None = None,
+                rank: int | None = None) -> None:
+        """Record one line of captured terminal output (what ``ckptd run`` sends);
+        ``rank``: the torchrun rank that printed it, when the line said so."""
+        msg: dict[str, Any] = {"t": protocol.CONSOLE, "time": when or time.time(),
+                               "stream": stream, "text": _text(text)}
+        if rank is not None:
+            msg["rank"] = rank
         with self._lock:
             self._emit_locked(msg)
 
