@@ -20,7 +20,7 @@ if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 pytest.importorskip("torch.distributed.fsdp", reason="no FSDP2 in this torch")
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_fsdp.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train_fsdp.py"
 
 
 def train(home: Path, out: Path, *extra: str, **env: str) -> subprocess.CompletedProcess[str]:
