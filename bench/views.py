@@ -1,8 +1,8 @@
 """How the views hold up on a big run: ``python bench/views.py [--points N]``.
 
 Builds a synthetic store (one run, ``N`` points of ``loss``, two attempts,
-a checkpoint every 10 k steps) in a temporary home with the real schema
-(:class:`ckptd.store.Store`), then times what a user waits for:
+a checkpoint every 10 k steps) in a temporary home through the daemon's
+write path (:class:`ckptd.store.writer.Store`), then times what a user waits for:
 
 * ``series``: one full-range downsample (what every view asks first);
 * ``ui``: the chart-data request of ``ckptd ui`` over HTTP, token included:
@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -39,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "client")]
 
-from ckptd_client import paths  # noqa: E402
+from ckptd_client import paths, protocol  # noqa: E402
 
 from ckptd.store.writer import Store  # noqa: E402
 
@@ -47,36 +45,49 @@ RUN = "20260101-000000-000001"
 
 
 def build(home: Path, points: int) -> None:
-    """A run of ``points`` steps logged by two attempts (resumed at 40 %)."""
+    """A run of ``points`` effective steps of ``loss``: attempt 1 logged to 42 % and
+    was resumed by attempt 2 from its checkpoint at 40 % (the 2 % in between is
+    superseded, as after a real crash); a committed checkpoint every 10 k steps.
+
+    Written through the daemon's own write path (``Store.apply``, protocol
+    messages), not into the tables: the bench follows the schema as it changes.
+    """
     store = Store(paths.db_path(home))
-    store.close()
-    conn = sqlite3.connect(paths.db_path(home))
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=OFF")
+    store.conn.execute("PRAGMA synchronous=OFF")  # a bench store: no power cut to survive
     t0 = 1.7e9
     resume = int(points * 0.4)
-    conn.execute("INSERT INTO runs (id, name, status, attempt, step, started, config)"
-                 " VALUES (?, 'big', 'running', 2, ?, ?, ?)",
-                 (RUN, points - 1, t0, json.dumps({"total_steps": points * 2})))
-    conn.execute("INSERT INTO attempts VALUES (?, 1, ?, ?, 1, 'interrupted', NULL, 9, NULL)",
-                 (RUN, t0, t0 + resume * 0.01))
-    conn.execute("INSERT INTO attempts VALUES (?, 2, ?, NULL, 2, 'running', NULL, NULL, ?)",
-                 (RUN, t0 + resume * 0.01, resume))
+    overrun = resume + points // 50
 
-    def rows():  # noqa: ANN202
-        for s in range(points):
-            attempt = 1 if s <= resume else 2
-            yield (RUN, attempt, "c", s + 1, "loss", s, 2.0 / (1 + s / 1e5) + (s % 97) * 1e-3,
-                   t0 + s * 0.01, 0)
+    def logs(attempt: int, first: int, last: int, seq: int) -> None:
+        for lo in range(first, last + 1, 50_000):
+            with store.transaction():
+                store.apply([(RUN, attempt, "c", {
+                    "t": protocol.LOG, "seq": seq + s, "step": s, "time": t0 + s * 0.01,
+                    "m": {"loss": 2.0 / (1 + s / 1e5) + (s % 97) * 1e-3 + (attempt - 1) * 0.01},
+                }) for s in range(lo, min(lo + 50_000, last + 1))])
 
-    conn.executemany("INSERT INTO metrics (run_id, attempt, src, seq, key, step, value, time,"
-                     " superseded) VALUES (?,?,?,?,?,?,?,?,?)", rows())
-    conn.executemany("INSERT INTO checkpoints (run_id, step, attempt, status, path, bytes,"
-                     " created) VALUES (?, ?, 1, 'committed', 'x', 1, ?)",
-                     [(RUN, s, t0 + s * 0.01) for s in range(0, points, 10_000)])
-    conn.commit()
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    conn.close()
+    register = {"t": protocol.REGISTER, "seq": 1, "time": t0, "name": "big", "pid": 1,
+                "command": ["python", "train.py"], "cwd": "/tmp",
+                "config": {"total_steps": points * 2}}
+    with store.transaction():
+        store.ensure_run(RUN, 1)
+        store.apply([(RUN, 1, "c", register)])
+    logs(1, 0, overrun, 2)
+    with store.transaction():
+        store.ensure_run(RUN, 2)
+        store.apply([(RUN, 2, "c", dict(register, joined=True, time=t0 + overrun * 0.01)),
+                     (RUN, 2, "c", {"t": protocol.RESTORED, "seq": 2, "step": resume,
+                                    "time": t0 + overrun * 0.01})])
+    logs(2, resume + 1, points - 1, 3)
+    with store.transaction():
+        for s in range(0, resume + 1, 10_000):
+            store.put_checkpoint({"run_id": RUN, "step": s, "attempt": 1, "path": "x",
+                                  "status": "committed", "bytes": 1, "created": t0 + s * 0.01})
+        for s in range(resume + 10_000, points, 10_000):
+            store.put_checkpoint({"run_id": RUN, "step": s, "attempt": 2, "path": "x",
+                                  "status": "committed", "bytes": 1, "created": t0 + s * 0.01})
+    store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.close()
 
 
 def timed(fn):  # noqa: ANN001, ANN201
