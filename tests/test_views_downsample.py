@@ -1,8 +1,8 @@
 """The views' SQL-side downsampling against the data a real resumed run logged.
 
 A real client logs ``loss`` through a real daemon: attempt 1 logs steps
-0..2999 (``1000 + step``, a NaN at step 50) with a checkpoint at 1000, then
-attempt 2 restores it and logs 1001..4999 (``-step``, one spike of 1e6). What
+0..2999 (``1000 + step``, a NaN at step 50) with checkpoints at 100, 200, ..,
+1000, then attempt 2 restores 1000 and logs 1001..4999 (``-step``, one spike of 1e6; checkpoints at 2000, 3000, 4000). What
 attempt 1 logged after step 1000 is superseded: it must never reach a curve.
 The expected buckets are computed here from what the scripts logged, not
 from the store.
@@ -24,7 +24,7 @@ import ckptd_client as ckptd
 run = ckptd.init(name="ds")
 for s in range(3000):
     run.log({"loss": float("nan") if s == 50 else 1000.0 + s}, step=s)
-    if s == 1000:
+    if s % 100 == 0 and 0 < s <= 1000:
         run.checkpoint({"s": s}, step=s).wait(timeout=60)
 run.finish(timeout=60)
 print(run.id)
@@ -35,6 +35,8 @@ run = ckptd.init()
 assert run.restore()["s"] == 1000
 for s in range(1001, 5000):
     run.log({"loss": 1e6 if s == 2345 else -float(s)}, step=s)
+    if s % 1000 == 0:
+        run.checkpoint({"s": s}, step=s).wait(timeout=60)
 run.finish(timeout=60)
 """
 SPIKE = 2345
@@ -119,7 +121,13 @@ def test_sampled_buckets_stay_inside_the_true_range_of_their_bucket(
 def test_values_under_checkpoints_and_last_values(resumed: tuple[Path, str]) -> None:
     home, rid = resumed
     with Reader(home) as reader:
-        assert series.checkpoint_dots(reader, rid, "loss") == [(1000, 2000.0)]
+        ckpts = [*range(100, 1001, 100), 2000, 3000, 4000]
+        assert series.checkpoint_steps(reader, rid) == ckpts
+        assert series.checkpoint_steps(reader, rid, 250, 2500) == [*range(300, 1001, 100), 2000]
+        # spread over the range, the newest kept
+        assert series.checkpoint_steps(reader, rid, most=5) == [300, 600, 800, 2000, 4000]
+        assert series.checkpoint_dots(reader, rid, "loss", [100, 1000, 3000]) == [
+            (100, 1100.0), (1000, 2000.0), (3000, -3000.0)]
         got = series.values_at(reader, rid, "loss", [50, 1000, 1500, 4999, 99999])
         assert math.isnan(got[0]) and got[1:] == [2000.0, -1500.0, -4999.0, -4999.0]
         assert series.last_values(reader, rid, ["loss"]) == {"loss": -4999.0}

@@ -225,11 +225,19 @@ def markers(reader: Reader, run_id: str) -> list[Marker]:
     return out
 
 
-def checkpoint_steps(reader: Reader, run_id: str) -> list[int]:
-    """Steps of the newest :data:`MAX_DOTS` committed checkpoints, oldest first."""
-    return [r[0] for r in reader.conn.execute(
+def checkpoint_steps(reader: Reader, run_id: str, lo: int | None = None,
+                     hi: int | None = None, most: int = MAX_DOTS) -> list[int]:
+    """Steps of the committed checkpoints between ``lo`` and ``hi``, oldest first;
+    of more than ``most``, ``most`` spread evenly over them, the newest kept (a
+    chart shows a dot every few pixels at best, and each costs a value lookup)."""
+    steps = [r[0] for r in reader.conn.execute(
         "SELECT step FROM checkpoints WHERE run_id = ? AND status = 'committed'"
-        " ORDER BY step DESC LIMIT ?", (run_id, MAX_DOTS))][::-1]
+        " AND step BETWEEN ? AND ? ORDER BY step",
+        (run_id, -(2**63) if lo is None else lo, 2**63 - 1 if hi is None else hi))]
+    if len(steps) <= most:
+        return steps
+    stride = len(steps) / max(1, most)
+    return [steps[len(steps) - 1 - int(i * stride)] for i in range(max(1, most))][::-1]
 
 
 def checkpoint_dots(reader: Reader, run_id: str, key: str | None = None,

@@ -110,7 +110,10 @@ def make_app(home: Path, token: str,
             s = series.downsample(reader, run_id, q["key"], buckets, lo, hi)
             out = s.as_json()
             out["markers"] = [m.__dict__ for m in series.markers(reader, run_id)]
-            out["dots"] = series.checkpoint_dots(reader, run_id, q["key"])
+            # a dot per 8 pixels at most, in the range shown (a zoom into an
+            # old stretch has its checkpoints, not the newest ones)
+            out["dots"] = series.checkpoint_dots(reader, run_id, q["key"], series.checkpoint_steps(
+                reader, run_id, lo, hi, max(1, buckets // 8)))
         return js(out)
 
     async def events(request: Request) -> Response:

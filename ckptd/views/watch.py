@@ -139,7 +139,6 @@ class Chart(Static):
                         fig.axvline((m.step - x0) / (x1 - x0), lc="red")
                 dots = [(a, math.log10(b) if self.log_y and b > 0 else b)
                         for a, b in c["dots"] if x0 <= a <= x1 and math.isfinite(b)]
-                dots = dots[::max(1, len(dots) // MAX_DOTS)]
                 if dots:
                     fig.scatter([d[0] for d in dots], [d[1] for d in dots], lc=color,
                                 marker="o")
@@ -280,13 +279,11 @@ class Watch(App[int]):
                     continue
                 lo = max(rng[0], rng[1] - ZOOMS[self.zoom]) if ZOOMS[self.zoom] else None
                 # the value under a checkpoint is looked up for the few drawn only
-                steps = [s for s in series.checkpoint_steps(self.reader, rid)
-                         if (lo or rng[0]) <= s <= rng[1]]
+                steps = series.checkpoint_steps(self.reader, rid, lo, rng[1], MAX_DOTS)
                 curves.append({"key": key, "run": rid,
                                "series": series.downsample(self.reader, rid, key, width, lo),
                                "markers": series.markers(self.reader, rid),
-                               "dots": series.checkpoint_dots(
-                                   self.reader, rid, key, steps[::max(1, len(steps) // MAX_DOTS)])})
+                               "dots": series.checkpoint_dots(self.reader, rid, key, steps)})
         return curves
 
     def draw_side(self, run: dict[str, Any]) -> None:
