@@ -7,6 +7,10 @@ at start, as ``?token=`` (the first page load, which then sets an
 The store is opened read-only per request (:class:`ckptd.store.query.Reader`), so
 a page left open never holds a lock the daemon needs.
 
+The URL is printed once the server has answered a request of its own (the
+first request of a process pays for lazy imports and thread start-up; the
+page's first chart should not).
+
 Live updates: one task looks at ``PRAGMA data_version`` four times a second
 (a read of a counter in the shared WAL index, no I/O) and tells every open
 page through Server-Sent Events; the page then re-asks for what it shows.
