@@ -117,7 +117,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ckptd-bench-views-"))
     home = args.home or tmp / "home"
     home.mkdir(mode=0o700, exist_ok=True)
-    env = dict(os.environ, CKPTD_HOME=str(home), PYTHONPATH=f"{REPO}:{REPO / 'client'}")
+    # PYTHONSAFEPATH: `python -m ckptd` imports this checkout's ckptd, not one
+    # in the directory the bench was started from
+    env = dict(os.environ, CKPTD_HOME=str(home), PYTHONPATH=f"{REPO}:{REPO / 'client'}",
+               PYTHONSAFEPATH="1")
     try:
         if paths.db_path(home).exists():
             print(f"reusing {paths.db_path(home)}")
@@ -192,7 +195,8 @@ def bench_watch(env: dict[str, str], rounds: int) -> None:
         print("watch: skipped (no tmux)")
         return
     cmd = f"{sys.executable} -m ckptd watch {RUN}"
-    envs = [a for k in ("CKPTD_HOME", "PYTHONPATH") for a in ("-e", f"{k}={env[k]}")]
+    envs = [a for k in ("CKPTD_HOME", "PYTHONPATH", "PYTHONSAFEPATH") if k in env
+            for a in ("-e", f"{k}={env[k]}")]
     took = []
     for i in range(rounds):
         tmux = ["tmux", "-L", f"ckptd-bench-{os.getpid()}-{i}"]  # a new server each round
