@@ -197,18 +197,21 @@ def bench_watch(env: dict[str, str], rounds: int) -> None:
     cmd = f"{sys.executable} -m ckptd watch {RUN}"
     envs = [a for k in ("CKPTD_HOME", "PYTHONPATH", "PYTHONSAFEPATH") if k in env
             for a in ("-e", f"{k}={env[k]}")]
-    took = []
+    took, cpu = [], []
     for i in range(rounds):
         tmux = ["tmux", "-L", f"ckptd-bench-{os.getpid()}-{i}"]  # a new server each round
         t = time.perf_counter()
         subprocess.run([*tmux, "new-session", "-d", "-x", "120", "-y", "40", *envs, cmd],
                        check=True)
         try:
+            pid = subprocess.run([*tmux, "display", "-p", "#{pane_pid}"], capture_output=True,
+                                 text=True).stdout.strip()
             while time.perf_counter() - t < 30:
                 screen = subprocess.run([*tmux, "capture-pane", "-p"], capture_output=True,
                                         text=True).stdout
                 if "loss" in screen and sum("\u2800" < ch <= "\u28ff" for ch in screen) > 20:
                     took.append(time.perf_counter() - t)
+                    cpu.append(cpu_s(pid))
                     break
                 time.sleep(0.02)
             else:
@@ -217,6 +220,19 @@ def bench_watch(env: dict[str, str], rounds: int) -> None:
             subprocess.run([*tmux, "kill-server"], capture_output=True)
     if took:
         print(f"watch: first frame with the chart, process start included: {ms(took)}")
+    if all(c is not None for c in cpu) and cpu:
+        print(f"watch: CPU time the process had used by then: {ms(cpu)}  (the wall time "
+              "on an idle box; on a loaded one the wall time is this over the CPU share)")
+
+
+def cpu_s(pid: str) -> float | None:
+    """Seconds process ``pid`` has run on a CPU, all its threads (the scheduler's
+    nanosecond count, ``/proc/PID/task/*/schedstat``), None where unreadable."""
+    try:
+        return sum(int((task / "schedstat").read_text().split()[0])
+                   for task in Path(f"/proc/{pid}/task").iterdir()) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 if __name__ == "__main__":
