@@ -2,10 +2,10 @@
 
 A real client logs ``loss`` through a real daemon: attempt 1 logs steps
 0..2999 (``1000 + step``, a NaN at step 50) with checkpoints at 100, 200, ..,
-1000, then attempt 2 restores 1000 and logs 1001..4999 (``-step``, one spike of 1e6; checkpoints at 2000, 3000, 4000). What
-attempt 1 logged after step 1000 is superseded: it must never reach a curve.
-The expected buckets are computed here from what the scripts logged, not
-from the store.
+1000; attempt 2 restores 1000 and logs 1001..4999 (``-step``, one spike of
+1e6; checkpoints at 2000, 3000, 4000). What attempt 1 logged after step 1000
+is superseded: it must never reach a curve. The expected buckets are
+computed here from what the scripts logged, not from the store.
 """
 
 from __future__ import annotations
