@@ -51,6 +51,16 @@ class Reader:
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA busy_timeout=30000")
 
+    @property
+    def effective_metrics(self) -> str:
+        """What to select metrics of the effective timeline FROM: the store's
+        ``effective_metrics`` view (schema 4 on), or the same rows for an older
+        store a daemon has not migrated yet. The views read metrics only
+        through this, so they follow the view when the table under it changes."""
+        if self.version >= 4:
+            return "effective_metrics"
+        return f"(SELECT * FROM metrics WHERE {effective('metrics')})"
+
     def close(self) -> None:
         self.conn.close()
 

@@ -11,5 +11,8 @@ needs them, so ``ckptd ls`` and the client never pay for them.
 
 :mod:`ckptd.views.series` is the one piece of data access the three views
 share: SQL-side downsampling (min/max per bucket), attempt/resume markers,
-checkpoint dots.
+checkpoint dots; it reads metrics only through the store's
+``effective_metrics`` view (``Reader.effective_metrics``).
+:mod:`ckptd.views.braille` makes the terminal charts of ``watch`` and
+``plot`` (plotille, without the numpy import it would pay).
 """

@@ -14,7 +14,7 @@ from typing import Any
 from ckptd_client.errors import CkptdError
 
 from ckptd.store.query import Reader, UnknownKey, printable
-from ckptd.views import series
+from ckptd.views import braille, series
 
 FORMATS = (".png", ".svg", ".html")
 
@@ -132,15 +132,9 @@ def _x_at(s: series.Series, step: float, x: str) -> Any:
 def render_terminal(curves: list[dict[str, Any]], keys: list[str], *, smooth: float,
                     width: int, height: int, color: bool, log_y: bool) -> str:
     """The same picture in braille characters, for a terminal over SSH."""
-    import plotille
-
     parts = []
     for key in keys:
-        fig = plotille.Figure()
-        fig.width, fig.height = max(20, width), max(5, height)
-        fig.with_colors = color
-        fig.color_mode = "names"
-        fig.origin = False
+        fig = braille.figure(max(20, width), max(5, height), color=color)
         fig.x_label, fig.y_label = "step", printable(key)
         colors = ["cyan", "yellow", "green", "magenta", "red", "blue"]
         steps = [v for cv in curves if cv["key"] == key for v in cv["series"].step]

@@ -1,19 +1,24 @@
 """The data every view draws: downsampled curves, resume markers, checkpoint dots.
 
 A run can hold millions of points per key; no view ships them all. The
-store is asked for at most ``buckets`` min/max pairs over a step range:
+store is asked for at most ``buckets`` min/max pairs over a step range, each
+in one SQL statement (a view's first frame waits on it; 5 M points: 3200
+index seeks from Python took 270 ms, from inside one statement 100 ms):
 
 * up to :data:`EXACT_MAX_STEPS` steps in the range, one ``GROUP BY`` over the
-  ``metrics (run_id, key, step)`` index gives the exact min and max of every
-  bucket (a spike of one step is never lost);
+  ``(run_id, key, step)`` index gives the exact min and max of every bucket
+  (a spike of one step is never lost);
 * past that, the same buckets are filled by :data:`SAMPLES_PER_BUCKET` index
   seeks each (``step >= s ORDER BY step LIMIT 1``): the cost is that of the
   buckets, not of the run (5 M points: one GROUP BY takes seconds, the seeks
   milliseconds). ``Series.exact`` says which one was used; zooming in to
   fewer steps gets the exact picture back.
 
-Only the effective timeline is drawn (``store.effective``): what a resumed run
-replaced is not on the curve, where it was resumed is (``Marker``).
+Only the effective timeline is drawn: every query reads
+``Reader.effective_metrics`` (the store's ``effective_metrics`` view, with
+its ``run_id, key, src, step, value, time`` columns), never the table under
+it. What a resumed run replaced is not on the curve, where it was resumed is
+(``Marker``).
 """
 
 from __future__ import annotations
@@ -23,11 +28,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptd.store.query import Reader, effective
-
-#: SQL condition: a metric row is on the effective timeline (no later attempt
-#: resumed from a step before it).
-EFFECTIVE = effective("metrics")
+from ckptd.store.query import Reader
 
 #: Largest step range read exactly (see the module docstring); measured on
 #: the 2-core box: ~0.2 s for 200 k points, 1.2 s for 1 M.
@@ -92,13 +93,17 @@ def _num(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
+def _one_key(reader: Reader) -> str:
+    """``FROM ... WHERE`` of one key of one run (parameters ?1 run, ?2 key, ?3 src)."""
+    return f"FROM {reader.effective_metrics} WHERE run_id = ?1 AND key = ?2 AND src GLOB ?3"
+
+
 def step_range(reader: Reader, run_id: str, key: str) -> tuple[int, int] | None:
     """First and last step of a key (two index seeks, whatever the run's size)."""
+    one = _one_key(reader)
     row = reader.conn.execute(
-        "SELECT (SELECT step FROM metrics WHERE run_id = ?1 AND key = ?2 AND src GLOB ?3"
-        f"        AND {EFFECTIVE} ORDER BY step LIMIT 1),"
-        "       (SELECT step FROM metrics WHERE run_id = ?1 AND key = ?2 AND src GLOB ?3"
-        f"        AND {EFFECTIVE} ORDER BY step DESC LIMIT 1)",
+        f"SELECT (SELECT step {one} ORDER BY step LIMIT 1),"
+        f"       (SELECT step {one} ORDER BY step DESC LIMIT 1)",
         (run_id, key, _src(key))).fetchone()
     if row is None or row[0] is None:
         return None
@@ -122,51 +127,56 @@ def downsample(reader: Reader, run_id: str, key: str, buckets: int = 800,
         _exact(reader, out, lo, hi, buckets)
     else:
         out.exact = False
-        _sampled(reader, out, lo, span, buckets)
+        _sampled(reader, out, lo, hi, buckets)
     return out
 
 
 def _exact(reader: Reader, out: Series, lo: int, hi: int, buckets: int) -> None:
     span = hi - lo + 1
     width = max(1.0, span / buckets)
-    # max(step) as the only max() aggregate... would give a bare column; the
-    # last value is taken by a correlated seek instead (one per bucket)
+    one = _one_key(reader)
+    # the last value of a bucket: a seek from its last step (one max() next to
+    # min() would make ``value`` a bare column of no particular row)
     rows = reader.conn.execute(
-        "SELECT CAST((step - ?4) / ?5 AS INTEGER) AS b, avg(step), avg(time),"
-        " min(coalesce(value, 9e999)), max(coalesce(value, -9e999)), max(step), count(*),"
-        " sum(value IS NULL)"
-        f" FROM metrics WHERE run_id = ?1 AND key = ?2 AND src GLOB ?3 AND {EFFECTIVE}"
-        " AND step BETWEEN ?4 AND ?6 GROUP BY b ORDER BY b",
+        f"SELECT g.s, g.t, g.vmin, g.vmax, g.n, g.nans, (SELECT value {one} AND step <= g.last"
+        "  ORDER BY step DESC LIMIT 1)"
+        " FROM (SELECT CAST((step - ?4) / ?5 AS INTEGER) AS b, avg(step) AS s, avg(time) AS t,"
+        "  min(coalesce(value, 9e999)) AS vmin, max(coalesce(value, -9e999)) AS vmax,"
+        f"  max(step) AS last, count(*) AS n, sum(value IS NULL) AS nans {one}"
+        "  AND step BETWEEN ?4 AND ?6 GROUP BY b) AS g ORDER BY g.b",
         (out.run_id, out.key, _src(out.key), lo, width, hi)).fetchall()
-    for _b, s, t, vmin, vmax, last_step, n, nans in rows:
+    for s, t, vmin, vmax, n, nans, last in rows:
         if n == nans:  # a bucket of NaNs only: a gap in the line
             vmin = vmax = float("nan")
         out.step.append(float(s))
         out.time.append(float(t))
         out.vmin.append(float(vmin))
         out.vmax.append(float(vmax))
-        out.vlast.append(_value_at(reader, out.run_id, out.key, int(last_step))
-                         if len(rows) <= 2000 else float(vmax))
+        out.vlast.append(_num(last))
         out.points += n
 
 
-def _sampled(reader: Reader, out: Series, lo: int, span: int, buckets: int) -> None:
-    seek = ("SELECT step, time, value FROM metrics WHERE run_id = ? AND key = ? AND src GLOB ?"
-            f" AND {EFFECTIVE} AND step >= ? ORDER BY step LIMIT 1")
-    width = span / buckets
-    args = [out.run_id, out.key, _src(out.key), 0]
-    for b in range(buckets):
-        got: list[tuple[int, float, float]] = []
-        start = lo + b * width
-        for j in range(SAMPLES_PER_BUCKET):
-            args[3] = int(start + j * width / SAMPLES_PER_BUCKET)
-            row = reader.conn.execute(seek, args).fetchone()
-            if row is None or row[0] >= lo + (b + 1) * width:
-                break
-            if not got or row[0] != got[-1][0]:
-                got.append((row[0], row[1], _num(row[2])))
-        if not got:
-            continue
+def _sampled(reader: Reader, out: Series, lo: int, hi: int, buckets: int) -> None:
+    """:data:`SAMPLES_PER_BUCKET` seeks per bucket, all inside one statement: the
+    recursive CTE numbers the sample points (rounded up: the first one of a
+    bucket is in it), each seeks the first step at or after it, and the rows
+    of the steps found come back in step order, each in the bucket its step
+    is in."""
+    width = (hi - lo + 1) / buckets
+    one = _one_key(reader)
+    rows = reader.conn.execute(
+        "WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n + 1 < ?6)"
+        f" SELECT step, time, value {one} AND step IN"
+        f" (SELECT (SELECT step {one} AND step >= ?4 + CAST(i.n * ?7 AS INTEGER)"
+        "   + (i.n * ?7 > CAST(i.n * ?7 AS INTEGER)) AND step <= ?5 ORDER BY step LIMIT 1)"
+        "  FROM i)"
+        " ORDER BY step",
+        (out.run_id, out.key, _src(out.key), lo, hi, buckets * SAMPLES_PER_BUCKET,
+         width / SAMPLES_PER_BUCKET)).fetchall()
+    got: list[tuple[int, float, float]] = []
+    bucket = -1
+
+    def flush() -> None:
         vals = [v for _, _, v in got if not math.isnan(v)] or [float("nan")]
         out.step.append(sum(g[0] for g in got) / len(got))
         out.time.append(sum(g[1] for g in got) / len(got))
@@ -175,13 +185,28 @@ def _sampled(reader: Reader, out: Series, lo: int, span: int, buckets: int) -> N
         out.vlast.append(got[-1][2])
         out.points += len(got)
 
+    for step, t, v in rows:
+        b = min(int((step - lo) / width), buckets - 1)
+        if b != bucket and got:
+            flush()
+            got = []
+        bucket = b
+        got.append((step, t, _num(v)))
+    if got:
+        flush()
 
-def _value_at(reader: Reader, run_id: str, key: str, step: int) -> float:
-    row = reader.conn.execute(
-        "SELECT value FROM metrics WHERE run_id = ? AND key = ? AND src GLOB ? AND "
-        f"{EFFECTIVE}"
-        " AND step <= ? ORDER BY step DESC LIMIT 1", (run_id, key, _src(key), step)).fetchone()
-    return float("nan") if row is None else _num(row[0])
+
+def values_at(reader: Reader, run_id: str, key: str, steps: list[int]) -> list[float]:
+    """The value of ``key`` at (or last before) each of ``steps``, in one statement."""
+    if not steps:
+        return []
+    one = _one_key(reader)
+    marks = ",".join(f"(?{i})" for i in range(4, 4 + len(steps)))
+    rows = reader.conn.execute(
+        f"WITH s(at) AS (VALUES {marks}) SELECT (SELECT value {one} AND step <= s.at"
+        " ORDER BY step DESC LIMIT 1) FROM s",
+        (run_id, key, _src(key), *steps)).fetchall()
+    return [_num(r[0]) for r in rows]
 
 
 def markers(reader: Reader, run_id: str) -> list[Marker]:
@@ -200,25 +225,40 @@ def markers(reader: Reader, run_id: str) -> list[Marker]:
     return out
 
 
-def checkpoint_dots(reader: Reader, run_id: str, key: str | None = None
-                    ) -> list[tuple[int, float]]:
-    """``(step, value of key at that step)`` for each committed checkpoint (the
-    value is NaN without a key or a value there)."""
+def checkpoint_steps(reader: Reader, run_id: str, lo: int | None = None,
+                     hi: int | None = None, most: int = MAX_DOTS) -> list[int]:
+    """Steps of the committed checkpoints between ``lo`` and ``hi``, oldest first;
+    of more than ``most``, ``most`` spread evenly over them, the newest kept (a
+    chart shows a dot every few pixels at best, and each costs a value lookup)."""
     steps = [r[0] for r in reader.conn.execute(
         "SELECT step FROM checkpoints WHERE run_id = ? AND status = 'committed'"
-        " ORDER BY step DESC LIMIT ?", (run_id, MAX_DOTS))][::-1]
+        " AND step BETWEEN ? AND ? ORDER BY step",
+        (run_id, -(2**63) if lo is None else lo, 2**63 - 1 if hi is None else hi))]
+    if len(steps) <= most:
+        return steps
+    stride = len(steps) / max(1, most)
+    return [steps[len(steps) - 1 - int(i * stride)] for i in range(max(1, most))][::-1]
+
+
+def checkpoint_dots(reader: Reader, run_id: str, key: str | None = None,
+                    steps: list[int] | None = None) -> list[tuple[int, float]]:
+    """``(step, value of key at that step)`` for each committed checkpoint, or
+    for ``steps`` of them (a view that draws a few looks up only those); the
+    value is NaN without a key or a value there."""
+    steps = checkpoint_steps(reader, run_id) if steps is None else steps
     if key is None:
         return [(s, float("nan")) for s in steps]
-    return [(s, _value_at(reader, run_id, key, s)) for s in steps]
+    return list(zip(steps, values_at(reader, run_id, key, steps), strict=True))
 
 
 def keys(reader: Reader, run_id: str) -> list[str]:
     """Every metric key of a run, the daemon's ``sys/`` ones last: one index
     seek per key (a skip scan), not a pass over millions of rows."""
+    m = reader.effective_metrics
     rows = reader.conn.execute(
         "WITH RECURSIVE k(key) AS ("
-        " SELECT (SELECT min(key) FROM metrics WHERE run_id = ?1)"
-        " UNION ALL SELECT (SELECT min(key) FROM metrics WHERE run_id = ?1 AND key > k.key)"
+        f" SELECT (SELECT min(key) FROM {m} WHERE run_id = ?1)"
+        f" UNION ALL SELECT (SELECT min(key) FROM {m} WHERE run_id = ?1 AND key > k.key)"
         " FROM k WHERE k.key IS NOT NULL)"
         " SELECT key FROM k WHERE key IS NOT NULL", (run_id,)).fetchall()
     names = [r[0] for r in rows]
@@ -231,13 +271,17 @@ def last_values(reader: Reader, run_id: str, names: list[str]) -> dict[str, floa
     for k in names:
         rng = step_range(reader, run_id, k)
         if rng is not None:
-            out[k] = _value_at(reader, run_id, k, rng[1])
+            out[k] = values_at(reader, run_id, k, [rng[1]])[0]
     return out
 
 
-def run_rows(reader: Reader) -> list[dict[str, Any]]:
-    """The runs table of ``watch`` and ``ui``: ``ls`` plus rate, ETA, last values, config."""
+def run_rows(reader: Reader, ids: list[str] | None = None) -> list[dict[str, Any]]:
+    """The runs table of ``watch`` and ``ui``: ``ls`` plus rate, ETA, last values,
+    config; of the runs ``ids`` only when given (``watch RUN`` on a store of
+    hundreds of runs does not look at the others' metrics)."""
     rows = reader.rows("SELECT * FROM runs ORDER BY started DESC, rowid DESC")
+    if ids is not None:
+        rows = [r for r in rows if r["id"] in ids]
     out = []
     for r in rows:
         names = keys(reader, r["id"])
@@ -268,8 +312,8 @@ def _tags(run: dict[str, Any]) -> list[str]:
 def _rate(reader: Reader, run_id: str, key: str, window: int = 200) -> float | None:
     """Steps per second over the last ``window`` logged rows of ``key``."""
     rows = reader.conn.execute(
-        "SELECT step, time FROM metrics WHERE run_id = ? AND key = ? AND src GLOB 'c*'"
-        f" AND {EFFECTIVE} ORDER BY step DESC LIMIT ?", (run_id, key, window)).fetchall()
+        f"SELECT step, time {_one_key(reader)} ORDER BY step DESC LIMIT ?4",
+        (run_id, key, "c*", window)).fetchall()
     if len(rows) < 2:
         return None
     (s1, t1), (s0, t0) = rows[0], rows[-1]

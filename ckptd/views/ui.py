@@ -7,6 +7,10 @@ at start, as ``?token=`` (the first page load, which then sets an
 The store is opened read-only per request (:class:`ckptd.store.query.Reader`), so
 a page left open never holds a lock the daemon needs.
 
+The URL is printed once the server has answered a request of its own (the
+first request of a process pays for lazy imports and thread start-up; the
+page's first chart should not).
+
 Live updates: one task looks at ``PRAGMA data_version`` four times a second
 (a read of a counter in the shared WAL index, no I/O) and tells every open
 page through Server-Sent Events; the page then re-asks for what it shows.
@@ -20,7 +24,8 @@ import hmac
 import json
 import secrets
 import socket
-from collections.abc import AsyncIterator, Callable
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +37,9 @@ POLL_S = 0.25
 COOKIE = "ckptd_ui"
 
 
-def make_app(home: Path, token: str) -> Any:
+def make_app(home: Path, token: str,
+             ready: Callable[[], Awaitable[None]] | None = None) -> Any:
+    """The Starlette app; ``ready`` runs as a task once it serves."""
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.requests import Request
@@ -107,7 +114,10 @@ def make_app(home: Path, token: str) -> Any:
             s = series.downsample(reader, run_id, q["key"], buckets, lo, hi)
             out = s.as_json()
             out["markers"] = [m.__dict__ for m in series.markers(reader, run_id)]
-            out["dots"] = series.checkpoint_dots(reader, run_id, q["key"])
+            # a dot per 8 pixels at most, in the range shown (a zoom into an
+            # old stretch has its checkpoints, not the newest ones)
+            out["dots"] = series.checkpoint_dots(reader, run_id, q["key"], series.checkpoint_steps(
+                reader, run_id, lo, hi, max(1, buckets // 8)))
         return js(out)
 
     async def events(request: Request) -> Response:
@@ -129,10 +139,13 @@ def make_app(home: Path, token: str) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         task = asyncio.create_task(changes.run())
+        announce = asyncio.create_task(ready()) if ready is not None else None
         try:
             yield
         finally:
             task.cancel()
+            if announce is not None:
+                announce.cancel()
 
     return Starlette(routes=[
         Route("/", index), Route("/static/{name}", static), Route("/api/runs", runs),
@@ -198,17 +211,42 @@ def serve(home: Path, host: str, port: int, out: Callable[[str], None],
     sock.listen(128)
     port = sock.getsockname()[1]
     shown = "localhost" if host in ("127.0.0.1", "::1", "localhost") else host
-    out(f"ckptd ui: http://{shown}:{port}/?token={token}")
-    out(f"from a laptop: ssh -L {port}:127.0.0.1:{port} {socket.gethostname()}  "
-        f"then open http://localhost:{port}/?token={token}")
-    import sys
 
-    sys.stdout.flush()
-    config = uvicorn.Config(make_app(home, token), log_level="warning", access_log=False,
-                            lifespan="on")
+    async def announce() -> None:
+        """Print the URL once the server has answered a request of its own: the
+        first request of a new process paid 100-150 ms of lazy imports and
+        thread start-up (the page's first chart with them), now nobody's."""
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(_warm_up(_local(host), port, token), timeout=10)
+        out(f"ckptd ui: http://{shown}:{port}/?token={token}")
+        out(f"from a laptop: ssh -L {port}:127.0.0.1:{port} {socket.gethostname()}  "
+            f"then open http://localhost:{port}/?token={token}")
+        sys.stdout.flush()
+
+    config = uvicorn.Config(make_app(home, token, ready=announce), log_level="warning",
+                            access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     with contextlib.suppress(KeyboardInterrupt):
         server.run(sockets=[sock])
+
+
+def _local(host: str) -> str:
+    """An address of this machine the server listens on (for its own request)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+async def _warm_up(host: str, port: int, token: str) -> None:
+    """One request to the runs table over a real connection: what any request
+    of this process will use is imported and started."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(f"GET /api/runs?token={token} HTTP/1.1\r\nHost: {host}\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        await writer.drain()
+        while await reader.read(65536):
+            pass
+    finally:
+        writer.close()
 
 
 PAGE = (STATIC.parent / "page.html").read_text() if (STATIC.parent / "page.html").exists() \

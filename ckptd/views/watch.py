@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Input, RichLog, Static
 
 from ckptd.store.query import Cursor, Reader, printable
-from ckptd.views import series
+from ckptd.views import braille, series
 
 TICK_S = 0.25
 #: Checkpoint dots drawn per curve (more would hide the line in a terminal).
@@ -76,7 +77,13 @@ class Help(ModalScreen[None]):
 
 
 class Chart(Static):
-    """The curves of the selected key(s); drawn for the size it has at each render."""
+    """The curves of the selected key(s); drawn for the size it has at each render.
+
+    The curves are read from the store by the render itself, bucketed for the
+    plot's width in braille dots: before the first layout there is no width,
+    and reading them then and again once laid out cost ``watch``'s first
+    frame a second query and a second paint.
+    """
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
@@ -84,11 +91,23 @@ class Chart(Static):
         self.log_y = False
         self.smooth = 0.0
         self.color = not os.environ.get("NO_COLOR")
+        self.wanted: tuple[Any, Callable[[int], list[dict[str, Any]]]] | None = None
+        self.loaded: tuple[Any, int] | None = None
+
+    def want(self, what: Any, load: Callable[[int], list[dict[str, Any]]]) -> None:
+        """Draw ``load(buckets)``; ``what`` names it: the same ``what`` at the
+        same width is not read again (a tick with no commit, a resize)."""
+        self.wanted = (what, load)
+        self.refresh()
+
+    def plot_width(self) -> int:
+        return max(10, self.size.width - 14)
 
     def render(self) -> Text:
-        import plotille
-
         w, h = self.size.width, self.size.height
+        if self.wanted is not None and (self.wanted[0], w) != self.loaded:
+            self.curves = self.wanted[1](2 * self.plot_width())  # braille: 2 dots a char
+            self.loaded = (self.wanted[0], w)
         if not self.curves:
             return Text("no metrics yet: this pane fills as the run logs")
         keys = list(dict.fromkeys(c["key"] for c in self.curves))
@@ -96,10 +115,7 @@ class Chart(Static):
         keys = keys[:max(1, h // per)]
         out = Text()
         for key in keys:
-            fig = plotille.Figure()
-            fig.width, fig.height = max(10, w - 14), max(2, per - 4)
-            fig.with_colors, fig.color_mode = self.color, "names"
-            fig.origin = False
+            fig = braille.figure(self.plot_width(), max(2, per - 4), color=self.color)
             fig.x_label, fig.y_label = "step", ""
             curves = [c for c in self.curves if c["key"] == key]
             xs_all = [x for c in curves for x in c["series"].step]
@@ -123,7 +139,6 @@ class Chart(Static):
                         fig.axvline((m.step - x0) / (x1 - x0), lc="red")
                 dots = [(a, math.log10(b) if self.log_y and b > 0 else b)
                         for a, b in c["dots"] if x0 <= a <= x1 and math.isfinite(b)]
-                dots = dots[::max(1, len(dots) // MAX_DOTS)]
                 if dots:
                     fig.scatter([d[0] for d in dots], [d[1] for d in dots], lc=color,
                                 marker="o")
@@ -204,9 +219,7 @@ class Watch(App[int]):
         if not force and version == self.version:
             return
         self.version = version
-        rows = series.run_rows(self.reader)
-        if self.only:
-            rows = [r for r in rows if r["id"] in self.only]
+        rows = series.run_rows(self.reader, self.only or None)
         self.rows = rows
         if self.selected is None and rows:
             self.selected = rows[0]["id"]
@@ -238,18 +251,26 @@ class Watch(App[int]):
         return ordered
 
     def draw_run(self) -> None:
+        """The chart of the selected run, then (after it is on the screen) the side panes."""
         run = next((r for r in self.rows if r["id"] == self.selected), None)
         chart = self.query_one(Chart)
         if run is None:
-            chart.curves = []
-            chart.refresh()
+            chart.want(None, lambda _: [])
             return
         keys = self.keys_of(run)
         if keys and self.current_key not in keys:  # first look, or a run without it
             self.current_key = "loss" if "loss" in keys and not self.want_keys else keys[0]
         shown = keys[:4] if self.all_keys else [self.current_key] if keys else []
         runs = [run["id"], *sorted(self.compare - {run["id"]})]
-        width = max(40, chart.size.width * 2)
+        chart.want((self.version, tuple(runs), tuple(shown), self.zoom),
+                   lambda width: self.curves(runs, shown, width))
+        zoom = f"  last {ZOOMS[self.zoom]:,} steps" if ZOOMS[self.zoom] else ""
+        cmp = f"  vs {len(runs) - 1} run(s)" if len(runs) > 1 else ""
+        chart.border_title = escape(printable(f"{run['name']}: " + "  ".join(
+            f"[{k}]" if k in shown else k for k in keys[:8]) + zoom + cmp))
+        self.call_after_refresh(self.draw_side, run)
+
+    def curves(self, runs: list[str], shown: list[str], width: int) -> list[dict[str, Any]]:
         curves = []
         for key in shown:
             for rid in runs:
@@ -257,17 +278,13 @@ class Watch(App[int]):
                 if rng is None:
                     continue
                 lo = max(rng[0], rng[1] - ZOOMS[self.zoom]) if ZOOMS[self.zoom] else None
+                # the value under a checkpoint is looked up for the few drawn only
+                steps = series.checkpoint_steps(self.reader, rid, lo, rng[1], MAX_DOTS)
                 curves.append({"key": key, "run": rid,
                                "series": series.downsample(self.reader, rid, key, width, lo),
                                "markers": series.markers(self.reader, rid),
-                               "dots": series.checkpoint_dots(self.reader, rid, key)})
-        chart.curves = curves
-        zoom = f"  last {ZOOMS[self.zoom]:,} steps" if ZOOMS[self.zoom] else ""
-        cmp = f"  vs {len(runs) - 1} run(s)" if len(runs) > 1 else ""
-        chart.border_title = escape(printable(f"{run['name']}: " + "  ".join(
-            f"[{k}]" if k in shown else k for k in keys[:8]) + zoom + cmp))
-        chart.refresh()
-        self.draw_side(run)
+                               "dots": series.checkpoint_dots(self.reader, rid, key, steps)})
+        return curves
 
     def draw_side(self, run: dict[str, Any]) -> None:
         sys_keys = [k for k in run["keys"] if k.startswith("sys/")]
