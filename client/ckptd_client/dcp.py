@@ -163,7 +163,7 @@ def _hashing_writer(staging: Path, fault: Callable[[], None] | None) -> Any:
     writer = FileSystemWriter(staging, single_file_per_rank=True, sync_files=True,
                               thread_count=1)
     writer.fs = HashingFileSystem()
-    writer.digests = digests  # type: ignore[attr-defined]
+    writer.digests = digests
     return writer
 
 
@@ -234,10 +234,11 @@ class DcpSaver:
                 # the other ranks go on to the background collectives: take part, failing
                 staged, rng_bytes = None, b""
                 error = f"checkpoint step {step}: rank {dist.get_rank()}: snapshot: {exc}"
-            handle.blocked_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            handle.blocked_s = handle.timings["snapshot"] = t1 - t0
             self._last = handle
             threading.Thread(target=self._background, name="ckptd-dcp", daemon=True,
-                             args=(handle, staged, rng_bytes, error, values)).start()
+                             args=(handle, staged, rng_bytes, error, values, t1)).start()
         return handle
 
     def wait_idle(self, timeout: float | None) -> None:
@@ -254,26 +255,34 @@ class DcpSaver:
         self.wait_idle(timeout if timeout is not None else 30.0)
 
     def _background(self, handle: snapshot.CheckpointHandle, staged: Any, rng_bytes: bytes,
-                    error: str | None, metrics: dict[str, Any]) -> None:
+                    error: str | None, metrics: dict[str, Any], t0: float) -> None:
         try:
-            result, error = self._write_and_commit(handle, staged, rng_bytes, error, metrics)
+            result, error = self._write_and_commit(handle, staged, rng_bytes, error, metrics,
+                                                   t0)
         except Exception as exc:  # noqa: BLE001 - a collective failed: a peer died or hung
             self._broken = f"a collective of the checkpoint of step {handle.step} failed: {exc}"
             result, error = None, f"checkpoint step {handle.step}: {self._broken}"
         if error is not None:
             self._fail(handle, error)
         else:
-            handle._resolve(dict(result or {}, blocked_s=handle.blocked_s), None)
+            handle._resolve(dict(result or {}, blocked_s=handle.blocked_s,
+                                 timings=handle.timings), None)
 
     def _write_and_commit(self, handle: snapshot.CheckpointHandle, staged: Any,
-                          rng_bytes: bytes, error: str | None,
-                          metrics: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+                          rng_bytes: bytes, error: str | None, metrics: dict[str, Any],
+                          t0: float) -> tuple[dict[str, Any] | None, str | None]:
         """Steps 2-6 of the module doc; every rank makes the same collectives,
         in the same order, whatever failed."""
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
 
         run, group, step = self.run, self._group, handle.step
+        timings = handle.timings
+
+        def lap(name: str) -> None:
+            nonlocal t0
+            timings[name], t0 = time.perf_counter() - t0, time.perf_counter()
+
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         root = paths.checkpoints_dir(run.home, run.id)
         staging = root / (fmt.step_dir_name(step) + DCP_STAGING)
@@ -284,7 +293,9 @@ class DcpSaver:
                 staging.mkdir(mode=0o700)
             except OSError as exc:
                 error = f"checkpoint step {step}: cannot create {staging}: {exc.strerror or exc}"
+        lap("start")
         error = _one_outcome(dist, error, group)
+        lap("agree")
         files: dict[str, Any] = {}
         if error is None:
             writer = _hashing_writer(staging, _test_fault_in_write(run, rank, step))
@@ -303,9 +314,11 @@ class DcpSaver:
             except Exception as exc:  # noqa: BLE001 - DCP gathers every rank's failure
                 error = f"checkpoint step {step}: torch.distributed.checkpoint.save failed: {exc}"
         del staged
+        lap("write")
         _test_fault(run, rank, step)
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, error or files, group=group)
+        lap("gather")
         error = next((g for g in gathered if isinstance(g, str)), None)
         result: dict[str, Any] | None = None
         if rank == 0 and error is None:
@@ -316,8 +329,10 @@ class DcpSaver:
                 error = str(exc)
             except OSError as exc:
                 error = f"checkpoint step {step}: {exc.strerror or exc}"
+        lap("commit")
         outcome: list[Any] = [(result, error)]
         dist.broadcast_object_list(outcome, src=0, group=group)
+        lap("outcome")
         return outcome[0]
 
     def _fail(self, handle: snapshot.CheckpointHandle, error: str) -> Any:
