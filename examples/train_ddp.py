@@ -78,8 +78,10 @@ def main() -> None:
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if (step + 1) % args.ckpt_every == 0 or stop.item():
             msd, osd = get_state_dict(model, opt)
-            run.checkpoint({"model": msd, "optim": osd, "step": step}, step=step).wait()
+            # blocks only for the snapshot; written and committed in the background
+            handle = run.checkpoint({"model": msd, "optim": osd, "step": step}, step=step)
         if stop.item():
+            handle.wait()  # durable before exiting (finish() would wait too)
             if rank == 0:
                 print(f"preempted: checkpointed step {step}, exiting", flush=True)
             break

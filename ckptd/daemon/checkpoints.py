@@ -425,7 +425,7 @@ def write_data(src_fd: int, size: int, path: Path,
                     n = os.write(out, piece)
                     piece, off = piece[n:], off + n
                 if off - started >= fmt.CHUNK:
-                    _start_writeback(out, started, off - started)
+                    fmt.start_writeback(out, started, off - started)
                     started = off
             del piece
             view.release()
@@ -440,28 +440,6 @@ def write_data(src_fd: int, size: int, path: Path,
             with contextlib.suppress(BufferError):
                 mm.close()
     return {fmt.HASH_ALGO: hasher.digests()}
-
-
-def _libc_sync_file_range() -> Callable[..., int] | None:
-    try:
-        import ctypes
-
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-        return fn
-    except (OSError, AttributeError):
-        return None
-
-
-_sync_file_range = _libc_sync_file_range()
-SYNC_FILE_RANGE_WRITE = 2
-
-
-def _start_writeback(fd: int, off: int, n: int) -> None:
-    """Ask the kernel to start writing ``[off, off+n)`` now (does not wait, promises
-    nothing: durability still comes from the fsync)."""
-    if _sync_file_range is not None:
-        _sync_file_range(fd, off, n, SYNC_FILE_RANGE_WRITE)
 
 
 def unpublish(ckpt_dir: Path, ckpt_root: Path) -> None:

@@ -1,41 +1,58 @@
 """Sharded checkpoints of many ranks, in the ``torch.distributed.checkpoint`` format.
 
 Under an initialized process group ``run.checkpoint(state, step)`` is
-collective. The order, and the crash window each step closes:
+collective and asynchronous, like DCP's own ``async_save``: the training loop
+waits only for the snapshot, everything else happens in one background thread
+per rank, on a gloo process group of ckptd's own (so the checkpoint's
+collectives never interleave with the training loop's on the default group).
+The order, and the crash window each step closes:
 
-1. rank 0 creates ``step-<N>.dcp.ckptd-tmp/`` (a staging name: never read,
-   removed at the daemon's next start); every rank waits for it.
-2. ``dcp.save`` with DCP's own ``FileSystemWriter(sync_files=True)``: every
-   rank writes and fsyncs its ``__<rank>_0.distcp``; rank 0 writes
-   ``.metadata``. Each rank also writes ``ckptd-rng-<rank>.pt`` (its RNG
-   states, ``torch.load(weights_only=True)``-safe) and fsyncs it.
-   CRASH WINDOW: a rank killed here leaves a staging directory only.
-3. Each rank hashes (sha256) its own files; rank 0 gathers the hashes (a
-   collective: it returns only when every rank's shard is durable), hashes
-   ``.metadata``, writes ``manifest.json`` (the ckptd manifest, listing every
-   file with its size and hash) and fsyncs it and the directory.
-4. rank 0 asks the daemon (``dcp_commit``) to check sizes, fsync again, and
+1. Snapshot (the loop waits for this only): DCP's ``DefaultStager`` copies
+   every tensor to CPU memory it keeps for the next checkpoint (pinned when
+   CUDA is there); the RNG states are captured and serialized.
+   The handle is returned; the loop goes on.
+2. (background) rank 0 creates ``step-<N>.dcp.ckptd-tmp/`` (a staging name:
+   never read, removed at the daemon's next start); the ranks agree on it.
+3. ``dcp.save`` of the snapshot through DCP's ``FileSystemWriter(sync_files=True)``,
+   whose file system hashes (sha256) every shard as it is written: every rank
+   writes and fsyncs its ``__<rank>_0.distcp``; rank 0 writes ``.metadata``.
+   Each rank also writes and fsyncs ``ckptd-rng-<rank>.pt`` (its RNG states,
+   ``torch.load(weights_only=True)``-safe).
+   CRASH WINDOW: a rank killed here, or in 1-4, leaves a staging directory only.
+4. Rank 0 gathers every rank's hashes (a collective: it returns only when
+   every rank's shard is durable), hashes ``.metadata``, writes
+   ``manifest.json`` (every file with its size and hash) and fsyncs it and
+   the directory.
+5. rank 0 asks the daemon (``dcp_commit``) to check sizes, fsync again, and
    publish: rename to ``step-<N>/``, fsync the parent, commit the row (the
    same ordered protocol as one process's checkpoint, ``ckptd.checkpoints``).
-5. rank 0 tells every rank the outcome; each returns a resolved handle.
+6. rank 0 tells every rank the outcome; each resolves its handle.
+
+Unlike one process's checkpoint (SPEC promise 3), a snapshot taken is not
+committed if a rank dies before 5: the step is visible only once every rank's
+shard is durable, so a rank killed mid-checkpoint leaves no step at all.
+One checkpoint is in flight at a time: the next ``checkpoint()`` waits for
+the previous one (outside its blocked time), ``restore()`` and ``finish()``
+wait for it too.
 
 The step directory is a plain DCP checkpoint: ``torch.distributed.checkpoint.load``
 reads it without ckptd (it ignores ``manifest.json``, ``tensors.bin`` and
-the RNG files). Not done yet: the loop is blocked for the whole save (DCP
-writes from the training process); an async variant (snapshot, then
-``dcp.async_save`` into the same staging protocol) is the next step.
+the RNG files).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import shutil
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,89 +103,268 @@ def _sha256_file(path: Path) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def _one_outcome(dist: Any, error: str | None) -> str | None:
+def _one_outcome(dist: Any, error: str | None, group: Any = None) -> str | None:
     """Every rank learns whether any rank failed (the first error wins)."""
-    errors: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
+    errors: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(errors, error, group=group)
     return next((e for e in errors if e), None)
 
 
-def save(run: Run, state: Any, step: int, metrics: dict[str, Any] | None) -> Any:
-    """Collective checkpoint of every rank's ``state`` (see the module doc)."""
-    import torch
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
+class _HashingStream:
+    """A shard file that hashes what it is given as it writes it (the format's
+    per-chunk blake3, piece by piece while it is in the CPU cache), so no
+    second pass reads the shard back: the hash is of the bytes the fsync
+    makes durable. Writeback of each finished chunk is started at once, as
+    the daemon's own writer does, so DCP's fsync waits only for the tail."""
 
-    from . import rng
+    def __init__(self, f: Any, fault: Callable[[], None] | None) -> None:
+        self._f, self._h, self.size, self._fault = f, fmt.ChunkHasher(), 0, fault
+        self._started = 0  # bytes whose writeback was started
 
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise TypeError(f"checkpoint step must be a non-negative int, not {step!r}")
-    values = {k: protocol.check_metric(k, v) for k, v in (metrics or {}).items()}
-    handle = snapshot.CheckpointHandle(step)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    root = paths.checkpoints_dir(run.home, run.id)
-    staging = root / (fmt.step_dir_name(step) + DCP_STAGING)
-    t0 = time.perf_counter()
-    error = None
-    if rank == 0:
+    def write(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        for off in range(0, view.nbytes, fmt.PIECE):
+            piece = view[off:off + fmt.PIECE]
+            self._h.update(piece)
+            if self._f.write(piece) != piece.nbytes:
+                raise OSError(f"short write to {self._f.name}")
+        self.size += view.nbytes
+        if self.size - self._started >= fmt.CHUNK:
+            self._f.flush()
+            fmt.start_writeback(self._f.fileno(), self._started, self.size - self._started)
+            self._started = self.size
+        if self._fault is not None:  # test-only: dies here, a shard half written
+            self._fault()
+        return view.nbytes
+
+    def entry(self) -> dict[str, Any]:
+        """The manifest entry, as :func:`format.hash_file` makes it."""
+        return {"bytes": self.size, "chunk": fmt.CHUNK, fmt.HASH_ALGO: self._h.digests()}
+
+    def __getattr__(self, name: str) -> Any:  # tell, flush, fileno, close, writable
+        return getattr(self._f, name)
+
+
+def _hashing_writer(staging: Path, fault: Callable[[], None] | None) -> Any:
+    """DCP's own ``FileSystemWriter`` (fsync per file), on a file system that
+    hashes every ``.distcp`` shard while it is written (``writer.digests``)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    digests: dict[str, dict[str, Any]] = {}
+
+    class HashingFileSystem(FileSystem):
+        @contextlib.contextmanager
+        def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[Any]:
+            name = Path(path).name
+            if mode != "wb" or not name.endswith(".distcp"):
+                with super().create_stream(path, mode) as stream:
+                    yield stream
+                return
+            with open(path, "wb") as f:
+                stream = _HashingStream(f, fault)
+                yield stream
+            digests[name] = stream.entry()
+
+    writer = FileSystemWriter(staging, single_file_per_rank=True, sync_files=True,
+                              thread_count=1)
+    writer.fs = HashingFileSystem()
+    writer.digests = digests
+    return writer
+
+
+class DcpSaver:
+    """The collective checkpoints of one run in one rank: the snapshot stager
+    (its CPU copies are reused by the next checkpoint), ckptd's own gloo
+    group, and the one checkpoint in flight."""
+
+    #: How long a new checkpoint waits for the previous one to be committed.
+    previous_timeout = 600.0
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self._lock = threading.Lock()  # one checkpoint() at a time
+        self._group: Any = None
+        self._stager: Any = None
+        self._last: snapshot.CheckpointHandle | None = None
+        #: why this rank's checkpoint group can no longer be used (a collective
+        #: failed or timed out: its peers' sequence of collectives is unknown)
+        self._broken: str | None = None
+        self._closed = False
+
+    def save(self, state: Any, step: int, metrics: dict[str, Any] | None) -> Any:
+        import torch
+        import torch.distributed as dist
+
+        from . import rng
+
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise TypeError(f"checkpoint step must be a non-negative int, not {step!r}")
+        if metrics is not None and not isinstance(metrics, dict):
+            raise TypeError(f"checkpoint metrics must be a dict, not {type(metrics).__name__}")
+        values = {k: protocol.check_metric(k, v) for k, v in (metrics or {}).items()}
+        handle = snapshot.CheckpointHandle(step)
+        with self._lock:
+            if self._closed:
+                raise CkptdError("checkpoint: the run is finished")
+            last = self._last
+            if last is not None and not last._event.wait(self.previous_timeout):
+                self._broken = (f"the checkpoint of step {last.step} is still being written "
+                                f"after {self.previous_timeout:.0f} s")
+            if self._broken:
+                # no collective: the other ranks' sequence on the group is unknown
+                return self._fail(handle, f"checkpoint step {step}: skipped: {self._broken}")
+            t0 = time.perf_counter()
+            error = None
+            try:
+                if self._group is None:
+                    # collective on the default group, from the training thread,
+                    # at a point every rank reaches together (its first checkpoint)
+                    self._group = dist.new_group(backend="gloo")
+                    from torch.distributed.checkpoint.staging import (
+                        DefaultStager,
+                        StagingOptions,
+                    )
+
+                    self._stager = DefaultStager(StagingOptions(
+                        use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
+                        use_async_staging=False, use_non_blocking_copy=False))
+                staged = self._stager.stage(state)
+                buf = io.BytesIO()
+                torch.save(rng.capture(), buf)
+                rng_bytes = buf.getvalue()
+            except Exception as exc:  # noqa: BLE001 - out of memory, an odd state
+                if self._group is None:
+                    self._broken = f"cannot create the checkpoint process group: {exc}"
+                    return self._fail(handle, f"checkpoint step {step}: {self._broken}")
+                # the other ranks go on to the background collectives: take part, failing
+                staged, rng_bytes = None, b""
+                error = f"checkpoint step {step}: rank {dist.get_rank()}: snapshot: {exc}"
+            t1 = time.perf_counter()
+            handle.blocked_s = handle.timings["snapshot"] = t1 - t0
+            self._last = handle
+            threading.Thread(target=self._background, name="ckptd-dcp", daemon=True,
+                             args=(handle, staged, rng_bytes, error, values, t1)).start()
+        return handle
+
+    def wait_idle(self, timeout: float | None) -> None:
+        """Wait (bounded) until no checkpoint of this rank is in flight."""
+        last = self._last
+        if last is not None:
+            last._event.wait(timeout)
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """At finish: wait (bounded) for the checkpoint in flight, so the user's
+        ``destroy_process_group()`` after ``finish()`` does not cut it off."""
+        with self._lock:
+            self._closed = True
+        self.wait_idle(timeout if timeout is not None else 30.0)
+
+    def _background(self, handle: snapshot.CheckpointHandle, staged: Any, rng_bytes: bytes,
+                    error: str | None, metrics: dict[str, Any], t0: float) -> None:
         try:
-            shutil.rmtree(staging, ignore_errors=True)  # an earlier failed try of this step
-            root.mkdir(parents=True, exist_ok=True, mode=0o700)
-            staging.mkdir(mode=0o700)
-        except OSError as exc:
-            error = f"checkpoint step {step}: cannot create {staging}: {exc.strerror or exc}"
-    error = _one_outcome(dist, error)
-    if error is None:
-        try:
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(
-                staging, single_file_per_rank=True, sync_files=True, thread_count=1))
-        except Exception as exc:  # noqa: BLE001 - DCP gathers every rank's failure
-            error = f"checkpoint step {step}: torch.distributed.checkpoint.save failed: {exc}"
-    if error is None:
-        try:
-            buf = io.BytesIO()
-            torch.save(rng.capture(), buf)
-            fmt.write_durable(staging / f"{RNG_PREFIX}{rank}.pt", buf.getvalue())
-        except OSError as exc:
-            error = f"checkpoint step {step}: rank {rank}: write RNG state: {exc.strerror}"
-    handle.blocked_s = time.perf_counter() - t0
-    _test_fault(run, rank, step)
-    files: dict[str, Any] = {}
-    if error is None:
-        try:
-            mine = [p for p in staging.iterdir()
-                    if p.name.startswith(f"__{rank}_") or p.name == f"{RNG_PREFIX}{rank}.pt"]
-            for p in mine:
-                size, digest = _sha256_file(p)
-                files[p.name] = {"bytes": size, "sha256": digest}
-        except OSError as exc:
-            error = f"checkpoint step {step}: rank {rank}: hash shards: {exc.strerror or exc}"
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, error or files)
-    error = next((g for g in gathered if isinstance(g, str)), None)
-    result: dict[str, Any] | None = None
-    if rank == 0 and error is None:
-        try:
-            result = _commit(run, staging, step, values, handle.blocked_s, world,
-                             {k: v for g in gathered for k, v in g.items()})
-        except CkptdError as exc:
-            error = str(exc)
-        except OSError as exc:
-            error = f"checkpoint step {step}: {exc.strerror or exc}"
-    outcome: list[Any] = [(result, error)]
-    dist.broadcast_object_list(outcome, src=0)
-    result, error = outcome[0]
-    if error is not None:
-        run._warn("ckpt-dcp", error)
+            result, error = self._write_and_commit(handle, staged, rng_bytes, error, metrics,
+                                                   t0)
+        except Exception as exc:  # noqa: BLE001 - a collective failed: a peer died or hung
+            self._broken = f"a collective of the checkpoint of step {handle.step} failed: {exc}"
+            result, error = None, f"checkpoint step {handle.step}: {self._broken}"
+        if error is not None:
+            self._fail(handle, error)
+        else:
+            handle._resolve(dict(result or {}, blocked_s=handle.blocked_s,
+                                 timings=handle.timings), None)
+
+    def _write_and_commit(self, handle: snapshot.CheckpointHandle, staged: Any,
+                          rng_bytes: bytes, error: str | None, metrics: dict[str, Any],
+                          t0: float) -> tuple[dict[str, Any] | None, str | None]:
+        """Steps 2-6 of the module doc; every rank makes the same collectives,
+        in the same order, whatever failed."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        run, group, step = self.run, self._group, handle.step
+        timings = handle.timings
+
+        def lap(name: str) -> None:
+            nonlocal t0
+            timings[name], t0 = time.perf_counter() - t0, time.perf_counter()
+
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        root = paths.checkpoints_dir(run.home, run.id)
+        staging = root / (fmt.step_dir_name(step) + DCP_STAGING)
+        if rank == 0 and error is None:
+            try:
+                shutil.rmtree(staging, ignore_errors=True)  # an earlier failed try of this step
+                root.mkdir(parents=True, exist_ok=True, mode=0o700)
+                staging.mkdir(mode=0o700)
+            except OSError as exc:
+                error = f"checkpoint step {step}: cannot create {staging}: {exc.strerror or exc}"
+        lap("start")
+        error = _one_outcome(dist, error, group)
+        lap("agree")
+        files: dict[str, Any] = {}
+        if error is None:
+            writer = _hashing_writer(staging, _test_fault_in_write(run, rank, step))
+            try:
+                dcp.save(staged, storage_writer=writer, process_group=group)
+                files.update(writer.digests)
+                name = f"{RNG_PREFIX}{rank}.pt"
+                fmt.write_durable(staging / name, rng_bytes)
+                hasher = fmt.ChunkHasher()
+                hasher.update(rng_bytes)
+                files[name] = {"bytes": len(rng_bytes), "chunk": fmt.CHUNK,
+                               fmt.HASH_ALGO: hasher.digests()}
+            except OSError as exc:
+                error = f"checkpoint step {step}: rank {rank}: write shards: " \
+                        f"{exc.strerror or exc}"
+            except Exception as exc:  # noqa: BLE001 - DCP gathers every rank's failure
+                error = f"checkpoint step {step}: torch.distributed.checkpoint.save failed: {exc}"
+        del staged
+        lap("write")
+        _test_fault(run, rank, step)
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, error or files, group=group)
+        lap("gather")
+        error = next((g for g in gathered if isinstance(g, str)), None)
+        result: dict[str, Any] | None = None
+        if rank == 0 and error is None:
+            try:
+                result = _commit(run, staging, step, metrics, handle.blocked_s, world,
+                                 {k: v for g in gathered for k, v in g.items()})
+            except CkptdError as exc:
+                error = str(exc)
+            except OSError as exc:
+                error = f"checkpoint step {step}: {exc.strerror or exc}"
+        lap("commit")
+        outcome: list[Any] = [(result, error)]
+        dist.broadcast_object_list(outcome, src=0, group=group)
+        lap("outcome")
+        return outcome[0]
+
+    def _fail(self, handle: snapshot.CheckpointHandle, error: str) -> Any:
+        """Say why, keep training: the handle carries the error."""
+        self.run._warn("ckpt-dcp", error)
         handle._resolve(None, CheckpointError(error))
-    else:
-        handle._resolve(dict(result or {}, blocked_s=handle.blocked_s), None)
-    return handle
+        return handle
+
+
+def saver_for(run: Run) -> DcpSaver:
+    if run._dcp_saver is None:
+        run._dcp_saver = DcpSaver(run)
+    return run._dcp_saver
+
+
+def save(run: Run, state: Any, step: int, metrics: dict[str, Any] | None) -> Any:
+    """Collective, asynchronous checkpoint of every rank's ``state`` (see the module doc)."""
+    return saver_for(run).save(state, step, metrics)
 
 
 #: Test-only fault injection: ``<rank>:<step>`` SIGKILLs that rank in attempt 1's
 #: checkpoint of that step, after its shard is durable and before the ranks
-#: agree (the instant a kill -9 of one rank inside the collective hits).
+#: agree (the instant a kill -9 of one rank inside the collective hits);
+#: ``<rank>:<step>:write`` SIGKILLs it while its shard is being written in the
+#: background, once the training loop has logged a later step (and flushed
+#: it), which shows that the loop ran on.
 TEST_KILL_ENV = "CKPTD_TEST_KILL_DCP"
 
 
@@ -180,11 +376,29 @@ def _test_fault(run: Run, rank: int, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _test_fault_in_write(run: Run, rank: int, step: int) -> Callable[[], None] | None:
+    """For ``<rank>:<step>:write``: what the shard writer calls after its first
+    write: wait until the loop logged a later step, flush it, SIGKILL."""
+    if os.environ.get(TEST_KILL_ENV) != f"{rank}:{step}:write" or run.attempt != 1:
+        return None
+
+    def kill() -> None:
+        import signal
+
+        deadline = time.monotonic() + 60
+        while run._step <= step and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with contextlib.suppress(CkptdError):
+            run.flush(timeout=10)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return kill
+
+
 def _commit(run: Run, staging: Path, step: int, metrics: dict[str, Any], blocked_s: float,
             world: int, files: dict[str, Any]) -> dict[str, Any]:
     """Rank 0: write the ckptd manifest of every rank's files, then have the daemon publish."""
-    size, digest = _sha256_file(staging / METADATA)
-    files[METADATA] = {"bytes": size, "sha256": digest}
+    files[METADATA] = fmt.hash_file(staging / METADATA)
     fmt.write_durable(staging / fmt.DATA_FILE, b"")  # no tensors of ckptd's own format
     files[fmt.DATA_FILE] = {"bytes": 0, "chunk": fmt.CHUNK, "sha256": [], "crc32": []}
     manifest = {
@@ -202,27 +416,30 @@ def _commit(run: Run, staging: Path, step: int, metrics: dict[str, Any], blocked
 
 
 def verify_files(ckpt_dir: Path, manifest: dict[str, Any], sizes_only: bool = False) -> None:
-    """Check every file a DCP step's manifest lists besides ckptd's own data file.
+    """Check every file a DCP step's manifest lists besides ckptd's own data file:
+    entries as :func:`format.hash_file` makes them (per-chunk blake3), or, for
+    steps written before, one whole-file sha256.
 
     :raises CheckpointError: a file is missing, has the wrong size or hash.
     """
     for name, info in sorted(manifest.get("files", {}).items()):
         if name == fmt.DATA_FILE:
             continue
-        if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+        if not isinstance(name, str) or "/" in name or name in ("", ".", "..") \
+                or not isinstance(info, dict):
             raise CheckpointError(f"verify {ckpt_dir}: bad file name {name!r} in the manifest")
         path = ckpt_dir / name
+        if not sizes_only and not isinstance(info.get("sha256"), str):
+            fmt.verify_files(ckpt_dir, {name: info})
+            continue
         try:
-            if sizes_only:
-                size, digest = path.stat().st_size, info.get("sha256")
-            else:
-                size, digest = _sha256_file(path)
+            size, digest = (path.stat().st_size, None) if sizes_only else _sha256_file(path)
         except OSError as exc:
             raise CheckpointError(f"verify {path}: {exc.strerror or exc}") from None
         if size != info.get("bytes"):
             raise CheckpointError(f"verify {path}: {size} bytes, manifest says "
                                   f"{info.get('bytes')} (truncated or damaged)")
-        if digest != info.get("sha256"):
+        if digest is not None and digest != info.get("sha256"):
             raise CheckpointError(f"verify {path}: sha256 does not match the manifest "
                                   "(file damaged)")
 
@@ -239,6 +456,8 @@ def restore(run: Run, into: Any) -> Any:
     """
     from . import rng
 
+    if run._dcp_saver is not None:  # this process's own checkpoint in flight comes first
+        run._dcp_saver.wait_idle(DcpSaver.previous_timeout)
     for row, ckpt_dir in restoring.candidates(run):
         try:
             manifest, _ = fmt.read_manifest(ckpt_dir, row["hash"])
@@ -309,4 +528,4 @@ def copy_into(dst: Any, src: Any, where: str) -> None:
                               f"({type(src).__name__} into {type(dst).__name__})")
 
 
-__all__ = ["save", "restore", "in_process_group", "verify_files"]
+__all__ = ["DcpSaver", "save", "restore", "in_process_group", "verify_files"]

@@ -126,6 +126,7 @@ class Run:
         self._spool_dir = paths.spool_dir(home)
         self._warned: set[str] = set()
         self._checkpointer: Any = None
+        self._dcp_saver: Any = None  # dcp.DcpSaver, under torch.distributed
         self.restored_step: int | None = None  # set by restore()
         self._finished = False
         #: failed daemon starts back off (it was respawned every 2 s for ever)
@@ -168,6 +169,7 @@ class Run:
         self._link = threading.Thread(target=self._link_loop, name="ckptd-link", daemon=True)
         self._hooks_installed = False
         self._checkpointer: Any = None
+        self._dcp_saver: Any = None  # dcp.DcpSaver, under torch.distributed
         self.restored_step: int | None = None  # set by restore()
         self._rng_watch: Any = None  # set by restore(): rng.PlacementWatch
         self._link_started = False
@@ -387,6 +389,8 @@ class Run:
             return
         if self._checkpointer is not None:
             self._checkpointer.close(timeout=timeout)
+        if self._dcp_saver is not None:
+            self._dcp_saver.close(timeout=timeout)
         if status == "finished" and self._stop_flag:
             status = "preempted"  # exited after a preemption notice: to be resumed
         msg: dict[str, Any] = {"t": protocol.STATUS, "time": time.time(), "status": status,
@@ -449,7 +453,7 @@ class Run:
                 sock.close()  # our copy of the fd only; the parent's connection lives on
         if spool is not None:
             spool.forget()  # the parent still appends to it and holds its lock
-        self._checkpointer = None
+        self._checkpointer = self._dcp_saver = None
         if self._owner_pid:
             self._owner_pid = -1  # a fork never finishes the run
         self._new_writer(new_src(self.src.split("-", 1)[0]))  # same kind: c or r<rank>

@@ -246,6 +246,32 @@ def chunk_hashes(buf: Any, size: int, algo: str = HASH_ALGO) -> list[str]:
     return [f.result() for f in submit_chunk_hashes(buf, size, algo)]
 
 
+def _libc_sync_file_range() -> Callable[..., int] | None:
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_sync_file_range: Any = None  # resolved on first use: nothing but the stdlib at import
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, off: int, n: int) -> None:
+    """Ask the kernel to start writing ``[off, off+n)`` now, so the disk works
+    while the writer still hashes and copies, and the final fsync waits only
+    for the tail (does not wait, promises nothing: durability is the fsync's)."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        _sync_file_range = _libc_sync_file_range() or False
+    if _sync_file_range:
+        _sync_file_range(fd, off, n, SYNC_FILE_RANGE_WRITE)
+
+
 def hash_file(path: Path, algo: str = HASH_ALGO) -> dict[str, Any]:
     """The manifest entry of one file: ``{"bytes", "chunk", algo: [digest per chunk]}``.
 

@@ -42,6 +42,8 @@ class CheckpointHandle:
     def __init__(self, step: int) -> None:
         self.step = step
         self.blocked_s = 0.0
+        #: seconds per phase, where the writer reports them (a DCP checkpoint's rank)
+        self.timings: dict[str, float] = {}
         self.result: dict[str, Any] | None = None
         self._exc: BaseException | None = None
         self._event = threading.Event()
