@@ -190,6 +190,9 @@ class DcpSaver:
         #: why this rank's checkpoint group can no longer be used (a collective
         #: failed or timed out: its peers' sequence of collectives is unknown)
         self._broken: str | None = None
+        #: set when a checkpoint's collective failed (a peer rank died or hung):
+        #: this rank's loop may have run to its end, but the job's attempt did not
+        self.peer_failed: str | None = None
         self._closed = False
 
     def save(self, state: Any, step: int, metrics: dict[str, Any] | None) -> Any:
@@ -267,6 +270,7 @@ class DcpSaver:
                                                    t0)
         except Exception as exc:  # noqa: BLE001 - a collective failed: a peer died or hung
             self._broken = f"a collective of the checkpoint of step {handle.step} failed: {exc}"
+            self.peer_failed = self._broken
             result, error = None, f"checkpoint step {handle.step}: {self._broken}"
         if error is not None:
             self._fail(handle, error)

@@ -391,6 +391,11 @@ class Run:
             self._checkpointer.close(timeout=timeout)
         if self._dcp_saver is not None:
             self._dcp_saver.close(timeout=timeout)
+            if status == "finished" and self._dcp_saver.peer_failed:
+                # rank 0 ran its loop to the end, but a peer died inside a checkpoint:
+                # torchrun restarts the group, so this attempt did not finish the job
+                status = "failed"
+                fields.setdefault("reason", self._dcp_saver.peer_failed)
         if status == "finished" and self._stop_flag:
             status = "preempted"  # exited after a preemption notice: to be resumed
         msg: dict[str, Any] = {"t": protocol.STATUS, "time": time.time(), "status": status,
