@@ -4,7 +4,7 @@ A run can hold millions of points per key; no view ships them all. The
 store is asked for at most ``buckets`` min/max pairs over a step range:
 
 * up to :data:`EXACT_MAX_STEPS` steps in the range, one ``GROUP BY`` over the
-  ``metrics (run_id, key, step)`` index gives the exact min and max of every
+  ``metric_points (sid, step)`` index gives the exact min and max of every
   bucket (a spike of one step is never lost);
 * past that, the same buckets are filled by :data:`SAMPLES_PER_BUCKET` index
   seeks each (``step >= s ORDER BY step LIMIT 1``): the cost is that of the
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,17 +93,51 @@ def _num(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
+Seek = Callable[..., list[tuple[int, float, Any]]]
+
+
+def seeker(reader: Reader, run_id: str, key: str) -> Seek:
+    """Index seeks along ``key``'s effective curve: ``seek(">=", s, n)`` gives the
+    first ``n`` points ``(step, time, value)`` at or after step ``s``,
+    ``seek("<=", s, n)`` the last ``n`` at or before it.
+
+    One seek per series (``metric_points (sid, step)``; a key has one series
+    per attempt and writer), each bounded by its attempt's effective cutoff,
+    then merged: the cost is that of the answer, not of the run.
+    """
+    cutoffs = reader.cutoffs(run_id)
+    plans = [(s.sid, None if s.src.startswith("d") else cutoffs.get(s.attempt))
+             for s in reader.series(run_id, key=key, system=None)
+             if s.src.startswith(_src(key)[0])]
+
+    def seek(direction: str, step: int, limit: int = 1) -> list[tuple[int, float, Any]]:
+        out: list[tuple[int, float, Any]] = []
+        for sid, bound in plans:
+            sql, args = "SELECT step, time, value FROM metric_points WHERE sid = ?", [sid]
+            hi = step if direction == "<=" else None
+            if bound is not None:
+                hi = bound if hi is None else min(hi, bound)
+            if direction == ">=":
+                sql += " AND step >= ?"
+                args.append(step)
+            if hi is not None:
+                sql += " AND step <= ?"
+                args.append(hi)
+            sql += " ORDER BY step" + (" DESC" if direction == "<=" else "") + " LIMIT ?"
+            out += reader.conn.execute(sql, (*args, limit)).fetchall()
+        out.sort(key=lambda r: r[0], reverse=direction == "<=")
+        return out[:limit]
+
+    return seek
+
+
 def step_range(reader: Reader, run_id: str, key: str) -> tuple[int, int] | None:
-    """First and last step of a key (two index seeks, whatever the run's size)."""
-    row = reader.conn.execute(
-        "SELECT (SELECT step FROM metrics WHERE run_id = ?1 AND key = ?2 AND src GLOB ?3"
-        f"        AND {EFFECTIVE} ORDER BY step LIMIT 1),"
-        "       (SELECT step FROM metrics WHERE run_id = ?1 AND key = ?2 AND src GLOB ?3"
-        f"        AND {EFFECTIVE} ORDER BY step DESC LIMIT 1)",
-        (run_id, key, _src(key))).fetchone()
-    if row is None or row[0] is None:
+    """First and last step of a key (two index seeks per series, whatever the run's size)."""
+    seek = seeker(reader, run_id, key)
+    first, last = seek(">=", -(1 << 62)), seek("<=", 1 << 62)
+    if not first:
         return None
-    return int(row[0]), int(row[1])
+    return int(first[0][0]), int(last[0][0])
 
 
 def downsample(reader: Reader, run_id: str, key: str, buckets: int = 800,
@@ -138,6 +173,7 @@ def _exact(reader: Reader, out: Series, lo: int, hi: int, buckets: int) -> None:
         f" FROM metrics WHERE run_id = ?1 AND key = ?2 AND src GLOB ?3 AND {EFFECTIVE}"
         " AND step BETWEEN ?4 AND ?6 GROUP BY b ORDER BY b",
         (out.run_id, out.key, _src(out.key), lo, width, hi)).fetchall()
+    seek = seeker(reader, out.run_id, out.key)
     for _b, s, t, vmin, vmax, last_step, n, nans in rows:
         if n == nans:  # a bucket of NaNs only: a gap in the line
             vmin = vmax = float("nan")
@@ -145,24 +181,22 @@ def _exact(reader: Reader, out: Series, lo: int, hi: int, buckets: int) -> None:
         out.time.append(float(t))
         out.vmin.append(float(vmin))
         out.vmax.append(float(vmax))
-        out.vlast.append(_value_at(reader, out.run_id, out.key, int(last_step))
+        out.vlast.append(_num(seek("<=", int(last_step))[0][2])
                          if len(rows) <= 2000 else float(vmax))
         out.points += n
 
 
 def _sampled(reader: Reader, out: Series, lo: int, span: int, buckets: int) -> None:
-    seek = ("SELECT step, time, value FROM metrics WHERE run_id = ? AND key = ? AND src GLOB ?"
-            f" AND {EFFECTIVE} AND step >= ? ORDER BY step LIMIT 1")
+    seek = seeker(reader, out.run_id, out.key)
     width = span / buckets
-    args = [out.run_id, out.key, _src(out.key), 0]
     for b in range(buckets):
         got: list[tuple[int, float, float]] = []
         start = lo + b * width
         for j in range(SAMPLES_PER_BUCKET):
-            args[3] = int(start + j * width / SAMPLES_PER_BUCKET)
-            row = reader.conn.execute(seek, args).fetchone()
-            if row is None or row[0] >= lo + (b + 1) * width:
+            rows = seek(">=", int(start + j * width / SAMPLES_PER_BUCKET))
+            if not rows or rows[0][0] >= lo + (b + 1) * width:
                 break
+            row = rows[0]
             if not got or row[0] != got[-1][0]:
                 got.append((row[0], row[1], _num(row[2])))
         if not got:
@@ -177,11 +211,8 @@ def _sampled(reader: Reader, out: Series, lo: int, span: int, buckets: int) -> N
 
 
 def _value_at(reader: Reader, run_id: str, key: str, step: int) -> float:
-    row = reader.conn.execute(
-        "SELECT value FROM metrics WHERE run_id = ? AND key = ? AND src GLOB ? AND "
-        f"{EFFECTIVE}"
-        " AND step <= ? ORDER BY step DESC LIMIT 1", (run_id, key, _src(key), step)).fetchone()
-    return float("nan") if row is None else _num(row[0])
+    rows = seeker(reader, run_id, key)("<=", step)
+    return float("nan") if not rows else _num(rows[0][2])
 
 
 def markers(reader: Reader, run_id: str) -> list[Marker]:
@@ -209,19 +240,14 @@ def checkpoint_dots(reader: Reader, run_id: str, key: str | None = None
         " ORDER BY step DESC LIMIT ?", (run_id, MAX_DOTS))][::-1]
     if key is None:
         return [(s, float("nan")) for s in steps]
-    return [(s, _value_at(reader, run_id, key, s)) for s in steps]
+    seek = seeker(reader, run_id, key)
+    return [(s, _num(got[0][2]) if (got := seek("<=", s)) else float("nan")) for s in steps]
 
 
 def keys(reader: Reader, run_id: str) -> list[str]:
-    """Every metric key of a run, the daemon's ``sys/`` ones last: one index
-    seek per key (a skip scan), not a pass over millions of rows."""
-    rows = reader.conn.execute(
-        "WITH RECURSIVE k(key) AS ("
-        " SELECT (SELECT min(key) FROM metrics WHERE run_id = ?1)"
-        " UNION ALL SELECT (SELECT min(key) FROM metrics WHERE run_id = ?1 AND key > k.key)"
-        " FROM k WHERE k.key IS NOT NULL)"
-        " SELECT key FROM k WHERE key IS NOT NULL", (run_id,)).fetchall()
-    names = [r[0] for r in rows]
+    """Every metric key of a run, the daemon's ``sys/`` ones last (from
+    ``metric_series``: a row per key and writer, not per point)."""
+    names = sorted({s.key for s in reader.series(run_id, system=None)})
     return [k for k in names if not k.startswith("sys/")] + \
         [k for k in names if k.startswith("sys/")]
 
@@ -267,12 +293,10 @@ def _tags(run: dict[str, Any]) -> list[str]:
 
 def _rate(reader: Reader, run_id: str, key: str, window: int = 200) -> float | None:
     """Steps per second over the last ``window`` logged rows of ``key``."""
-    rows = reader.conn.execute(
-        "SELECT step, time FROM metrics WHERE run_id = ? AND key = ? AND src GLOB 'c*'"
-        f" AND {EFFECTIVE} ORDER BY step DESC LIMIT ?", (run_id, key, window)).fetchall()
+    rows = seeker(reader, run_id, key)("<=", 1 << 62, window)
     if len(rows) < 2:
         return None
-    (s1, t1), (s0, t0) = rows[0], rows[-1]
+    (s1, t1, _), (s0, t0, _) = rows[0], rows[-1]
     return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 > s0 else None
 
 
