@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import itertools
 import math
 import os
 import re
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -403,11 +405,10 @@ def tail(
         raise UsageError("-n must be >= 0")
     with query.Reader(home()) as reader:
         info = reader.resolve(run)
-        lines, cursor = reader.lines(info["id"], with_metrics=metrics,
-                                     all_attempts=all_attempts, rank=rank)
-        if pattern:
-            lines = [ln for ln in lines if pattern.search(format_line(ln))]
-        for line in lines[-n:] if n else []:
+        lines, cursor = reader.tail(
+            info["id"], n, with_metrics=metrics, all_attempts=all_attempts, rank=rank,
+            keep=(lambda ln: bool(pattern.search(format_line(ln)))) if pattern else None)
+        for line in lines:
             echo(format_line(line))
         sys.stdout.flush()
         if not follow_:
@@ -450,22 +451,21 @@ def metrics_cmd(
         raise UsageError(f"--format {fmt!r} is not one of table, csv, jsonl")
     with query.Reader(home()) as reader:
         info = reader.resolve(run)
-        rows = reader.metrics(info["id"], key, all_attempts, rank=rank)
-        if key is not None and not rows:
+        # rows stream from the store to stdout as they are read (`| head` gets
+        # its first line at once; memory stays constant on any run length)
+        rows = reader.iter_metrics(info["id"], key, all_attempts, rank=rank)
+        first = next(rows, None)
+        if key is not None and first is None:
             known = reader.keys(info["id"])
             if key not in known:
                 raise query.UnknownKey(
                     f"run {info['id']} has no metric {key!r}; its keys: "
                     + (", ".join(map(repr, known)) or "none (nothing logged yet)"))
-    if fmt == "jsonl":
-        for line in query.iter_jsonl(rows):
-            echo(line)
-    elif fmt == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else
-                                ["step", "key", "value", "attempt", "time"])
-        writer.writeheader()
-        writer.writerows(r | {"key": query.printable(r["key"])} for r in rows)
-    else:
+        rows = itertools.chain([first] if first is not None else [], rows)
+        if fmt != "table":
+            _write_rows(rows, fmt, list(first) if first is not None
+                        else ["step", "key", "value", "attempt", "time"])
+            return
         steps: dict[tuple[int, int], dict[str, Any]] = {}
         keys: list[str] = []
         for r in rows:
@@ -474,7 +474,19 @@ def metrics_cmd(
                 fmt_num(r["value"])
             if r["key"] not in keys:
                 keys.append(r["key"])
-        table(list(steps.values()), ["step", *(["rank"] if rank is None else []), *keys])
+    table(list(steps.values()), ["step", *(["rank"] if rank is None else []), *keys])
+
+
+def _write_rows(rows: Iterator[dict[str, Any]], fmt: str, fields: list[str]) -> None:
+    """``metrics --format csv|jsonl``: each row written as it comes."""
+    if fmt == "jsonl":
+        for line in query.iter_jsonl(rows):
+            echo(line)
+        return
+    writer = csv.DictWriter(sys.stdout, fieldnames=fields)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(r | {"key": query.printable(r["key"])})
 
 
 @app.command()

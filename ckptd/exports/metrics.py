@@ -37,17 +37,27 @@ Point = tuple[int, int, str, float, float]  # attempt, step, key, value, time
 
 def points(reader: query.Reader, run_id: str, all_attempts: bool) -> Iterator[Point]:
     """The run's own metric points in step order, NaN for a stored NULL, lazily."""
-    sql = ("SELECT attempt, step, key, value, time FROM metrics WHERE run_id = ? AND src GLOB 'c*'"
-           + ("" if all_attempts else " AND " + query.effective("metrics"))
-           + " ORDER BY step, attempt, seq, key")
-    for attempt, step, key, value, t in reader.conn.execute(sql, (run_id,)):
-        yield attempt, step, key, float("nan") if value is None else float(value), t
+    series = [s for s in reader.series(run_id) if s.src.startswith("c")]
+    for step, attempt, _seq, key, value, t, _sup, _rank in reader.points(
+            run_id, series, all_attempts):
+        yield attempt, step, key, float(value), t
 
 
 def keys(reader: query.Reader, run_id: str, all_attempts: bool) -> list[str]:
-    sql = ("SELECT DISTINCT key FROM metrics WHERE run_id = ? AND src GLOB 'c*'"
-           + ("" if all_attempts else " AND " + query.effective("metrics")) + " ORDER BY key")
-    return [r[0] for r in reader.conn.execute(sql, (run_id,))]
+    """The run's own keys with a point (on the effective timeline unless ``all_attempts``):
+    one index seek per series."""
+    cutoffs = {} if all_attempts else reader.cutoffs(run_id)
+    out: set[str] = set()
+    for s in reader.series(run_id):
+        if not s.src.startswith("c") or s.key in out:
+            continue
+        bound = cutoffs.get(s.attempt)
+        if reader.conn.execute(
+                "SELECT 1 FROM metric_points WHERE sid = ?"
+                + ("" if bound is None else " AND step <= ?") + " LIMIT 1",
+                (s.sid,) if bound is None else (s.sid, bound)).fetchone():
+            out.add(s.key)
+    return sorted(out)
 
 
 def wide_rows(run_id: str, pts: Iterator[Point], columns: list[str]) -> Iterator[list[Any]]:

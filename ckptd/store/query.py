@@ -7,13 +7,14 @@ never slows the daemon down.
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import re
 import signal as _signal
 import sqlite3
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ class Reader:
         self.conn = connect_readonly(db)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA busy_timeout=30000")
+        if self.version < 7:
+            _legacy_metric_tables(self.conn)
 
     @property
     def effective_metrics(self) -> str:
@@ -127,36 +130,98 @@ class Reader:
             out.setdefault(r[0], []).append(r[1])
         return out
 
+    def series(self, run_id: str, *, key: str | None = None, system: bool | None = False,
+               rank: int | None = None) -> list[Series]:
+        """The run's metric series (one per key, attempt and writer), oldest first.
+        ``system``: only the daemon's ``sys/`` samples (True), none of them
+        (False), or both (None)."""
+        sql = "SELECT id, attempt, src, key, rank FROM metric_series WHERE run_id = ?"
+        args: list[Any] = [run_id]
+        if key is not None:
+            sql += " AND key = ?"
+            args.append(key)
+        if system is not None:
+            sql += " AND src = 'd'" if system else " AND src != 'd'"
+        if rank is not None:
+            sql += " AND rank = ?"
+            args.append(rank)
+        return [Series(*r) for r in self.conn.execute(sql + " ORDER BY id", args)]
+
+    def cutoffs(self, run_id: str) -> dict[int, int]:
+        """The highest effective step of each attempt that a later one resumed
+        before (:func:`effective` as a bound: a point is superseded exactly
+        when its step is above its attempt's cutoff), so a read is an index
+        range per series instead of a subquery per row."""
+        out: dict[int, int] = {}
+        low: int | None = None
+        for attempt, restored in self.conn.execute(
+                "SELECT attempt, restored_step FROM attempts WHERE run_id = ?"
+                " ORDER BY attempt DESC", (run_id,)).fetchall():
+            if low is not None:
+                out[attempt] = low
+            if restored is not None:
+                low = restored if low is None else min(low, restored)
+        return out
+
+    def _bound(self, s: Series, cutoffs: dict[int, int]) -> int | None:
+        return None if s.src.startswith("d") else cutoffs.get(s.attempt)
+
+    def _last_point(self, series: list[Series], cutoffs: dict[int, int]) -> Any:
+        """``(step, attempt, seq, value)`` of the last effective point of these series."""
+        best = None
+        for s in series:
+            bound = self._bound(s, cutoffs)
+            row = self.conn.execute(
+                "SELECT step, seq, value FROM metric_points WHERE sid = ?"
+                + ("" if bound is None else " AND step <= ?")
+                + " ORDER BY step DESC, seq DESC LIMIT 1",
+                (s.sid,) if bound is None else (s.sid, bound)).fetchone()
+            if row is not None and (best is None or (row[0], s.attempt, row[1]) > best[:3]):
+                best = (row[0], s.attempt, row[1], row[2])
+        return best
+
     def last_values(self, run_id: str) -> dict[str, float]:
         """The last value of each metric key on the effective timeline.
 
-        One index seek per key (``metrics (run_id, key, step)`` read backwards),
-        so a long run costs its number of keys, not its number of rows.
+        One index seek per series (``metric_points (sid, step)`` read
+        backwards), so a long run costs its number of keys, not its rows.
         """
+        cutoffs = self.cutoffs(run_id)
+        by_key: dict[str, list[Series]] = {}
+        for s in self.series(run_id):
+            if s.src.startswith("c"):
+                by_key.setdefault(s.key, []).append(s)
         out: dict[str, float] = {}
-        for key in self.keys(run_id):
-            row = self.conn.execute(
-                "SELECT value FROM metrics WHERE run_id = ? AND key = ? AND src GLOB 'c*' AND"
-                f" {effective('metrics')} ORDER BY step DESC, attempt DESC, seq DESC LIMIT 1",
-                (run_id, key)).fetchone()
-            if row is not None:
-                out[key] = float("nan") if row[0] is None else row[0]
+        for key in sorted(by_key):
+            last = self._last_point(by_key[key], cutoffs)
+            if last is not None:
+                out[key] = float("nan") if last[3] is None else last[3]
         return out
 
     def key_stats(self, run_id: str) -> list[dict[str, Any]]:
         """Every metric key of a run (``sys/`` samples of the daemon included):
         how many values on the effective timeline, the last one and its step."""
-        rows = self.rows(
-            "SELECT key, src GLOB 'd*' AS system, COUNT(*) AS count, MAX(step) AS step"
-            f" FROM metrics WHERE run_id = ? AND {effective('metrics')}"
-            " GROUP BY system, key ORDER BY system, key", (run_id,))
-        for r in rows:
-            last = self.conn.execute(
-                "SELECT value FROM metrics WHERE run_id = ? AND key = ? AND src GLOB ? AND"
-                f" {effective('metrics')} ORDER BY step DESC, attempt DESC, seq DESC LIMIT 1",
-                (run_id, r["key"], "d*" if r["system"] else "c*")).fetchone()
-            r["last"] = float("nan") if last is None or last[0] is None else last[0]
-            r["system"] = bool(r["system"])
+        cutoffs = self.cutoffs(run_id)
+        groups: dict[tuple[bool, str], list[Series]] = {}
+        for s in self.series(run_id, system=None):
+            groups.setdefault((s.src.startswith("d"), s.key), []).append(s)
+        rows = []
+        for (system, key), series in sorted(groups.items()):
+            count, step = 0, None
+            for s in series:
+                bound = self._bound(s, cutoffs)
+                n, top = self.conn.execute(
+                    "SELECT COUNT(*), MAX(step) FROM metric_points WHERE sid = ?"
+                    + ("" if bound is None else " AND step <= ?"),
+                    (s.sid,) if bound is None else (s.sid, bound)).fetchone()
+                count += n
+                step = top if step is None or (top is not None and top > step) else step
+            if not count:
+                continue
+            last = self._last_point(series if system else
+                                    [s for s in series if s.src.startswith("c")], cutoffs)
+            rows.append({"key": key, "system": system, "count": count, "step": step,
+                         "last": float("nan") if last is None or last[3] is None else last[3]})
         return rows
 
     def rank_processes(self, run_id: str, attempt: int) -> list[dict[str, Any]]:
@@ -216,86 +281,151 @@ class Reader:
 
     def metrics(self, run_id: str, key: str | None = None,
                 all_attempts: bool = False, rank: int | None = 0) -> list[dict[str, Any]]:
+        """:meth:`iter_metrics`, as a list."""
+        return list(self.iter_metrics(run_id, key, all_attempts, rank))
+
+    def iter_metrics(self, run_id: str, key: str | None = None,
+                     all_attempts: bool = False, rank: int | None = 0) -> Iterator[dict[str, Any]]:
         """The effective timeline: superseded values (logged by an attempt after
         the step a later attempt resumed from) are left out unless asked for.
-        ``rank``: whose values (None: every rank's, each row saying whose)."""
+        ``rank``: whose values (None: every rank's, each row saying whose).
+
+        A generator over one index range per series, merged by step: the
+        first row comes at once and memory stays constant, whatever the run's
+        length (``ckptd metrics | head``, exports).
+        """
         # the daemon's own samples (``sys/...``, src 'd') appear when asked for by key
         sys_key = key is not None and key.startswith("sys/")
-        sql = (f"SELECT step, key, value, attempt, time, NOT {effective('metrics')}"
-               " AS superseded, rank FROM metrics"
-               " WHERE run_id = ? AND " + ("src = 'd'" if sys_key else "src != 'd'"))
-        args: list[Any] = [run_id]
-        if rank is not None:
-            sql += " AND rank = ?"
-            args.append(rank)
-        if key is not None:
-            sql += " AND key = ?"
-            args.append(key)
-        if not all_attempts:
-            sql += f" AND {effective('metrics')}"
-        sql += " ORDER BY step, attempt, seq, key"
-        rows = self.rows(sql, tuple(args))
-        for r in rows:
-            if r["value"] is None:
-                r["value"] = float("nan")
-            if not all_attempts:
-                del r["superseded"]
-            if rank is not None:
-                del r["rank"]
-        return rows
+        # (the daemon's per-rank samples carry the rank they describe)
+        series = self.series(run_id, key=key, system=sys_key, rank=rank)
+        for step, attempt, _seq, k, value, t, superseded, who in self.points(
+                run_id, series, all_attempts):
+            row: dict[str, Any] = {"step": step, "key": k, "value": value, "attempt": attempt,
+                                   "time": t}
+            if all_attempts:
+                row["superseded"] = superseded
+            if rank is None:
+                row["rank"] = who
+            yield row
+
+    def points(self, run_id: str, series: list[Series],
+               all_attempts: bool) -> Iterator[tuple[Any, ...]]:
+        """``(step, attempt, seq, key, value, time, superseded, rank)`` of these
+        series in step order (then attempt, seq, key), NaN for a stored NULL."""
+        cutoffs = self.cutoffs(run_id)
+
+        def one(s: Series) -> Iterator[tuple[Any, ...]]:
+            bound = self._bound(s, cutoffs)
+            sql = "SELECT step, seq, value, time FROM metric_points WHERE sid = ?"
+            args: tuple[Any, ...] = (s.sid,)
+            if bound is not None and not all_attempts:
+                sql, args = sql + " AND step <= ?", (s.sid, bound)
+            # a cursor of its own per series: they are read side by side
+            for step, seq, value, t in self.conn.cursor().execute(
+                    sql + " ORDER BY step, seq", args):
+                yield (step, s.attempt, seq, s.key, float("nan") if value is None else value,
+                       t, int(bound is not None and step > bound), s.rank)
+
+        yield from heapq.merge(*(one(s) for s in series), key=lambda p: p[:4])
 
     def keys(self, run_id: str) -> list[str]:
         """The metric keys a run logged (its own, not the daemon's ``sys/`` samples)."""
-        return [r["key"] for r in self.rows(
-            "SELECT DISTINCT key FROM metrics WHERE run_id = ? AND src != 'd' ORDER BY key",
-            (run_id,))]
+        return [r[0] for r in self.conn.execute(
+            "SELECT DISTINCT key FROM metric_series WHERE run_id = ? AND src != 'd'"
+            " ORDER BY key", (run_id,))]
 
     # ----------------------------------------------------------------- tail
 
     def lines(self, run_id: str, *, with_metrics: bool, all_attempts: bool,
-              after: Cursor | None = None, rank: int | None = 0) -> tuple[list[Line], Cursor]:
+              after: Cursor | None = None, rank: int | None = 0,
+              last: int | None = None) -> tuple[list[Line], Cursor]:
         """Events, console output and (optionally) metrics, merged by time.
 
-        ``after`` continues from an earlier call (``tail -f``); rowids only
-        grow, so nothing is shown twice or skipped.
+        ``after`` continues from an earlier call (``tail -f``): event rowids
+        only grow and each metric series' ``seq`` does, so nothing is shown
+        twice or skipped. ``last``: only (at least) the newest ``last`` lines,
+        read backwards from the end of each index; the cursor returned then
+        still covers everything committed, so a follower starts after it.
         """
         cursor = after or Cursor()
+        # one read transaction: the cursor and the lines are of one snapshot
+        self.conn.execute("BEGIN")
+        try:
+            return self._lines(run_id, with_metrics, all_attempts, cursor, rank, last)
+        finally:
+            self.conn.execute("COMMIT")
+
+    def _lines(self, run_id: str, with_metrics: bool, all_attempts: bool, cursor: Cursor,
+               rank: int | None, last: int | None) -> tuple[list[Line], Cursor]:
         sup = f" AND rank = {int(rank)}" if rank is not None else ""  # int: no quoting
         ev_sup = sup + ("" if all_attempts else f" AND {effective('events')}")
-        m_sup = sup + ("" if all_attempts else f" AND {effective('metrics')}")
-        ev = self.rows(
-            "SELECT rowid AS rid, attempt, time, kind, level, step, message, fields, rank"
-            " FROM events"
-            f" WHERE {_run_filter(cursor.event)} AND rowid > ?{ev_sup} AND kind != 'register'"
-            f" AND NOT ({_SAID_BEFORE}) ORDER BY rowid",
-            (run_id, cursor.event),
-        )
+        cols = "rowid AS rid, attempt, time, kind, level, step, message, fields, rank"
+        where = f" AND kind != 'register' AND NOT ({_SAID_BEFORE})"
+        if last is None:
+            ev = self.rows(
+                f"SELECT {cols} FROM events WHERE {_run_filter(cursor.event)} AND rowid > ?"
+                f"{ev_sup}{where} ORDER BY rowid", (run_id, cursor.event))
+            new_event = max([cursor.event, *(r["rid"] for r in ev)])
+        else:
+            # backwards along (run_id, time); every older row is behind the cursor
+            ev = self.rows(
+                f"SELECT {cols} FROM events WHERE run_id = ?{ev_sup}{where}"
+                " ORDER BY time DESC, rowid DESC LIMIT ?", (run_id, last))[::-1]
+            top = self.conn.execute("SELECT MAX(rowid) FROM events").fetchone()[0]
+            new_event = max(cursor.event, top or 0)
         out = [Line(r["time"], r["attempt"], r["kind"], r["level"], r["step"],
                     f"[rank {r['rank']}] {r['message']}" if rank is None and r["rank"]
                     else r["message"], _loads(r["fields"])) for r in ev]
-        new_event = max([cursor.event, *(r["rid"] for r in ev)])
-        new_metric = cursor.metric
+        seqs = dict(cursor.metric)
         if with_metrics:
-            mrows = self.rows(
-                "SELECT rowid AS rid, attempt, src, seq, step, key, value, time, rank FROM metrics"
-                f" WHERE {_run_filter(cursor.metric)} AND rowid > ? AND src != 'd'{m_sup}"
-                " ORDER BY rowid",
-                (run_id, cursor.metric),
-            )
+            cutoffs = {} if all_attempts else self.cutoffs(run_id)
             grouped: dict[tuple[int, str, int], Line] = {}
-            for r in mrows:
-                line = grouped.get((r["attempt"], r["src"], r["seq"]))
-                if line is None:
-                    line = grouped[(r["attempt"], r["src"], r["seq"])] = Line(
-                        r["time"], r["attempt"], "log", "metric", r["step"],
-                        f"[rank {r['rank']}]" if rank is None else "", {})
-                assert line.fields is not None
-                line.fields[r["key"]] = r["value"] if r["value"] is not None else float("nan")
+            for s in self.series(run_id, rank=rank):
+                bound = self._bound(s, cutoffs)
+                sql = "SELECT seq, step, value, time FROM metric_points WHERE sid = ?"
+                args: list[Any] = [s.sid]
+                if bound is not None:
+                    sql += " AND step <= ?"
+                    args.append(bound)
+                if last is None:
+                    rows = self.conn.execute(sql + " AND seq > ? ORDER BY seq",
+                                             (*args, seqs.get(s.sid, -1))).fetchall()
+                else:
+                    rows = self.conn.execute(sql + " ORDER BY seq DESC LIMIT ?",
+                                             (*args, last)).fetchall()[::-1]
+                    top = self.conn.execute("SELECT MAX(seq) FROM metric_points WHERE"
+                                            " sid = ?", (s.sid,)).fetchone()[0]
+                    if top is not None:
+                        seqs[s.sid] = max(top, seqs.get(s.sid, -1))
+                for seq, step, value, t in rows:
+                    line = grouped.get((s.attempt, s.src, seq))
+                    if line is None:
+                        line = grouped[(s.attempt, s.src, seq)] = Line(
+                            t, s.attempt, "log", "metric", step,
+                            f"[rank {s.rank}]" if rank is None else "", {})
+                    assert line.fields is not None
+                    line.fields[s.key] = value if value is not None else float("nan")
+                    seqs[s.sid] = max(seq, seqs.get(s.sid, -1))
             out.extend(grouped.values())
-            new_metric = max([cursor.metric, *(r["rid"] for r in mrows)])
         out.sort(key=lambda line: line.time)
-        return out, Cursor(new_event, new_metric)
+        return out, Cursor(new_event, seqs)
 
+    def tail(self, run_id: str, n: int, *, with_metrics: bool, all_attempts: bool,
+             rank: int | None = 0,
+             keep: Callable[[Line], bool] | None = None) -> tuple[list[Line], Cursor]:
+        """The newest ``n`` lines (of those ``keep`` accepts) and the cursor to
+        follow from: reads backwards, twice as far each round, until it has
+        ``n`` or the run's beginning (``tail -n 100`` of a 20 M-point run
+        reads a few hundred rows, not the run)."""
+        want = n
+        while True:
+            lines, cursor = self.lines(run_id, with_metrics=with_metrics,
+                                       all_attempts=all_attempts, rank=rank, last=want)
+            kept = [ln for ln in lines if keep is None or keep(ln)]
+            # fewer lines than asked for: the beginning of every index was reached
+            if len(kept) >= n or len(lines) < want or want >= 1 << 40:
+                return kept[-n:] if n else [], cursor
+            want *= 4
     def still_going(self, run_id: str) -> bool:
         """Running, or ended badly with an auto-resume still to come (``tail -f``
         keeps following it into the next attempt)."""
@@ -337,8 +467,41 @@ def _run_filter(after: int) -> str:
 
 @dataclass
 class Cursor:
+    """Where a follower is: the last event rowid, and the last ``seq`` of
+    each metric series (by ``metric_series.id``)."""
+
     event: int = 0
-    metric: int = 0
+    metric: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class Series:
+    """One metric key as one writer logged it in one attempt."""
+
+    sid: int
+    attempt: int
+    src: str
+    key: str
+    rank: int
+
+
+def _legacy_metric_tables(conn: sqlite3.Connection) -> None:
+    """A store of schema < 7 (no daemon has migrated it yet): its ``metrics``
+    table seen as ``metric_series`` + ``metric_points`` (temporary views of
+    this connection; the store is not written). Slow on a big store, and
+    correct; the daemon migrates it when it next starts."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'metrics'").fetchone() is None:
+        return
+    rank = "rank" if any(r[1] == "rank" for r in conn.execute("PRAGMA table_info(metrics)")) \
+        else "0"
+    conn.execute(
+        "CREATE TEMP VIEW metric_series AS SELECT MIN(rowid) AS id, run_id, key, attempt, src,"
+        f" {rank} AS rank FROM main.metrics GROUP BY run_id, key, attempt, src, {rank}")
+    conn.execute(
+        "CREATE TEMP VIEW metric_points AS SELECT s.id AS sid, m.seq AS seq, m.step AS step,"
+        " m.value AS value, m.time AS time FROM main.metrics m JOIN temp.metric_series s ON"
+        " s.run_id = m.run_id AND s.key = m.key AND s.attempt = m.attempt AND s.src = m.src"
+        + (" AND s.rank = m.rank" if rank == "rank" else ""))
 
 
 @dataclass
@@ -450,7 +613,7 @@ def to_json(value: Any, *, indent: int | None = None) -> str:
                       separators=None if indent else (",", ":"))
 
 
-def iter_jsonl(rows: list[dict[str, Any]]) -> Iterator[str]:
+def iter_jsonl(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
     for r in rows:
         yield to_json(r)
 

@@ -1,34 +1,34 @@
 """The data every view draws: downsampled curves, resume markers, checkpoint dots.
 
 A run can hold millions of points per key; no view ships them all. The
-store is asked for at most ``buckets`` min/max pairs over a step range, each
-in one SQL statement (a view's first frame waits on it; 5 M points: 3200
-index seeks from Python took 270 ms, from inside one statement 100 ms):
+store is asked for at most ``buckets`` min/max pairs over a step range:
 
 * up to :data:`EXACT_MAX_STEPS` steps in the range, one ``GROUP BY`` over the
-  ``(run_id, key, step)`` index gives the exact min and max of every bucket
-  (a spike of one step is never lost);
+  ``metric_points (sid, step)`` index gives the exact min and max of every
+  bucket (a spike of one step is never lost);
 * past that, the same buckets are filled by :data:`SAMPLES_PER_BUCKET` index
   seeks each (``step >= s ORDER BY step LIMIT 1``): the cost is that of the
   buckets, not of the run (5 M points: one GROUP BY takes seconds, the seeks
   milliseconds). ``Series.exact`` says which one was used; zooming in to
   fewer steps gets the exact picture back.
 
-Only the effective timeline is drawn: every query reads
-``Reader.effective_metrics`` (the store's ``effective_metrics`` view, with
-its ``run_id, key, src, step, value, time`` columns), never the table under
-it. What a resumed run replaced is not on the curve, where it was resumed is
-(``Marker``).
+Only the effective timeline is drawn (``store.effective``): what a resumed run
+replaced is not on the curve, where it was resumed is (``Marker``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptd.store.query import Reader
+from ckptd.store.query import Reader, effective
+
+#: SQL condition: a metric row is on the effective timeline (no later attempt
+#: resumed from a step before it).
+EFFECTIVE = effective("metrics")
 
 #: Largest step range read exactly (see the module docstring); measured on
 #: the 2-core box: ~0.2 s for 200 k points, 1.2 s for 1 M.
@@ -93,21 +93,51 @@ def _num(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
-def _one_key(reader: Reader) -> str:
-    """``FROM ... WHERE`` of one key of one run (parameters ?1 run, ?2 key, ?3 src)."""
-    return f"FROM {reader.effective_metrics} WHERE run_id = ?1 AND key = ?2 AND src GLOB ?3"
+Seek = Callable[..., list[tuple[int, float, Any]]]
+
+
+def seeker(reader: Reader, run_id: str, key: str) -> Seek:
+    """Index seeks along ``key``'s effective curve: ``seek(">=", s, n)`` gives the
+    first ``n`` points ``(step, time, value)`` at or after step ``s``,
+    ``seek("<=", s, n)`` the last ``n`` at or before it.
+
+    One seek per series (``metric_points (sid, step)``; a key has one series
+    per attempt and writer), each bounded by its attempt's effective cutoff,
+    then merged: the cost is that of the answer, not of the run.
+    """
+    cutoffs = reader.cutoffs(run_id)
+    plans = [(s.sid, None if s.src.startswith("d") else cutoffs.get(s.attempt))
+             for s in reader.series(run_id, key=key, system=None)
+             if s.src.startswith(_src(key)[0])]
+
+    def seek(direction: str, step: int, limit: int = 1) -> list[tuple[int, float, Any]]:
+        out: list[tuple[int, float, Any]] = []
+        for sid, bound in plans:
+            sql, args = "SELECT step, time, value FROM metric_points WHERE sid = ?", [sid]
+            hi = step if direction == "<=" else None
+            if bound is not None:
+                hi = bound if hi is None else min(hi, bound)
+            if direction == ">=":
+                sql += " AND step >= ?"
+                args.append(step)
+            if hi is not None:
+                sql += " AND step <= ?"
+                args.append(hi)
+            sql += " ORDER BY step" + (" DESC" if direction == "<=" else "") + " LIMIT ?"
+            out += reader.conn.execute(sql, (*args, limit)).fetchall()
+        out.sort(key=lambda r: r[0], reverse=direction == "<=")
+        return out[:limit]
+
+    return seek
 
 
 def step_range(reader: Reader, run_id: str, key: str) -> tuple[int, int] | None:
-    """First and last step of a key (two index seeks, whatever the run's size)."""
-    one = _one_key(reader)
-    row = reader.conn.execute(
-        f"SELECT (SELECT step {one} ORDER BY step LIMIT 1),"
-        f"       (SELECT step {one} ORDER BY step DESC LIMIT 1)",
-        (run_id, key, _src(key))).fetchone()
-    if row is None or row[0] is None:
+    """First and last step of a key (two index seeks per series, whatever the run's size)."""
+    seek = seeker(reader, run_id, key)
+    first, last = seek(">=", -(1 << 62)), seek("<=", 1 << 62)
+    if not first:
         return None
-    return int(row[0]), int(row[1])
+    return int(first[0][0]), int(last[0][0])
 
 
 def downsample(reader: Reader, run_id: str, key: str, buckets: int = 800,
@@ -127,56 +157,50 @@ def downsample(reader: Reader, run_id: str, key: str, buckets: int = 800,
         _exact(reader, out, lo, hi, buckets)
     else:
         out.exact = False
-        _sampled(reader, out, lo, hi, buckets)
+        _sampled(reader, out, lo, span, buckets)
     return out
 
 
 def _exact(reader: Reader, out: Series, lo: int, hi: int, buckets: int) -> None:
     span = hi - lo + 1
     width = max(1.0, span / buckets)
-    one = _one_key(reader)
-    # the last value of a bucket: a seek from its last step (one max() next to
-    # min() would make ``value`` a bare column of no particular row)
+    # max(step) as the only max() aggregate... would give a bare column; the
+    # last value is taken by a correlated seek instead (one per bucket)
     rows = reader.conn.execute(
-        f"SELECT g.s, g.t, g.vmin, g.vmax, g.n, g.nans, (SELECT value {one} AND step <= g.last"
-        "  ORDER BY step DESC LIMIT 1)"
-        " FROM (SELECT CAST((step - ?4) / ?5 AS INTEGER) AS b, avg(step) AS s, avg(time) AS t,"
-        "  min(coalesce(value, 9e999)) AS vmin, max(coalesce(value, -9e999)) AS vmax,"
-        f"  max(step) AS last, count(*) AS n, sum(value IS NULL) AS nans {one}"
-        "  AND step BETWEEN ?4 AND ?6 GROUP BY b) AS g ORDER BY g.b",
+        "SELECT CAST((step - ?4) / ?5 AS INTEGER) AS b, avg(step), avg(time),"
+        " min(coalesce(value, 9e999)), max(coalesce(value, -9e999)), max(step), count(*),"
+        " sum(value IS NULL)"
+        f" FROM metrics WHERE run_id = ?1 AND key = ?2 AND src GLOB ?3 AND {EFFECTIVE}"
+        " AND step BETWEEN ?4 AND ?6 GROUP BY b ORDER BY b",
         (out.run_id, out.key, _src(out.key), lo, width, hi)).fetchall()
-    for s, t, vmin, vmax, n, nans, last in rows:
+    seek = seeker(reader, out.run_id, out.key)
+    for _b, s, t, vmin, vmax, last_step, n, nans in rows:
         if n == nans:  # a bucket of NaNs only: a gap in the line
             vmin = vmax = float("nan")
         out.step.append(float(s))
         out.time.append(float(t))
         out.vmin.append(float(vmin))
         out.vmax.append(float(vmax))
-        out.vlast.append(_num(last))
+        out.vlast.append(_num(seek("<=", int(last_step))[0][2])
+                         if len(rows) <= 2000 else float(vmax))
         out.points += n
 
 
-def _sampled(reader: Reader, out: Series, lo: int, hi: int, buckets: int) -> None:
-    """:data:`SAMPLES_PER_BUCKET` seeks per bucket, all inside one statement: the
-    recursive CTE numbers the sample points (rounded up: the first one of a
-    bucket is in it), each seeks the first step at or after it, and the rows
-    of the steps found come back in step order, each in the bucket its step
-    is in."""
-    width = (hi - lo + 1) / buckets
-    one = _one_key(reader)
-    rows = reader.conn.execute(
-        "WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n + 1 < ?6)"
-        f" SELECT step, time, value {one} AND step IN"
-        f" (SELECT (SELECT step {one} AND step >= ?4 + CAST(i.n * ?7 AS INTEGER)"
-        "   + (i.n * ?7 > CAST(i.n * ?7 AS INTEGER)) AND step <= ?5 ORDER BY step LIMIT 1)"
-        "  FROM i)"
-        " ORDER BY step",
-        (out.run_id, out.key, _src(out.key), lo, hi, buckets * SAMPLES_PER_BUCKET,
-         width / SAMPLES_PER_BUCKET)).fetchall()
-    got: list[tuple[int, float, float]] = []
-    bucket = -1
-
-    def flush() -> None:
+def _sampled(reader: Reader, out: Series, lo: int, span: int, buckets: int) -> None:
+    seek = seeker(reader, out.run_id, out.key)
+    width = span / buckets
+    for b in range(buckets):
+        got: list[tuple[int, float, float]] = []
+        start = lo + b * width
+        for j in range(SAMPLES_PER_BUCKET):
+            rows = seek(">=", int(start + j * width / SAMPLES_PER_BUCKET))
+            if not rows or rows[0][0] >= lo + (b + 1) * width:
+                break
+            row = rows[0]
+            if not got or row[0] != got[-1][0]:
+                got.append((row[0], row[1], _num(row[2])))
+        if not got:
+            continue
         vals = [v for _, _, v in got if not math.isnan(v)] or [float("nan")]
         out.step.append(sum(g[0] for g in got) / len(got))
         out.time.append(sum(g[1] for g in got) / len(got))
@@ -184,29 +208,6 @@ def _sampled(reader: Reader, out: Series, lo: int, hi: int, buckets: int) -> Non
         out.vmax.append(max(vals))
         out.vlast.append(got[-1][2])
         out.points += len(got)
-
-    for step, t, v in rows:
-        b = min(int((step - lo) / width), buckets - 1)
-        if b != bucket and got:
-            flush()
-            got = []
-        bucket = b
-        got.append((step, t, _num(v)))
-    if got:
-        flush()
-
-
-def values_at(reader: Reader, run_id: str, key: str, steps: list[int]) -> list[float]:
-    """The value of ``key`` at (or last before) each of ``steps``, in one statement."""
-    if not steps:
-        return []
-    one = _one_key(reader)
-    marks = ",".join(f"(?{i})" for i in range(4, 4 + len(steps)))
-    rows = reader.conn.execute(
-        f"WITH s(at) AS (VALUES {marks}) SELECT (SELECT value {one} AND step <= s.at"
-        " ORDER BY step DESC LIMIT 1) FROM s",
-        (run_id, key, _src(key), *steps)).fetchall()
-    return [_num(r[0]) for r in rows]
 
 
 def markers(reader: Reader, run_id: str) -> list[Marker]:
@@ -223,6 +224,12 @@ def markers(reader: Reader, run_id: str) -> list[Marker]:
         step = r["restored_step"] if r["restored_step"] is not None else -1
         out.append(Marker(r["attempt"], int(step), str(prev.get("status") or "?")))
     return out
+
+
+def values_at(reader: Reader, run_id: str, key: str, steps: list[int]) -> list[float]:
+    """The value of ``key`` at (or last before) each of ``steps``: index seeks."""
+    seek = seeker(reader, run_id, key)
+    return [_num(got[0][2]) if (got := seek("<=", s)) else float("nan") for s in steps]
 
 
 def checkpoint_steps(reader: Reader, run_id: str, lo: int | None = None,
@@ -252,16 +259,9 @@ def checkpoint_dots(reader: Reader, run_id: str, key: str | None = None,
 
 
 def keys(reader: Reader, run_id: str) -> list[str]:
-    """Every metric key of a run, the daemon's ``sys/`` ones last: one index
-    seek per key (a skip scan), not a pass over millions of rows."""
-    m = reader.effective_metrics
-    rows = reader.conn.execute(
-        "WITH RECURSIVE k(key) AS ("
-        f" SELECT (SELECT min(key) FROM {m} WHERE run_id = ?1)"
-        f" UNION ALL SELECT (SELECT min(key) FROM {m} WHERE run_id = ?1 AND key > k.key)"
-        " FROM k WHERE k.key IS NOT NULL)"
-        " SELECT key FROM k WHERE key IS NOT NULL", (run_id,)).fetchall()
-    names = [r[0] for r in rows]
+    """Every metric key of a run, the daemon's ``sys/`` ones last (from
+    ``metric_series``: a row per key and writer, not per point)."""
+    names = sorted({s.key for s in reader.series(run_id, system=None)})
     return [k for k in names if not k.startswith("sys/")] + \
         [k for k in names if k.startswith("sys/")]
 
@@ -311,12 +311,10 @@ def _tags(run: dict[str, Any]) -> list[str]:
 
 def _rate(reader: Reader, run_id: str, key: str, window: int = 200) -> float | None:
     """Steps per second over the last ``window`` logged rows of ``key``."""
-    rows = reader.conn.execute(
-        f"SELECT step, time {_one_key(reader)} ORDER BY step DESC LIMIT ?4",
-        (run_id, key, "c*", window)).fetchall()
+    rows = seeker(reader, run_id, key)("<=", 1 << 62, window)
     if len(rows) < 2:
         return None
-    (s1, t1), (s0, t0) = rows[0], rows[-1]
+    (s1, t1, _), (s0, t0, _) = rows[0], rows[-1]
     return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 > s0 else None
 
 

@@ -144,7 +144,8 @@ def test_schema_doc_describes_every_table_and_column(store: Store) -> None:
     doc = (REPO / "docs" / "schema.md").read_text()
     sections = dict(re.findall(r"^## `(\w+)`\n(.*?)(?=^## |\Z)", doc, re.M | re.S))
     tables = [r[0] for r in store.conn.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+        "SELECT name FROM sqlite_master WHERE (type = 'table' OR name = 'metrics')"
+        " AND name NOT LIKE 'sqlite_%'")]
     problems = []
     for table in tables:
         if table not in sections:
