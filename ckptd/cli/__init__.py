@@ -328,6 +328,12 @@ def show(run: str | None = typer.Argument(None, help="run id, unique prefix or n
         say(f"{label + ':':<13} {value if value is not None else '-'}")
     say(f"{'started:':<13} {fmt_time(info['started'])}")
     say(f"{'ended:':<13} {fmt_time(info['ended'])}")
+    if info.get("world_size", 1) > 1 or info.get("nodes", 1) > 1:
+        say(f"{'ranks:':<13} world size {info['world_size']} on {info['nodes']} node(s); "
+            + ("this store is node 0's: it owns the run and its checkpoints"
+               if not info.get("node_rank") else
+               f"this store is node {info['node_rank']}'s (its ranks' metrics and console); "
+               "the run and its checkpoints are in node 0's store"))
     if info.get("command"):
         say(f"{'command:':<13} {shlex.join(info['command'])}")
     if info.get("retention"):

@@ -339,6 +339,8 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
         "ended": run.get("ended"),
         "group": run.get("group_name"),
         "world_size": run.get("world_size") or 1,
+        "nodes": run.get("nodes") or 1,
+        "node_rank": run.get("node_rank") or 0,
     }
 
 

@@ -10,14 +10,24 @@ collective. The order, and the crash window each step closes:
    ``.metadata``. Each rank also writes ``ckptd-rng-<rank>.pt`` (its RNG
    states, ``torch.load(weights_only=True)``-safe) and fsyncs it.
    CRASH WINDOW: a rank killed here leaves a staging directory only.
-3. Each rank hashes (sha256) its own files; rank 0 gathers the hashes (a
-   collective: it returns only when every rank's shard is durable), hashes
+3. Each rank's node daemon fsyncs and hashes (sha256) that rank's files;
+   rank 0 gathers the hashes (a collective: it returns only when every
+   rank's shard is durable), hashes
    ``.metadata``, writes ``manifest.json`` (the ckptd manifest, listing every
    file with its size and hash) and fsyncs it and the directory.
 4. rank 0 asks the daemon (``dcp_commit``) to check sizes, fsync again, and
    publish: rename to ``step-<N>/``, fsync the parent, commit the row (the
    same ordered protocol as one process's checkpoint, ``ckptd.checkpoints``).
 5. rank 0 tells every rank the outcome; each returns a resolved handle.
+
+Several nodes: the step directories live in a directory every node shares
+(``init(checkpoint_dir=D)`` / ``CKPTD_CHECKPOINT_DIR``): ``D/<run-id>/``
+(:func:`checkpoint_root`). Each rank's files are made durable (fsync) and
+hashed by its own node's daemon (``dcp_shard_durable``, step 3), and only
+rank 0's daemon commits (step 4), through the home's link to ``D/<run-id>``
+(``ckptd.daemon.shared_dir``). A rank that does not see the staging
+directory rank 0 created says the directory is not shared, and the step fails
+on every rank.
 
 The step directory is a plain DCP checkpoint: ``torch.distributed.checkpoint.load``
 reads it without ckptd (it ignores ``manifest.json``, ``tensors.bin`` and
@@ -33,6 +43,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 import warnings
@@ -68,7 +79,30 @@ def in_process_group() -> bool:
         return False
 
 
-def _sha256_file(path: Path) -> tuple[int, str]:
+def checkpoint_root(run: Run) -> Path:
+    """Where this rank sees the run's step directories: ``<checkpoint_dir>/<run-id>``
+    when a shared directory is set (the home of rank 0's node links there),
+    else the home's ``runs/<run-id>/checkpoints``."""
+    if run.checkpoint_dir is not None:
+        return run.checkpoint_dir / run.id
+    return paths.checkpoints_dir(run.home, run.id)
+
+
+def link_checkpoint_dir(run: Run) -> None:
+    """Have the daemon of the run's home create ``<checkpoint_dir>/<run-id>`` and
+    link the home's checkpoints there (once per process; see ``shared_dir``).
+
+    :raises CkptdError: the directory cannot be used (the message says why).
+    """
+    if run.checkpoint_dir is None or getattr(run, "_linked_checkpoint_dir", False):
+        return
+    transport.call(run.home, "checkpoint_dir", {"run": run.id,
+                                                "dir": os.fspath(run.checkpoint_dir)},
+                   autostart=run._autostart, timeout=60)
+    run._linked_checkpoint_dir = True
+
+
+def sha256_file(path: Path) -> tuple[int, str]:
     """Size and sha256 of ``path``, after fsyncing it (the hash is of what is durable)."""
     h = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -106,17 +140,26 @@ def save(run: Run, state: Any, step: int, metrics: dict[str, Any] | None) -> Any
     values = {k: protocol.check_metric(k, v) for k, v in (metrics or {}).items()}
     handle = snapshot.CheckpointHandle(step)
     rank, world = dist.get_rank(), dist.get_world_size()
-    root = paths.checkpoints_dir(run.home, run.id)
+    root = checkpoint_root(run)
     staging = root / (fmt.step_dir_name(step) + DCP_STAGING)
     t0 = time.perf_counter()
     error = None
     if rank == 0:
         try:
+            link_checkpoint_dir(run)
             shutil.rmtree(staging, ignore_errors=True)  # an earlier failed try of this step
             root.mkdir(parents=True, exist_ok=True, mode=0o700)
             staging.mkdir(mode=0o700)
+        except CkptdError as exc:
+            error = f"checkpoint step {step}: {exc}"
         except OSError as exc:
             error = f"checkpoint step {step}: cannot create {staging}: {exc.strerror or exc}"
+    error = _one_outcome(dist, error)
+    if error is None and rank != 0 and not staging.is_dir():
+        error = (f"checkpoint step {step}: rank {rank} (node {run.node_rank}) does not see "
+                 f"{staging}, which rank 0 created: the checkpoint directory must be shared "
+                 "by every node (init(checkpoint_dir=...) / CKPTD_CHECKPOINT_DIR on NFS or "
+                 "Lustre, the same path everywhere)")
     error = _one_outcome(dist, error)
     if error is None:
         try:
@@ -136,21 +179,25 @@ def save(run: Run, state: Any, step: int, metrics: dict[str, Any] | None) -> Any
     files: dict[str, Any] = {}
     if error is None:
         try:
-            mine = [p for p in staging.iterdir()
-                    if p.name.startswith(f"__{rank}_") or p.name == f"{RNG_PREFIX}{rank}.pt"]
-            for p in mine:
-                size, digest = _sha256_file(p)
-                files[p.name] = {"bytes": size, "sha256": digest}
-        except OSError as exc:
-            error = f"checkpoint step {step}: rank {rank}: hash shards: {exc.strerror or exc}"
+            # this rank's shard made durable and hashed by its own node's daemon
+            files = transport.call(run.home, "dcp_shard_durable", {
+                "dir": os.fspath(staging), "step": step, "rank": rank},
+                autostart=run._autostart, timeout=600)["files"]
+        except CkptdError as exc:
+            error = f"checkpoint step {step}: rank {rank}: {exc}"
+    # CRASH WINDOW: until every rank is past this gather, some shard may not be
+    # durable; rank 0 commits nothing before it, so a rank killed here leaves
+    # a staging directory only (removed by rank 0's daemon at its next start).
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, error or files)
+    dist.all_gather_object(gathered, error or {"files": files, "node": run.node_rank,
+                                               "host": socket.gethostname()})
     error = next((g for g in gathered if isinstance(g, str)), None)
     result: dict[str, Any] | None = None
     if rank == 0 and error is None:
         try:
             result = _commit(run, staging, step, values, handle.blocked_s, world,
-                             {k: v for g in gathered for k, v in g.items()})
+                             {k: v for g in gathered for k, v in g["files"].items()},
+                             [[r, g["node"], g["host"]] for r, g in enumerate(gathered)])
         except CkptdError as exc:
             error = str(exc)
         except OSError as exc:
@@ -181,16 +228,17 @@ def _test_fault(run: Run, rank: int, step: int) -> None:
 
 
 def _commit(run: Run, staging: Path, step: int, metrics: dict[str, Any], blocked_s: float,
-            world: int, files: dict[str, Any]) -> dict[str, Any]:
+            world: int, files: dict[str, Any], ranks: list[list[Any]]) -> dict[str, Any]:
     """Rank 0: write the ckptd manifest of every rank's files, then have the daemon publish."""
-    size, digest = _sha256_file(staging / METADATA)
+    size, digest = sha256_file(staging / METADATA)
     files[METADATA] = {"bytes": size, "sha256": digest}
     fmt.write_durable(staging / fmt.DATA_FILE, b"")  # no tensors of ckptd's own format
     files[fmt.DATA_FILE] = {"bytes": 0, "chunk": fmt.CHUNK, "sha256": [], "crc32": []}
     manifest = {
         "format": fmt.FORMAT, "version": fmt.FORMAT_VERSION, "run": run.id,
         "attempt": run.attempt, "step": step, "metrics": metrics, "created": time.time(),
-        "blocked_s": blocked_s, "dcp": {"world_size": world},
+        # ranks: [rank, node, host] of every rank that wrote a shard
+        "blocked_s": blocked_s, "dcp": {"world_size": world, "ranks": ranks},
         "tree": {"D": [["state", None], ["rng", None]]}, "tensors": [], "files": files,
     }
     fmt.write_durable(staging / fmt.MANIFEST_FILE,
@@ -216,7 +264,7 @@ def verify_files(ckpt_dir: Path, manifest: dict[str, Any], sizes_only: bool = Fa
             if sizes_only:
                 size, digest = path.stat().st_size, info.get("sha256")
             else:
-                size, digest = _sha256_file(path)
+                size, digest = sha256_file(path)
         except OSError as exc:
             raise CheckpointError(f"verify {path}: {exc.strerror or exc}") from None
         if size != info.get("bytes"):
@@ -232,30 +280,102 @@ def verify_files(ckpt_dir: Path, manifest: dict[str, Any], sizes_only: bool = Fa
 def restore(run: Run, into: Any) -> Any:
     """Load the newest verified checkpoint into ``into`` in place; None if there is none.
 
-    Every rank takes the same step: the rows come from the store, and
-    verification is of the same shared files. A DCP step is loaded with
+    Under a process group it is collective (:func:`_restore_collective`):
+    rank 0's store is the only one with the committed rows (other nodes'
+    stores have none). Without one (a job that came back as one process),
+    the rows come from the home's store. A DCP step is loaded with
     ``torch.distributed.checkpoint.load`` (resharding to this world size);
     one written by a single process in ckptd's format is copied in.
     """
-    from . import rng
-
-    for row, ckpt_dir in restoring.candidates(run):
+    if in_process_group():
+        return _restore_collective(run, into)
+    root = checkpoint_root(run)
+    for row, _ in restoring.candidates(run):
+        ckpt_dir = root / fmt.step_dir_name(row["step"])
         try:
-            manifest, _ = fmt.read_manifest(ckpt_dir, row["hash"])
-            if manifest.get("dcp"):
-                verify_files(ckpt_dir, manifest)
-                rng_state = _load_dcp(ckpt_dir, into, run.rank)
-            else:
-                payload, _ = fmt.load_dir(ckpt_dir, row["hash"])
-                copy_into(into, payload["state"], "state")
-                rng_state = fmt.clone_tensors(payload.get("rng"))
+            rng_state = _load_one(run, ckpt_dir, row["hash"], into)
         except CheckpointError as exc:
             restoring.skip(run, row["step"], str(exc))
             restoring.report_corrupt(run, row["step"], str(exc))
             continue
-        if rng_state:
-            rng.restore(rng_state)  # last: nothing after draws a number
-        restoring.announce(run, row["step"])
+        _finish_restore(run, row["step"], rng_state)
+        return into
+    restoring.announce(run, None)
+    return None
+
+
+def _load_one(run: Run, ckpt_dir: Path, digest: str, into: Any,
+              verify: bool = True) -> dict[str, Any] | None:
+    """Load one step into ``into``; its RNG state for this rank (or None)."""
+    manifest, _ = fmt.read_manifest(ckpt_dir, digest)
+    if manifest.get("dcp"):
+        if verify:
+            verify_files(ckpt_dir, manifest)
+        return _load_dcp(ckpt_dir, into, run.rank)
+    payload, _ = fmt.load_dir(ckpt_dir, digest)
+    copy_into(into, payload["state"], "state")
+    return fmt.clone_tensors(payload.get("rng"))
+
+
+def _finish_restore(run: Run, step: int, rng_state: dict[str, Any] | None) -> None:
+    from . import rng
+
+    if rng_state:
+        rng.restore(rng_state)  # last: nothing after draws a number
+    restoring.announce(run, step)
+
+
+def _restore_collective(run: Run, into: Any) -> Any:
+    """Every rank restores the same step, chosen by rank 0 and verified by all.
+
+    1. rank 0 waits for its daemon's in-flight commits and lists the committed
+       steps (newest first) from its store; every rank receives the list.
+    2. For each step: every rank reads the manifest and hashes a share of the
+       files (file i by rank i mod world: each byte is read once in all), and
+       the ranks agree; a step that fails anywhere is skipped everywhere (a
+       rank loading another step than its peers would hang DCP's load).
+    3. ``dcp.load`` (collective) on every rank; a failure on any rank moves
+       all of them to the next step.
+    """
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    listing: list[Any] = [None]
+    if rank == 0:
+        try:
+            restoring.await_commits(run)
+            listing[0] = [(row["step"], row["hash"]) for row, _ in restoring.candidates(run)]
+        except (CkptdError, OSError) as exc:
+            listing[0] = f"restore: cannot list the checkpoints of run {run.id}: {exc}"
+    dist.broadcast_object_list(listing, src=0)
+    if isinstance(listing[0], str):
+        raise CheckpointError(listing[0])
+    root = checkpoint_root(run)
+    for step, digest in listing[0]:
+        ckpt_dir = root / fmt.step_dir_name(step)
+        error = None
+        try:
+            manifest, _ = fmt.read_manifest(ckpt_dir, digest)
+            if manifest.get("dcp"):
+                names = sorted(n for n in manifest.get("files", {}) if n != fmt.DATA_FILE)
+                share = {n: manifest["files"][n] for i, n in enumerate(names)
+                         if i % world == rank}
+                verify_files(ckpt_dir, dict(manifest, files=share))
+        except CheckpointError as exc:
+            error = str(exc)
+        error = _one_outcome(dist, error)
+        if error is None:
+            try:
+                rng_state = _load_one(run, ckpt_dir, digest, into, verify=False)
+            except CheckpointError as exc:
+                error = str(exc)
+            error = _one_outcome(dist, error)
+        if error is not None:
+            restoring.skip(run, step, error)
+            if rank == 0:
+                restoring.report_corrupt(run, step, error)
+            continue
+        _finish_restore(run, step, rng_state)
         return into
     restoring.announce(run, None)
     return None
