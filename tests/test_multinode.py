@@ -109,63 +109,68 @@ def test_two_nodes_share_a_checkpoint_dir_and_resume_bit_identically(
         assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     # rank 1 (on the node that does not own the run) is SIGKILLed inside the
     # checkpoint of step 14, after its shard is durable; the job dies (no
-    # --max-restarts) and is started again as a whole on both nodes, as a
-    # scheduler's requeue does, naming the run (CKPTD_RUN_ID): it resumes
-    # from step 9, the newest committed one
+    # --max-restarts)
     broken = tmp_path / "broken.pt"
     procs = two_nodes(nodes, shared, "broken", *args, "--out", os.fspath(broken),
                       env_extra={"CKPTD_TEST_KILL_DCP": "1:14"})
     assert all(p.returncode != 0 for p in procs), [p.stdout for p in procs]
     owner, member, run_id = owner_and_member(nodes)
     assert not (shared / run_id / "step-14").exists()  # no torn step became visible
-    assert [r[0] for r in db_rows(owner, "SELECT step FROM checkpoints WHERE run_id = ?"
-                                         " ORDER BY step", (run_id,))] == [4, 9]
-    procs = two_nodes(nodes, shared, "again", *args, "--out", os.fspath(broken),
-                      env_extra={"CKPTD_RUN_ID": run_id, "CKPTD_ATTEMPT": "2"})
+    committed = "SELECT step, attempt FROM checkpoints WHERE run_id = ? ORDER BY step"
+    assert db_rows(owner, committed, (run_id,)) == [(4, 1), (9, 1)]
+    assert db_rows(member, committed, (run_id,)) == []
+    # node 0's store sees the whole job
+    [row] = [r for r in json.loads(ckptd(owner, "ls", "--json", check=True).stdout)
+             if r["id"] == run_id]
+    assert (row["world_size"], row["nodes"], row["node_rank"]) == (2, 2, 0), row
+    show = ckptd(owner, "show", run_id, check=True).stdout
+    assert "world size 2 on 2 node(s); this store is node 0's" in show, show
+    tail = ckptd(owner, "tail", run_id, "-n", "200", check=True).stdout
+    assert "node 0 of 2" in tail and "this store owns the run" in tail, tail
+    # the member node's store: a pointer row, its rank's metrics, no checkpoints
+    show = ckptd(member, "show", run_id, check=True).stdout
+    assert "this store is node 1's" in show and "node 0's store" in show, show
+    assert not (member / "runs" / run_id / "checkpoints").exists()
+    logged = "SELECT DISTINCT rank FROM metrics WHERE run_id = ? AND src != 'd'"  # not sys/*
+    assert db_rows(member, logged, (run_id,)) == [(1,)]
+    assert db_rows(owner, logged, (run_id,)) == [(0,)]
+
+    # The whole job is started again on both nodes, as a scheduler's requeue
+    # does, naming the run (CKPTD_RUN_ID). The member's agent starts first: c10d
+    # orders nodes by (host, agent pid), so rank 0 is now on the other node,
+    # whose store has no checkpoint rows: restore takes them from every node's
+    # store and resumes from step 9, the newest committed one
+    procs = two_nodes(list(reversed(nodes)), shared, "again", *args, "--out",
+                      os.fspath(broken), env_extra={"CKPTD_RUN_ID": run_id,
+                                                    "CKPTD_ATTEMPT": "2"})
     for p in procs:
         assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     assert any("resumed after step 9" in p.stdout for p in procs), [p.stdout for p in procs]
     a, b = torch.load(clean, weights_only=True), torch.load(broken, weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-    owner, member, run_id = owner_and_member(nodes)  # the new rendezvous may swap the nodes
-    # node 0's store sees the whole job
-    [row] = [r for r in json.loads(ckptd(owner, "ls", "--json", check=True).stdout)
+    new_owner, new_member, same = owner_and_member(nodes)
+    assert same == run_id and new_owner == member, "the nodes did not swap roles"
+    [row] = [r for r in json.loads(ckptd(new_owner, "ls", "--json", check=True).stdout)
              if r["id"] == run_id]
     assert (row["world_size"], row["nodes"], row["status"], row["attempt"]) == \
         (2, 2, "finished", 2), row
-    show = ckptd(owner, "show", run_id, check=True).stdout
-    assert "world size 2 on 2 node(s); this store is node 0's" in show, show
-    ckpts = json.loads(ckptd(owner, "ckpt", "ls", run_id, "--json", check=True).stdout)
-    assert [(c["step"], c["status"]) for c in ckpts] == \
-        [(s, "committed") for s in (4, 9, 14, 19)], ckpts
-    assert db_rows(owner, "SELECT attempt, restored_step FROM attempts WHERE run_id = ?"
-                          " ORDER BY attempt", (run_id,))[1] == (2, 9)
-    # step 14 of attempt 1 never became visible: the committed one is attempt 2's
-    assert db_rows(owner, "SELECT attempt FROM checkpoints WHERE run_id = ? AND step = 14",
-                   (run_id,)) == [(2,)]
-    verify = ckptd(owner, "ckpt", "verify", run_id)
+    assert db_rows(new_owner, "SELECT restored_step FROM attempts WHERE run_id = ? AND"
+                              " attempt = 2", (run_id,)) == [(9,)]
+    # this attempt's steps are committed by the new owner's daemon
+    assert db_rows(new_owner, committed, (run_id,)) == [(14, 2), (19, 2)]
+    verify = ckptd(new_owner, "ckpt", "verify", run_id)
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    tail = ckptd(owner, "tail", run_id, "-n", "200", check=True).stdout
-    assert "node 0 of 2" in tail and "this store owns the run" in tail, tail
-    # the checkpoints are in the shared directory; the owner's home links there
-    link = owner / "runs" / run_id / "checkpoints"
-    assert link.is_symlink() and Path(os.readlink(link)) == shared / run_id
+    rows = [json.loads(r) for r in ckptd(new_owner, "metrics", run_id, "--format", "jsonl",
+                                         check=True).stdout.splitlines()]
+    assert [r["step"] for r in rows] == list(range(10, 20))  # rank 0 of attempt 2
+    # the checkpoints are in the shared directory; both homes link there
+    for h in nodes:
+        link = h / "runs" / run_id / "checkpoints"
+        assert link.is_symlink() and Path(os.readlink(link)) == shared / run_id
     names = {p.name for p in (shared / run_id / "step-19").iterdir()}
     assert {".metadata", "__0_0.distcp", "__1_0.distcp", "manifest.json"} <= names, names
     manifest = json.loads((shared / run_id / "step-19" / "manifest.json").read_text())
     assert sorted(r[:2] for r in manifest["dcp"]["ranks"]) == [[0, 0], [1, 1]], manifest
-    # the member node's store: a pointer row, its rank's metrics, no checkpoints
-    show = ckptd(member, "show", run_id, check=True).stdout
-    assert "this store is node 1's" in show and "node 0's store" in show, show
-    assert db_rows(member, "SELECT COUNT(*) FROM checkpoints") == [(0,)]
-    assert not (member / "runs" / run_id / "checkpoints").exists()
-    logged = "SELECT DISTINCT rank FROM metrics WHERE run_id = ? AND src != 'd'"  # not sys/*
-    assert db_rows(member, logged, (run_id,)) == [(1,)]
-    assert db_rows(owner, logged, (run_id,)) == [(0,)]
-    rows = [json.loads(r) for r in ckptd(owner, "metrics", run_id, "--format", "jsonl",
-                                         check=True).stdout.splitlines()]
-    assert [r["step"] for r in rows] == list(range(20))  # no duplicate, none missing
 
 
 def test_two_nodes_without_a_shared_dir_fail_the_checkpoint_clearly(nodes: list[Path],
