@@ -328,8 +328,11 @@ def _finish_restore(run: Run, step: int, rng_state: dict[str, Any] | None) -> No
 def _restore_collective(run: Run, into: Any) -> Any:
     """Every rank restores the same step, chosen by rank 0 and verified by all.
 
-    1. rank 0 waits for its daemon's in-flight commits and lists the committed
-       steps (newest first) from its store; every rank receives the list.
+    1. rank 0 waits for its daemon's in-flight commits; every rank lists the
+       committed steps its node's store has, and all ranks take the union,
+       newest first. Usually only rank 0's store has any, but a job started
+       again may find rank 0 on another node than last time (c10d assigns
+       nodes in the order they join): the rows are then in a member's store.
     2. For each step: every rank reads the manifest and hashes a share of the
        files (file i by rank i mod world: each byte is read once in all), and
        the ranks agree; a step that fails anywhere is skipped everywhere (a
@@ -340,18 +343,20 @@ def _restore_collective(run: Run, into: Any) -> Any:
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    listing: list[Any] = [None]
-    if rank == 0:
-        try:
+    mine: Any
+    try:
+        if rank == 0:
             restoring.await_commits(run)
-            listing[0] = [(row["step"], row["hash"]) for row, _ in restoring.candidates(run)]
-        except (CkptdError, OSError) as exc:
-            listing[0] = f"restore: cannot list the checkpoints of run {run.id}: {exc}"
-    dist.broadcast_object_list(listing, src=0)
-    if isinstance(listing[0], str):
-        raise CheckpointError(listing[0])
+        mine = [(row["step"], row["hash"]) for row, _ in restoring.candidates(run)]
+    except (CkptdError, OSError) as exc:
+        mine = f"restore: rank {rank}: cannot list the checkpoints of run {run.id}: {exc}"
+    listings: list[Any] = [None] * world
+    dist.all_gather_object(listings, mine)
+    error = next((g for g in listings if isinstance(g, str)), None)
+    if error is not None:
+        raise CheckpointError(error)
     root = checkpoint_root(run)
-    for step, digest in listing[0]:
+    for step, digest in sorted({c for g in listings for c in g}, reverse=True):
         ckpt_dir = root / fmt.step_dir_name(step)
         error = None
         try:
