@@ -182,3 +182,31 @@ def test_two_nodes_without_a_shared_dir_fail_the_checkpoint_clearly(nodes: list[
     assert "the checkpoint directory must be shared by every node" in text, text[-3000:]
     owner, _, run_id = owner_and_member(nodes)
     assert db_rows(owner, "SELECT COUNT(*) FROM checkpoints") == [(0,)]
+
+
+@pytest.mark.slow
+def test_four_ranks_on_two_nodes_elastic_restart_is_bit_identical(nodes: list[Path],
+                                                                   tmp_path: Path) -> None:
+    """2 ranks per node; rank 3 is SIGKILLed inside the checkpoint of step 14 and
+    TorchElastic restarts the workers of both nodes in place (--max-restarts:
+    the healthy node's restart count lags a round, see README)."""
+    shared = tmp_path / "shared"
+    args = [os.fspath(EXAMPLE), "--steps", "20", "--ckpt-every", "5"]
+    clean, broken = tmp_path / "clean.pt", tmp_path / "broken.pt"
+    for p in two_nodes(nodes, shared, "clean", *args, "--out", os.fspath(clean), nproc=2):
+        assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    procs = two_nodes(nodes, shared, "elastic", "--max-restarts", "4", *args, "--out",
+                      os.fspath(broken), nproc=2, env_extra={"CKPTD_TEST_KILL_DCP": "3:14"},
+                      timeout=400)
+    for p in procs:
+        assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    assert any("resumed after step 9" in p.stdout for p in procs), [p.stdout for p in procs]
+    a, b = torch.load(clean, weights_only=True), torch.load(broken, weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    owner, _, run_id = owner_and_member(nodes)
+    [row] = [r for r in json.loads(ckptd(owner, "ls", "--json", check=True).stdout)
+             if r["id"] == run_id]
+    assert (row["world_size"], row["nodes"], row["status"]) == (4, 2, "finished"), row
+    rows = [json.loads(r) for r in ckptd(owner, "metrics", run_id, "--format", "jsonl",
+                                         check=True).stdout.splitlines()]
+    assert [r["step"] for r in rows] == list(range(20))  # no duplicate, none missing
