@@ -313,9 +313,10 @@ def ls(status: str | None = typer.Option(None, "--status", help="only runs in th
     for r, procs in zip(shown, ranks, strict=True):
         if r["world_size"] > 1:  # live rank processes / world size, and their nodes
             r["ranks"] = f"{sum(p['alive'] for p in procs)}/{r['world_size']}"
-            r["nodes"] = ",".join(sorted({p["host"] for p in procs if p["host"]})) or None
+            r["hosts"] = ",".join(sorted({p["host"] for p in procs if p["host"]})) or None
     table(shown, ["id", "name", "status", "attempt", "step", "started", "ended",
-                  *(["ranks", "nodes"] if any(r["world_size"] > 1 for r in rows) else []),
+                  *(["ranks", "nodes", "hosts"] if any(r["world_size"] > 1 for r in rows)
+                    else []),
                   *(["tags"] if any(r["tags"] for r in rows) else []), *extra])
 
 
@@ -337,10 +338,15 @@ def show(run: str | None = typer.Argument(None, help="run id, unique prefix or n
         say(f"{label + ':':<13} {value if value is not None else '-'}")
     say(f"{'started:':<13} {fmt_time(info['started'])}")
     say(f"{'ended:':<13} {fmt_time(info['ended'])}")
-    if info["world_size"] > 1 or info["ranks"]:
+    if info["world_size"] > 1 or info["ranks"] or info["nodes"] > 1:
         say(f"{'world size:':<13} {info['world_size']}")
-        say(f"{'nodes:':<13} {' '.join(info['nodes']) or '-'}")
-        say(f"ranks (attempt {info['attempt']}):")
+        say(f"{'nodes:':<13} {info['nodes']}: " + (
+            "this store is node 0's: it owns the run and its checkpoints"
+            if not info.get("node_rank") else
+            f"this store is node {info['node_rank']}'s (its ranks' metrics and console); "
+            "the run and its checkpoints are in node 0's store"))
+        say(f"{'hosts:':<13} {' '.join(info['hosts']) or '-'}")
+        say(f"ranks of this node (attempt {info['attempt']}):")
         for r in info["ranks"]:
             state = "alive" if r["alive"] else f"ended {fmt_time(r['ended'])}"
             say(f"  rank {r['rank']}: {r['host'] or '-'} pid {r['pid']}  {state}, last seen "

@@ -25,6 +25,7 @@ from ckptd.daemon import (
     dcp_commit,
     liveness,
     manage,
+    shared_dir,
     sysmetrics,
 )
 
@@ -36,6 +37,7 @@ RPCS: dict[str, Callable[..., Any]] = {
     "ckpt_gc": checkpoints.rpc_gc,
     "ckpt_mark_corrupt": checkpoints.rpc_mark_corrupt,
     "ckpt_verify": checkpoints.rpc_verify,
+    "checkpoint_dir": shared_dir.rpc_checkpoint_dir,
     "dcp_commit": dcp_commit.rpc_dcp_commit,
     "flush_spool": control.flush_spool,
     "run_note": manage.rpc_note,

@@ -134,6 +134,8 @@ def event(msg: dict[str, Any]) -> None:
         _int(msg, "auto_resume", optional=True, minimum=0)
         _int(msg, "max_restarts", optional=True, minimum=0)
         _int(msg, "world_size", optional=True, minimum=1)
+        _int(msg, "nodes", optional=True, minimum=1)
+        _int(msg, "node_rank", optional=True, minimum=0)
         cmd = msg.get("command")
         if cmd is not None and not (isinstance(cmd, list) and all(isinstance(a, str)
                                                                   for a in cmd)):

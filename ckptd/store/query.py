@@ -240,7 +240,7 @@ class Reader:
         out = summary(run)
         ranks = self.rank_processes(run["id"], run["attempt"])
         out.update(
-            nodes=sorted({r["host"] for r in ranks if r["host"]} | (
+            hosts=sorted({r["host"] for r in ranks if r["host"]} | (
                 {run["host"]} if run.get("host") else set())),
             ranks=ranks,
             tags=self.tags([run["id"]]).get(run["id"], []),
@@ -527,6 +527,8 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
         "ended": run.get("ended"),
         "group": run.get("group_name"),
         "world_size": run.get("world_size") or 1,
+        "nodes": run.get("nodes") or 1,
+        "node_rank": run.get("node_rank") or 0,
     }
 
 

@@ -41,7 +41,7 @@ from ckptd_client.errors import CkptdError, NotFound, ResumeRefused
 if TYPE_CHECKING:
     import sqlite_utils
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 #: WAL size (bytes) past which the writer truncates it (and SQLite's own
 #: ``journal_size_limit``): the WAL holds whole transactions, so this is also
 #: about the largest batch the daemon commits, with room to spare.
@@ -337,9 +337,22 @@ def _intern_metric_keys(db: sqlite_utils.Database) -> None:
                  f" WHERE {effective('metrics')}")
 
 
+def _add_nodes(db: sqlite_utils.Database) -> None:
+    """Multi-node runs: how many nodes, and which node this store's row is of.
+
+    ``node_rank`` 0 (or NULL): this store owns the run (rank 0's node: run,
+    attempts, checkpoint rows). ``node_rank`` > 0: a member row, this node's
+    ranks' metrics, events and console; the run itself is in node 0's store.
+    """
+    for col in ("nodes", "node_rank"):
+        if col not in db["runs"].columns_dict:
+            db.execute(f"ALTER TABLE runs ADD COLUMN {col} INTEGER")
+
+
+
 MIGRATIONS = {1: _create_v1, 2: _add_groups_and_sweeps, 3: _add_tags_and_notes,
               4: _add_effective_views, 5: _add_ranks, 6: _add_rank_processes,
-              7: _intern_metric_keys}
+              7: _intern_metric_keys, 8: _add_nodes}
 
 
 def _dumps(value: Any) -> str | None:
@@ -678,7 +691,7 @@ class Store:
             # a supervisor registers before its child exists: never erase the child's pid
             fields.update(pid=msg["pid"], pid_started=msg.get("pid_started"))
         for key in ("project", "seed", "supervisor_pid", "supervisor_started", "auto_resume",
-                    "max_restarts", "world_size"):
+                    "max_restarts", "world_size", "nodes", "node_rank"):
             if msg.get(key) is not None:
                 fields[key] = msg[key]
         if msg.get("name") and (not msg.get("joined") or row is None or row[1] == run_id):

@@ -35,6 +35,14 @@ One checkpoint is in flight at a time: the next ``checkpoint()`` waits for
 the previous one (outside its blocked time), ``restore()`` and ``finish()``
 wait for it too.
 
+Several nodes: the step directories live in a directory every node shares
+(``init(checkpoint_dir=D)`` / ``CKPTD_CHECKPOINT_DIR``): ``D/<run-id>/``
+(:func:`checkpoint_root`); rank 0's daemon links its home's checkpoints
+there (``ckptd.daemon.shared_dir``) and is the only one to commit (step 5).
+Each rank's writer fsyncs and hashes its own shard on its own node (step 3).
+A rank that does not see the staging directory rank 0 created says the
+directory is not shared, and the step fails on every rank.
+
 The step directory is a plain DCP checkpoint: ``torch.distributed.checkpoint.load``
 reads it without ckptd (it ignores ``manifest.json``, ``tensors.bin`` and
 the RNG files).
@@ -48,6 +56,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -83,6 +92,29 @@ def in_process_group() -> bool:
         return dist.is_available() and dist.is_initialized()
     except Exception:  # noqa: BLE001
         return False
+
+
+def checkpoint_root(run: Run) -> Path:
+    """Where this rank sees the run's step directories: ``<checkpoint_dir>/<run-id>``
+    when a shared directory is set (the home of rank 0's node links there),
+    else the home's ``runs/<run-id>/checkpoints``."""
+    if run.checkpoint_dir is not None:
+        return run.checkpoint_dir / run.id
+    return paths.checkpoints_dir(run.home, run.id)
+
+
+def link_checkpoint_dir(run: Run) -> None:
+    """Have the daemon of the run's home create ``<checkpoint_dir>/<run-id>`` and
+    link the home's checkpoints there (once per process; see ``shared_dir``).
+
+    :raises CkptdError: the directory cannot be used (the message says why).
+    """
+    if run.checkpoint_dir is None or getattr(run, "_linked_checkpoint_dir", False):
+        return
+    transport.call(run.home, "checkpoint_dir", {"run": run.id,
+                                                "dir": os.fspath(run.checkpoint_dir)},
+                   autostart=run._autostart, timeout=60)
+    run._linked_checkpoint_dir = True
 
 
 def _sha256_file(path: Path) -> tuple[int, str]:
@@ -294,16 +326,25 @@ class DcpSaver:
             timings[name], t0 = time.perf_counter() - t0, time.perf_counter()
 
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        root = paths.checkpoints_dir(run.home, run.id)
+        root = checkpoint_root(run)
         staging = root / (fmt.step_dir_name(step) + DCP_STAGING)
         if rank == 0 and error is None:
             try:
+                link_checkpoint_dir(run)
                 shutil.rmtree(staging, ignore_errors=True)  # an earlier failed try of this step
                 root.mkdir(parents=True, exist_ok=True, mode=0o700)
                 staging.mkdir(mode=0o700)
+            except CkptdError as exc:
+                error = f"checkpoint step {step}: {exc}"
             except OSError as exc:
                 error = f"checkpoint step {step}: cannot create {staging}: {exc.strerror or exc}"
         lap("start")
+        error = _one_outcome(dist, error, group)
+        if error is None and rank != 0 and not staging.is_dir():
+            error = (f"checkpoint step {step}: rank {rank} (node {run.node_rank}) does not see "
+                     f"{staging}, which rank 0 created: the checkpoint directory must be shared "
+                     "by every node (init(checkpoint_dir=...) / CKPTD_CHECKPOINT_DIR on NFS or "
+                     "Lustre, the same path everywhere)")
         error = _one_outcome(dist, error, group)
         lap("agree")
         files: dict[str, Any] = {}
@@ -327,14 +368,19 @@ class DcpSaver:
         lap("write")
         _test_fault(run, rank, step)
         gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, error or files, group=group)
+        # CRASH WINDOW: until every rank is past this gather, some shard may not be
+        # durable; rank 0 commits nothing before it, so a rank killed here leaves
+        # a staging directory only (removed by rank 0's daemon at its next start).
+        dist.all_gather_object(gathered, error or {"files": files, "node": run.node_rank,
+                                                   "host": socket.gethostname()}, group=group)
         lap("gather")
         error = next((g for g in gathered if isinstance(g, str)), None)
         result: dict[str, Any] | None = None
         if rank == 0 and error is None:
             try:
                 result = _commit(run, staging, step, metrics, handle.blocked_s, world,
-                                 {k: v for g in gathered for k, v in g.items()})
+                                 {k: v for g in gathered for k, v in g["files"].items()},
+                                 [[r, g["node"], g["host"]] for r, g in enumerate(gathered)])
             except CkptdError as exc:
                 error = str(exc)
             except OSError as exc:
@@ -400,7 +446,7 @@ def _test_fault_in_write(run: Run, rank: int, step: int) -> Callable[[], None] |
 
 
 def _commit(run: Run, staging: Path, step: int, metrics: dict[str, Any], blocked_s: float,
-            world: int, files: dict[str, Any]) -> dict[str, Any]:
+            world: int, files: dict[str, Any], ranks: list[list[Any]]) -> dict[str, Any]:
     """Rank 0: write the ckptd manifest of every rank's files, then have the daemon publish."""
     files[METADATA] = fmt.hash_file(staging / METADATA)
     fmt.write_durable(staging / fmt.DATA_FILE, b"")  # no tensors of ckptd's own format
@@ -408,7 +454,8 @@ def _commit(run: Run, staging: Path, step: int, metrics: dict[str, Any], blocked
     manifest = {
         "format": fmt.FORMAT, "version": fmt.FORMAT_VERSION, "run": run.id,
         "attempt": run.attempt, "step": step, "metrics": metrics, "created": time.time(),
-        "blocked_s": blocked_s, "dcp": {"world_size": world},
+        # ranks: [rank, node, host] of every rank that wrote a shard
+        "blocked_s": blocked_s, "dcp": {"world_size": world, "ranks": ranks},
         "tree": {"D": [["state", None], ["rng", None]]}, "tensors": [], "files": files,
     }
     fmt.write_durable(staging / fmt.MANIFEST_FILE,
@@ -453,32 +500,109 @@ def verify_files(ckpt_dir: Path, manifest: dict[str, Any], sizes_only: bool = Fa
 def restore(run: Run, into: Any) -> Any:
     """Load the newest verified checkpoint into ``into`` in place; None if there is none.
 
-    Every rank takes the same step: the rows come from the store, and
-    verification is of the same shared files. A DCP step is loaded with
+    Under a process group it is collective (:func:`_restore_collective`):
+    rank 0's store is the only one with the committed rows (other nodes'
+    stores have none). Without one (a job that came back as one process),
+    the rows come from the home's store. A DCP step is loaded with
     ``torch.distributed.checkpoint.load`` (resharding to this world size);
     one written by a single process in ckptd's format is copied in.
     """
-    from . import rng
-
     if run._dcp_saver is not None:  # this process's own checkpoint in flight comes first
         run._dcp_saver.wait_idle(DcpSaver.previous_timeout)
-    for row, ckpt_dir in restoring.candidates(run):
+    if in_process_group():
+        return _restore_collective(run, into)
+    root = checkpoint_root(run)
+    for row, _ in restoring.candidates(run):
+        ckpt_dir = root / fmt.step_dir_name(row["step"])
         try:
-            manifest, _ = fmt.read_manifest(ckpt_dir, row["hash"])
-            if manifest.get("dcp"):
-                verify_files(ckpt_dir, manifest)
-                rng_state = _load_dcp(ckpt_dir, into, run.rank)
-            else:
-                payload, _ = fmt.load_dir(ckpt_dir, row["hash"])
-                copy_into(into, payload["state"], "state")
-                rng_state = fmt.clone_tensors(payload.get("rng"))
+            rng_state = _load_one(run, ckpt_dir, row["hash"], into)
         except CheckpointError as exc:
             restoring.skip(run, row["step"], str(exc))
             restoring.report_corrupt(run, row["step"], str(exc))
             continue
-        if rng_state:
-            rng.restore(rng_state)  # last: nothing after draws a number
-        restoring.announce(run, row["step"])
+        _finish_restore(run, row["step"], rng_state)
+        return into
+    restoring.announce(run, None)
+    return None
+
+
+def _load_one(run: Run, ckpt_dir: Path, digest: str, into: Any,
+              verify: bool = True) -> dict[str, Any] | None:
+    """Load one step into ``into``; its RNG state for this rank (or None)."""
+    manifest, _ = fmt.read_manifest(ckpt_dir, digest)
+    if manifest.get("dcp"):
+        if verify:
+            verify_files(ckpt_dir, manifest)
+        return _load_dcp(ckpt_dir, into, run.rank)
+    payload, _ = fmt.load_dir(ckpt_dir, digest)
+    copy_into(into, payload["state"], "state")
+    return fmt.clone_tensors(payload.get("rng"))
+
+
+def _finish_restore(run: Run, step: int, rng_state: dict[str, Any] | None) -> None:
+    from . import rng
+
+    if rng_state:
+        rng.restore(rng_state)  # last: nothing after draws a number
+    restoring.announce(run, step)
+
+
+def _restore_collective(run: Run, into: Any) -> Any:
+    """Every rank restores the same step, chosen by rank 0 and verified by all.
+
+    1. rank 0 waits for its daemon's in-flight commits; every rank lists the
+       committed steps its node's store has, and all ranks take the union,
+       newest first. Usually only rank 0's store has any, but a job started
+       again may find rank 0 on another node than last time (c10d assigns
+       nodes in the order they join): the rows are then in a member's store.
+    2. For each step: every rank reads the manifest and hashes a share of the
+       files (file i by rank i mod world: each byte is read once in all), and
+       the ranks agree; a step that fails anywhere is skipped everywhere (a
+       rank loading another step than its peers would hang DCP's load).
+    3. ``dcp.load`` (collective) on every rank; a failure on any rank moves
+       all of them to the next step.
+    """
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine: Any
+    try:
+        if rank == 0:
+            restoring.await_commits(run)
+        mine = [(row["step"], row["hash"]) for row, _ in restoring.candidates(run)]
+    except (CkptdError, OSError) as exc:
+        mine = f"restore: rank {rank}: cannot list the checkpoints of run {run.id}: {exc}"
+    listings: list[Any] = [None] * world
+    dist.all_gather_object(listings, mine)
+    error = next((g for g in listings if isinstance(g, str)), None)
+    if error is not None:
+        raise CheckpointError(error)
+    root = checkpoint_root(run)
+    for step, digest in sorted({c for g in listings for c in g}, reverse=True):
+        ckpt_dir = root / fmt.step_dir_name(step)
+        error = None
+        try:
+            manifest, _ = fmt.read_manifest(ckpt_dir, digest)
+            if manifest.get("dcp"):
+                names = sorted(n for n in manifest.get("files", {}) if n != fmt.DATA_FILE)
+                share = {n: manifest["files"][n] for i, n in enumerate(names)
+                         if i % world == rank}
+                verify_files(ckpt_dir, dict(manifest, files=share))
+        except CheckpointError as exc:
+            error = str(exc)
+        error = _one_outcome(dist, error)
+        if error is None:
+            try:
+                rng_state = _load_one(run, ckpt_dir, digest, into, verify=False)
+            except CheckpointError as exc:
+                error = str(exc)
+            error = _one_outcome(dist, error)
+        if error is not None:
+            restoring.skip(run, step, error)
+            if rank == 0:
+                restoring.report_corrupt(run, step, error)
+            continue
+        _finish_restore(run, step, rng_state)
         return into
     restoring.announce(run, None)
     return None

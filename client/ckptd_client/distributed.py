@@ -21,6 +21,17 @@ collide, and the daemon stores the rank (a column) from the identity.
 
 Only rank 0 registers the run and reports its status; the other ranks' ends
 are recorded as events (a rank's status would otherwise overwrite the run's).
+
+Several nodes, one daemon (one home, one store) per node. Every rank talks
+to its own node's daemon only (a Unix socket: ckptd has no network
+transport). Rank 0's node owns the run: its store holds the run row (world
+size, node count, command), the attempts, the committed checkpoint rows,
+and the metrics/events/console of the ranks on that node. Each other node's
+store holds a member row of the same run id (registered by that node's
+local rank 0, with ``node_rank`` > 0: a pointer to node 0's store, no
+relaunch command, no checkpoint rows) and its own ranks' metrics, events,
+console and system metrics. Checkpoints live in a directory all nodes share
+(``init(checkpoint_dir=)`` / ``CKPTD_CHECKPOINT_DIR``, see ``dcp.py``).
 """
 
 from __future__ import annotations
@@ -53,6 +64,15 @@ class Ranks:
     local_rank: int
     restart_count: int
     elastic_id: str | None
+    node_rank: int = 0  # torchrun's GROUP_RANK: which node (agent); rank 0 is on node 0
+    nodes: int = 1  # GROUP_WORLD_SIZE: how many nodes (agents) the job has
+    local_world_size: int = 1  # LOCAL_WORLD_SIZE: ranks on this node
+
+    @property
+    def speaks_for_node(self) -> bool:
+        """Registers and ends this run's row in its node's store: rank 0 on
+        the owning node, local rank 0 on every other node (a member row)."""
+        return self.rank == 0 or (self.local_rank == 0 and self.node_rank > 0)
 
 
 def env_ranks() -> Ranks | None:
@@ -69,8 +89,17 @@ def env_ranks() -> Ranks | None:
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     except ValueError:
         local, restarts = rank, 0
+    try:
+        node = int(os.environ.get("GROUP_RANK", "0"))
+        nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    except ValueError:
+        node, nodes, local_world = 0, 1, world
+    if not 0 <= node < nodes:
+        node, nodes = 0, 1
     elastic = os.environ.get("TORCHELASTIC_RUN_ID") or None
-    return Ranks(rank, world, local, max(0, restarts), elastic)
+    return Ranks(rank, world, local, max(0, restarts), elastic, node, nodes,
+                 max(1, local_world))
 
 
 def src_kind(rank: int) -> str:

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from . import paths, protocol, transport
-from .errors import CkptdError, DaemonUnavailable
+from .errors import CheckpointError, CkptdError, DaemonUnavailable
 from .identity import (
     LEVELS,
     boot_id,
@@ -174,6 +174,11 @@ class Run:
         self._rng_watch: Any = None  # set by restore(): rng.PlacementWatch
         self._link_started = False
         self.rank, self.world_size = 0, 1  # set by init() under torchrun
+        self.node_rank, self.nodes = 0, 1  # set by init() under torchrun (GROUP_RANK...)
+        #: registers and ends the run's row in this node's store (see distributed.py)
+        self._speaks_for_node = True
+        #: the directory all nodes share for checkpoints (init(checkpoint_dir=)), or None
+        self.checkpoint_dir: Path | None = None
         self._stop_flag = self._watching_stop = False  # see distributed.install_preemption
         self._stop_signal: int | None = None
 
@@ -288,6 +293,16 @@ class Run:
 
         if dcp.in_process_group():  # collective, in torch.distributed.checkpoint format
             return dcp.save(self, state, step, metrics)
+        if self.checkpoint_dir is not None:
+            try:
+                dcp.link_checkpoint_dir(self)  # the daemon writes there through the link
+            except CkptdError as exc:
+                from .checkpoint.snapshot import CheckpointHandle
+
+                self._warn("ckpt-dir", str(exc))
+                handle = CheckpointHandle(step)
+                handle._resolve(None, CheckpointError(f"checkpoint step {step}: {exc}"))
+                return handle
         return checkpointer_for(self).checkpoint(state, step, metrics)
 
     def restore(self, map_location: Any = None, into: Any = None) -> Any:
@@ -400,7 +415,8 @@ class Run:
             status = "preempted"  # exited after a preemption notice: to be resumed
         msg: dict[str, Any] = {"t": protocol.STATUS, "time": time.time(), "status": status,
                                "exit_code": exit_code}
-        if self.rank:  # only rank 0 speaks for the run; the others' ends are events
+        if not self._speaks_for_node:  # rank 0 speaks for the run (local rank 0 for a
+            # node's member row); the other ranks' ends are events
             msg = {"t": protocol.EVENT, "time": time.time(), "level": "info",
                    "msg": f"rank {self.rank} {status}"}
         if traceback_text:
@@ -925,6 +941,7 @@ def init(
     retention: Any = None,
     autostart: bool = True,
     group: str | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
 ) -> Run:
     """Start (or join, or resume) a run and return it.
 
@@ -932,8 +949,17 @@ def init(
     and attempt come from ``CKPTD_RUN_ID`` / ``CKPTD_ATTEMPT``: the process
     joins that run. Otherwise a new run is registered with everything
     ``ckptd resume`` needs to relaunch it.
+
+    ``checkpoint_dir`` (else ``CKPTD_CHECKPOINT_DIR``): keep the run's
+    checkpoints in ``<checkpoint_dir>/<run-id>/`` instead of the home, a
+    directory every node of a multi-node job sees (NFS, Lustre); the home
+    links to it (see ``ckptd_client.dcp``).
     """
     home_path = paths.checked_home(home)
+    shared = checkpoint_dir if checkpoint_dir is not None else \
+        os.environ.get("CKPTD_CHECKPOINT_DIR") or None
+    if shared is not None and (not os.fspath(shared) or "\0" in os.fspath(shared)):
+        raise CkptdError(f"checkpoint_dir {shared!r} must be a directory path")
     try:
         paths.secure_home(home_path)
     except OSError as exc:  # a home that cannot be created (read-only file system)
@@ -985,8 +1011,12 @@ def init(
     worker = worker and bool(env_id)  # a worker's run of its own is its own to finish
     run = Run(home_path, run_id, attempt, name=name, autostart=autostart, worker=worker,
               src=new_src(distributed.src_kind(ranks.rank)) if ranks else None)
+    if shared is not None:
+        run.checkpoint_dir = Path(shared).expanduser().absolute()
     if ranks is not None:
         run.rank, run.world_size = ranks.rank, ranks.world_size
+        run.node_rank, run.nodes = ranks.node_rank, ranks.nodes
+        run._speaks_for_node = ranks.speaks_for_node
     if worker:
         # A worker adds events to the run it joined; registering would make
         # its pid the attempt's (and its exit the run's end).
@@ -1003,10 +1033,12 @@ def init(
         "pid_started": process_start_time(),
         "boot_id": boot_id(),
         "host": socket.gethostname(),
-        "joined": bool(env_id) or (ranks is not None and ranks.restart_count > 0),
+        "joined": bool(env_id) or (ranks is not None and (ranks.restart_count > 0
+                                                          or ranks.rank != 0)),
     }
     if ranks is not None:
-        register["world_size"] = ranks.world_size
+        register.update(world_size=ranks.world_size, nodes=ranks.nodes,
+                        node_rank=ranks.node_rank)
     if not register["joined"]:
         register.update(
             command=_relaunch_command(),
@@ -1016,7 +1048,12 @@ def init(
         )
     if retention is not None:
         register["retention"] = retention.to_dict() if hasattr(retention, "to_dict") else retention
-    run.start(register if run.rank == 0 else None)
+    run.start(register if run._speaks_for_node else None)
+    if ranks is not None and ranks.nodes > 1 and run._speaks_for_node:
+        run.event(f"node {ranks.node_rank} of {ranks.nodes} ({socket.gethostname()}): "
+                  + ("this store owns the run (rank 0's node)" if ranks.rank == 0 else
+                     "a member: the run, its checkpoints and rank 0 are in node 0's store")
+                  + f"; world size {ranks.world_size}, {ranks.local_world_size} ranks here")
     _install_process_hooks()
     if not worker:
         # what this process's spawned workers join (see is_worker)

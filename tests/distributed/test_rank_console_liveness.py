@@ -62,7 +62,7 @@ def test_rank_lines_sys_metrics_and_liveness(home: Path, tmp_path: Path) -> None
                                                     for r in i["ranks"]] == [(0, True),
                                                                               (1, False)]
                         and i, timeout=30, what="rank 1 ended, rank 0 alive")
-        assert info["world_size"] == 2 and info["nodes"] == [os.uname().nodename], info
+        assert info["world_size"] == 2 and info["hosts"] == [os.uname().nodename], info
         assert all(r["last_seen"] and r["pid"] for r in info["ranks"]), info
         text = ckptd(home, "show", run_id, check=True).stdout
         assert "world size:   2" in text and "rank 1:" in text and "ended" in text, text
