@@ -496,7 +496,8 @@ def _legacy_metric_tables(conn: sqlite3.Connection) -> None:
         else "0"
     conn.execute(
         "CREATE TEMP VIEW metric_series AS SELECT MIN(rowid) AS id, run_id, key, attempt, src,"
-        f" {rank} AS rank FROM main.metrics GROUP BY run_id, key, attempt, src, {rank}")
+        f" {rank} AS rank FROM main.metrics GROUP BY run_id, key, attempt, src"
+        + (", rank" if rank == "rank" else ""))
     conn.execute(
         "CREATE TEMP VIEW metric_points AS SELECT s.id AS sid, m.seq AS seq, m.step AS step,"
         " m.value AS value, m.time AS time FROM main.metrics m JOIN temp.metric_series s ON"

@@ -193,7 +193,8 @@ def _sampled(reader: Reader, out: Series, lo: int, span: int, buckets: int) -> N
         got: list[tuple[int, float, float]] = []
         start = lo + b * width
         for j in range(SAMPLES_PER_BUCKET):
-            rows = seek(">=", int(start + j * width / SAMPLES_PER_BUCKET))
+            # rounded up: a sample point of a bucket is never a step of the one before
+            rows = seek(">=", math.ceil(start + j * width / SAMPLES_PER_BUCKET))
             if not rows or rows[0][0] >= lo + (b + 1) * width:
                 break
             row = rows[0]

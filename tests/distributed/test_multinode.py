@@ -113,8 +113,13 @@ def test_two_nodes_share_a_checkpoint_dir_and_resume_bit_identically(
     broken = tmp_path / "broken.pt"
     procs = two_nodes(nodes, shared, "broken", *args, "--out", os.fspath(broken),
                       env_extra={"CKPTD_TEST_KILL_DCP": "1:14"})
-    assert all(p.returncode != 0 for p in procs), [p.stdout for p in procs]
+    # the job failed (node 1's agent lost its worker); rank 0, on the other node,
+    # may have run its loop to the end while its background checkpoint's
+    # collective failed: its attempt is then failed, not finished
+    assert any(p.returncode != 0 for p in procs), [p.stdout for p in procs]
     owner, member, run_id = owner_and_member(nodes)
+    assert db_rows(owner, "SELECT status FROM attempts WHERE run_id = ?", (run_id,)) in (
+        [("failed",)], [("interrupted",)]), db_rows(owner, "SELECT * FROM attempts")
     assert not (shared / run_id / "step-14").exists()  # no torn step became visible
     committed = "SELECT step, attempt FROM checkpoints WHERE run_id = ? ORDER BY step"
     assert db_rows(owner, committed, (run_id,)) == [(4, 1), (9, 1)]
@@ -124,7 +129,7 @@ def test_two_nodes_share_a_checkpoint_dir_and_resume_bit_identically(
              if r["id"] == run_id]
     assert (row["world_size"], row["nodes"], row["node_rank"]) == (2, 2, 0), row
     show = ckptd(owner, "show", run_id, check=True).stdout
-    assert "world size 2 on 2 node(s); this store is node 0's" in show, show
+    assert "world size:   2" in show and "nodes:        2: this store is node 0's" in show, show
     tail = ckptd(owner, "tail", run_id, "-n", "200", check=True).stdout
     assert "node 0 of 2" in tail and "this store owns the run" in tail, tail
     # the member node's store: a pointer row, its rank's metrics, no checkpoints
@@ -177,7 +182,7 @@ def test_two_nodes_without_a_shared_dir_fail_the_checkpoint_clearly(nodes: list[
                                                                     tmp_path: Path) -> None:
     procs = two_nodes(nodes, None, "unshared", os.fspath(EXAMPLE), "--steps", "5",
                       "--ckpt-every", "5")
-    assert all(p.returncode != 0 for p in procs)
+    assert all(p.returncode == 0 for p in procs)  # a failed checkpoint never kills training
     text = "".join(p.stderr for p in procs)
     assert "the checkpoint directory must be shared by every node" in text, text[-3000:]
     owner, _, run_id = owner_and_member(nodes)

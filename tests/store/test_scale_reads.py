@@ -61,11 +61,30 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+#: ``python -m ckptd`` that writes its own peak RSS (``VmHWM``, kB) to $HWM_FILE at
+#: exit. Not ``wait4``'s ``ru_maxrss``: Linux carries the forking process's peak
+#: over ``exec`` into it, so a child of a pytest process that imported torch
+#: "peaked" at that process's 300 MB whatever it did itself.
+_HWM = """
+import atexit, os, runpy, sys
+def _hwm():
+    with open("/proc/self/status") as f:
+        kb = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+    with open(os.environ["HWM_FILE"], "w") as out:
+        out.write(kb)
+atexit.register(_hwm)
+sys.argv[0] = "ckptd"
+runpy.run_module("ckptd", run_name="__main__", alter_sys=True)
+"""
+
+
 def _run(home: Path, *args: str, head: bool = False) -> tuple[str, str, int, float]:
     """``ckptd ARGS`` (with ``head``: read one line, then close the pipe):
     stdout, stderr, exit code, peak RSS in MB of that process alone."""
-    proc = subprocess.Popen([sys.executable, "-m", "ckptd", "--home", os.fspath(home), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env_for(home),
+    hwm = home.parent / f"hwm-{os.getpid()}-{len(os.listdir(home.parent))}"
+    proc = subprocess.Popen([sys.executable, "-c", _HWM, "--home", os.fspath(home), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env_for(home, HWM_FILE=os.fspath(hwm)),
                             stdin=subprocess.DEVNULL)
     assert proc.stdout is not None and proc.stderr is not None
     if head:
@@ -74,9 +93,9 @@ def _run(home: Path, *args: str, head: bool = False) -> tuple[str, str, int, flo
     else:
         out = proc.stdout.read().decode()
     err = proc.stderr.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return out, err, proc.returncode, usage.ru_maxrss / 1024
+    proc.wait()
+    peak = int(hwm.read_text()) / 1024 if hwm.exists() else float("inf")
+    return out, err, proc.returncode, peak
 
 
 @pytest.mark.parametrize("metrics", [False, True], ids=["events", "metrics"])
@@ -169,7 +188,7 @@ def test_schema_5_store_migrates_and_reads_the_same(tmp_path: Path) -> None:
                        reader.key_stats("r1"))
     store = Store(db)
     try:
-        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
         # a replay of a migrated point is still ignored; a new one is kept
         with store.transaction():
             store.apply([("r1", 2, "c-bb", {"t": protocol.LOG, "seq": 2, "step": 3,
