@@ -216,7 +216,7 @@ print("warned", [str(w.message) for w in caught])
 run.finish()
 """, env=env_for(home, CKPTD_RUN_ID=run_id, CKPTD_ATTEMPT="2"))
     assert "restored 10 10.0" in proc.stdout
-    assert "skipped checkpoint step 20" in proc.stdout and "fails its blake3" in proc.stdout
+    assert "skipped checkpoint step 20" in proc.stdout and "fails its xxh3_128" in proc.stdout
     events = db_rows(home, "SELECT message FROM events WHERE run_id = ? AND level = 'warning'",
                      (run_id,))
     assert any("skipped checkpoint step 20" in m for (m,) in events)
