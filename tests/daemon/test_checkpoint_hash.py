@@ -70,7 +70,7 @@ def test_blake3_catches_flipped_torn_and_truncated_bytes(home: Path, daemon: Dae
             fmt.verify_dir(d)
         fast = "truncated" if how == "truncated" else "fails its xxh3_128"
         with pytest.raises(CheckpointError, match=fast):
-            fmt.load_dir(d)  # restore's check (tests/test_restore_fast_check.py)
+            fmt.load_dir(d)  # restore's check (tests/client/test_restore_fast_check.py)
         import torch
 
         with pytest.raises(CheckpointError, match=fast):
