@@ -6,7 +6,8 @@ gloo on CPU, nccl when CUDA is present. Checkpoints are collective and in
 the torch.distributed.checkpoint format; a restarted job (``torchrun
 --max-restarts``, ``ckptd run --auto-resume``, ``ckptd resume``) continues
 from the newest verified one, every rank's RNG included, so for the same
-world size the final weights are bit-identical to an uninterrupted run.
+world size (any number of ranks: see ``settle_ddp_buckets``) the final weights
+are bit-identical to an uninterrupted run.
 On SIGTERM/SIGUSR1 (a scheduler's preemption notice) it checkpoints and exits;
 the attempt is recorded as ``preempted``.
 """
@@ -20,7 +21,7 @@ import time
 import ckptd_client as ckptd
 import torch
 import torch.distributed as dist
-from ckptd_client.distributed import elastic_store
+from ckptd_client.distributed import elastic_store, settle_ddp_buckets
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -51,6 +52,10 @@ def main() -> None:
     model = DDP(torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(),
                                     torch.nn.Linear(64, 1)).to(device),
                 device_ids=[device.index] if cuda else None)
+    # DDP rebuilds its gradient buckets after its first backward, and with 3+ ranks
+    # the bucket layout changes the allreduce's last bits: settle them before step 0
+    # in every run, so a resumed run steps exactly as an uninterrupted one
+    settle_ddp_buckets(model, torch.zeros(1, 16, device=device))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
 
     # get_state_dict/set_state_dict: the same code works for DDP and FSDP2 models

@@ -190,11 +190,6 @@ def test_two_nodes_without_a_shared_dir_fail_the_checkpoint_clearly(nodes: list[
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known: the resumed run finishes with weights 1-3e-8 "
-                   "off the uninterrupted one (rank 0's loss curve is bit-identical; rank 3's "
-                   "differs by 1 ulp at steps 16 and 18); cause not found yet. Not multi-node: "
-                   "`torchrun --standalone --nproc-per-node 4` with the same kill does it too; "
-                   "2 ranks are bit-identical")
 def test_four_ranks_on_two_nodes_elastic_restart_is_bit_identical(nodes: list[Path],
                                                                    tmp_path: Path) -> None:
     """2 ranks per node; rank 3 is SIGKILLed inside the checkpoint of step 14 and
