@@ -1,8 +1,8 @@
 """examples/train_fsdp.py: FSDP2 (``fully_shard``) on CPU with gloo, resumable bit for bit.
 
-Real processes: torchrun with two ranks, a real daemon, a real SIGKILL of rank 1
-inside the collective checkpoint of step 14 (after its shard is durable), then
-TorchElastic's restart resumes from step 9.
+Real processes: torchrun with two ranks (four with --long), a real daemon, a
+real SIGKILL of the last rank inside the collective checkpoint of step 14 (after
+its shard is durable), then TorchElastic's restart resumes from step 9.
 """
 
 from __future__ import annotations
@@ -23,21 +23,26 @@ pytest.importorskip("torch.distributed.fsdp", reason="no FSDP2 in this torch")
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train_fsdp.py"
 
 
-def train(home: Path, out: Path, *extra: str, **env: str) -> subprocess.CompletedProcess[str]:
+def train(home: Path, out: Path, *extra: str, nproc: int = 2,
+          **env: str) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-         "2", *extra, os.fspath(EXAMPLE), "--steps", "20", "--ckpt-every", "5", "--out",
+         str(nproc), *extra, os.fspath(EXAMPLE), "--steps", "20", "--ckpt-every", "5", "--out",
          os.fspath(out)], capture_output=True, text=True, timeout=240,
         env=env_for(home, OMP_NUM_THREADS="1", **env), stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
 
-def test_fsdp2_killed_rank_resumes_bit_identical(home: Path, daemon, tmp_path: Path) -> None:
+# 4 ranks (--long): FSDP2 has no DDP-style bucket rebuild, bit-identical as it is
+@pytest.mark.parametrize("nproc", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_fsdp2_killed_rank_resumes_bit_identical(home: Path, daemon, tmp_path: Path,
+                                                 nproc: int) -> None:
     clean, broken = tmp_path / "clean.pt", tmp_path / "broken.pt"
-    train(home, clean)
+    train(home, clean, nproc=nproc)
     [(first,)] = db_rows(home, "SELECT id FROM runs")
-    proc = train(home, broken, "--max-restarts", "2", CKPTD_TEST_KILL_DCP="1:14")
+    proc = train(home, broken, "--max-restarts", "2", nproc=nproc,
+                 CKPTD_TEST_KILL_DCP=f"{nproc - 1}:14")
     assert "resumed after step 9" in proc.stdout, proc.stdout
     [(run_id,)] = db_rows(home, "SELECT id FROM runs WHERE id != ?", (first,))
     attempts = db_rows(home, "SELECT attempt, status, restored_step FROM attempts WHERE"
