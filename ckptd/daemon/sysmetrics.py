@@ -155,14 +155,14 @@ def sample(daemon: Daemon, now: float | None = None) -> int:
         _last[run["id"]] = now
         seq = time.time_ns() // 1000
         procs = _rank_procs(run, here.get((run["id"], run["attempt"]), []))
-        for rank, p in procs:
+        for i, (rank, p) in enumerate(procs):
             live.add(p)
             try:
                 values, pids = tree_sample(p)
             except psutil.Error:
                 continue
             values.update(gpu_sample(pids))  # per GPU this rank's processes use
-            if p == pid:  # the run's own process: once per node
+            if i == 0:  # once per node: its lowest rank
                 try:
                     values["sys/disk_free_bytes"] = psutil.disk_usage(
                         os.fspath(daemon.home)).free
