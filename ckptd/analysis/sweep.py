@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptd_client.errors import CkptdError
-from ckptd_client.identity import new_run_id, process_start_time
+from ckptd_client.identity import BOOT_RELATIVE_MAX, boot_seconds, new_run_id, process_start_time
 
 if TYPE_CHECKING:
     from ckptd.daemon.server import Conn, Daemon
@@ -50,8 +50,11 @@ log = logging.getLogger("ckptd.sweep")
 #: Seconds between looks at the queue (``CKPTD_SWEEP_POLL`` overrides).
 POLL_S = 1.0
 #: A launched item whose run has not registered after this long, and whose
-#: launcher is gone, is launched again under the same run id.
+#: launcher is gone, is launched again under the same run id
+#: (``CKPTD_SWEEP_LAUNCH_GRACE`` overrides). Measured in seconds since boot
+#: (:func:`launch_clock`), so a step of the wall clock never stretches it.
 LAUNCH_GRACE = 30.0
+LAUNCH_GRACE_ENV = "CKPTD_SWEEP_LAUNCH_GRACE"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -190,11 +193,34 @@ def sweep_create(daemon: Daemon, args: dict[str, Any], conn: Conn) -> dict[str, 
 _wake = threading.Event()
 
 
+def launch_grace() -> float:
+    try:
+        return max(0.0, float(os.environ.get(LAUNCH_GRACE_ENV, LAUNCH_GRACE)))
+    except ValueError:
+        return LAUNCH_GRACE
+
+
+def launching_for(launched: float | None, now: float) -> float:
+    """Seconds an item has been launching: ``launched`` and ``now`` are seconds
+    since boot (:func:`boot_seconds`). A time from before the last boot (larger
+    than now) counts as long ago (its launcher died with that boot); an epoch
+    time (an older daemon's, ``> BOOT_RELATIVE_MAX``) is read with the wall clock."""
+    if launched is None:
+        return float("inf")
+    if launched >= BOOT_RELATIVE_MAX:
+        return time.time() - launched
+    return now - launched if launched <= now else float("inf")
+
+
 def scan(daemon: Daemon, now: float | None = None) -> list[str]:
-    """Launch what is due in every sweep; return the run ids launched."""
+    """Launch what is due in every sweep; return the run ids launched.
+
+    ``now`` and the items' ``launched`` are seconds since boot (:func:`boot_seconds`).
+    """
     if daemon.stop.is_set():
         return []
-    now = time.time() if now is None else now
+    now = boot_seconds() if now is None else now
+    grace = launch_grace()
     from ckptd.daemon.liveness import process_alive
 
     def work(store: Store) -> list[dict[str, Any]]:
@@ -206,7 +232,7 @@ def scan(daemon: Daemon, now: float | None = None) -> list[str]:
             states = [item_state(it) for it in items]
             active = [it for it, st in zip(items, states, strict=True) if st in ACTIVE]
             for it, st in zip(items, states, strict=True):
-                if st == "launching" and now - (it["launched"] or 0) > LAUNCH_GRACE and \
+                if st == "launching" and launching_for(it["launched"], now) > grace and \
                         not process_alive(it["launcher_pid"], it["launcher_started"]):
                     # its launcher died before the run registered: nothing of it ran
                     store.update_sweep_item(sweep["name"], it["idx"], launched=now,

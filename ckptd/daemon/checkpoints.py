@@ -35,6 +35,7 @@ import logging
 import mmap
 import os
 import shutil
+import socket
 import stat
 import threading
 import time
@@ -46,13 +47,15 @@ from typing import TYPE_CHECKING, Any
 import psutil
 from ckptd_client import paths
 from ckptd_client.checkpoint import format as fmt
+from ckptd_client.dcp import read_owner
 from ckptd_client.errors import CheckpointError, CkptdError, DiskFull, NotFound
-from ckptd_client.identity import valid_run_id
+from ckptd_client.identity import boot_id, valid_run_id
 from ckptd_client.spool import fsync_dir
 
 from ckptd import retention
 from ckptd.daemon import validate
 from ckptd.daemon.crashpoints import crashpoint, slow_commit
+from ckptd.daemon.liveness import process_alive
 
 if TYPE_CHECKING:
     from ckptd.daemon.server import Conn, Daemon
@@ -511,7 +514,9 @@ def sweep_leftovers(home: Path) -> Found:
             continue
         changed = False
         for entry in sorted(ckpt_root.iterdir()):
-            if entry.name.endswith(fmt.STAGING_SUFFIX):
+            if entry.name.endswith(fmt.STAGING_SUFFIX) and _writer_lives(entry):
+                log.info("keeping %s: its writer (rank 0 of a DCP checkpoint) runs", entry)
+            elif entry.name.endswith(fmt.STAGING_SUFFIX):
                 log.info("removing staging leftover %s (a crash during a commit)", entry)
                 shutil.rmtree(entry, ignore_errors=True)
                 changed = True
@@ -539,6 +544,19 @@ def sweep_leftovers(home: Path) -> Found:
         for step in sorted(dirs.keys() | records.keys()):
             found.append((run_dir.name, step, dirs.get(step), records.get(step)))
     return found
+
+
+def _writer_lives(staging: Path) -> bool:
+    """Whether the process that writes a DCP staging directory still runs
+    (``ckptd_client.dcp.OWNER_FILE``): the ranks write it, not a daemon, and
+    outlive this daemon's predecessor. A writer on another host cannot be
+    judged here: its own node's daemon removes it once it is gone."""
+    owner = read_owner(staging)
+    if owner is None or not isinstance(owner.get("pid"), int):
+        return False
+    if owner.get("host") != socket.gethostname():
+        return True
+    return owner.get("boot") == boot_id() and process_alive(owner["pid"], owner.get("started"))
 
 
 def _read_record(path: Path) -> str | None:

@@ -12,13 +12,14 @@ next start removes; after it, reconcile records or marks the step as usual.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import TYPE_CHECKING, Any
 
 from ckptd_client import paths
 from ckptd_client.checkpoint import format as fmt
-from ckptd_client.dcp import DCP_STAGING, verify_files
+from ckptd_client.dcp import DCP_STAGING, OWNER_FILE, verify_files
 from ckptd_client.errors import CheckpointError, NotFound
 from ckptd_client.identity import valid_run_id
 from ckptd_client.spool import fsync_dir
@@ -47,6 +48,12 @@ def rpc_dcp_commit(daemon: Daemon, args: dict[str, Any], conn: Conn) -> dict[str
         if not manifest.get("dcp") or manifest.get("step") != step or manifest.get("run") != run:
             raise CheckpointError(f"dcp_commit: {staging} holds no DCP manifest of step {step}")
         verify_files(staging, manifest, sizes_only=True)
+        # The daemon takes the step over: no longer rank 0's. CRASH WINDOW (from
+        # here to the rename): a restarted daemon removes the staging directory
+        # (its writer is not named any more), and rank 0 was told nothing but a
+        # lost connection: the step fails, none is torn.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging / OWNER_FILE)
         total = 0
         for name in manifest["files"]:
             fd = os.open(staging / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

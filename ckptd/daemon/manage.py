@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,30 +94,74 @@ def rpc_rm(daemon: Daemon, args: dict[str, Any], conn: Conn) -> dict[str, Any]:
     rows, during the ``rmtree``): only the renamed directory is left; the
     start-up sweep deletes it. No crash leaves rows pointing at torn files
     that ``restore()`` could pick: the rows' files never change, they vanish.
+
+    A run whose checkpoints live in a shared directory (``checkpoints`` is a
+    link to ``D/<run-id>``, :mod:`ckptd.daemon.shared_dir`) has that
+    directory renamed aside (``D/<run-id>.ckptd-rm``) first, the same way.
     """
     run = _run_id("rm", args)
     with run_lock(run):  # no checkpoint commit, gc or verify of this run meanwhile
-        daemon.call_writer(lambda store: store.removable(run))
+        row = daemon.call_writer(lambda store: store.removable(run))
         home = daemon.home
         src = paths.run_dir(home, run)
         gone = src.with_name(src.name + REMOVING_SUFFIX)
+        shared = None if row.get("node_rank") else _shared_checkpoints(
+            paths.checkpoints_dir(home, run), run)
+        if shared is not None and shared.exists():
+            # CRASH WINDOW (after this rename, before the home's): the run is
+            # still listed, its checkpoints gone; ``rm`` again finishes it.
+            os.rename(shared, _aside(shared))
+            fsync_dir(shared.parent)
         if src.exists():
             os.rename(src, gone)
             fsync_dir(src.parent)
         removed = daemon.call_writer(lambda store: store.remove_run(run))
+        if shared is not None:
+            shutil.rmtree(_aside(shared), ignore_errors=True)
+            fsync_dir(shared.parent)
         shutil.rmtree(gone, ignore_errors=True)
         if gone.parent.exists():
             fsync_dir(gone.parent)
     return removed
 
 
+def _aside(path: Path) -> Path:
+    return path.with_name(path.name + REMOVING_SUFFIX)
+
+
+def _shared_checkpoints(link: Path, run: str) -> Path | None:
+    """``D/<run-id>`` when ``link`` (a run's ``checkpoints``) points into a shared
+    checkpoint directory, else None. Only a link that names ``<run-id>`` in an
+    absolute directory counts, and only a real directory there of this user's
+    (a link there is never followed out of ``D``): anything else is left alone."""
+    if not link.is_symlink():
+        return None
+    target = Path(os.readlink(link))
+    if not target.is_absolute() or target.name != run or ".." in target.parts:
+        return None
+    for candidate in (target, _aside(target)):  # _aside: a crash in an earlier rm
+        try:
+            st = os.lstat(candidate)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+            return target
+    return None
+
+
 def sweep_removed(home: Path) -> list[Path]:
-    """Delete run directories a crash left half-removed (see :func:`rpc_rm`)."""
+    """Delete run directories a crash left half-removed (see :func:`rpc_rm`),
+    and the shared checkpoint directories their links name."""
     root = home / paths.RUNS_DIR
     found = [p for p in root.iterdir() if p.name.endswith(REMOVING_SUFFIX)] \
         if root.is_dir() else []
     for p in found:
         log.info("removing %s (a crash during `ckptd rm`)", p)
+        run = p.name[:-len(REMOVING_SUFFIX)]
+        shared = _shared_checkpoints(p / paths.checkpoints_dir(home, run).name, run) \
+            if valid_run_id(run) else None
+        if shared is not None and _aside(shared).is_dir():
+            shutil.rmtree(_aside(shared), ignore_errors=True)
         shutil.rmtree(p, ignore_errors=True)
     return found
 

@@ -110,6 +110,23 @@ def gpu_sample(pids: set[int]) -> dict[str, float]:
         return {}
 
 
+def _rank_procs(run: dict[str, Any],
+                here: list[tuple[int, int, float | None]]) -> list[tuple[int, int]]:
+    """(global rank, pid) of every live process of ``run`` on this node, each once.
+
+    The run row's process is rank 0 on the node that owns the run; on a
+    member node (``node_rank`` > 0) it is that node's local rank 0, whose
+    global rank only its connection knows (``rank_processes``, written by
+    :func:`liveness.track_ranks`). Until that row exists the process is not
+    sampled: a sample filed under rank 0 would mix into rank 0's curve.
+    """
+    procs = {p: rank for rank, p, started in sorted(here) if process_alive(p, started)}
+    pid = run["pid"]
+    if pid not in procs and not run.get("node_rank") and 0 not in procs.values():
+        procs[pid] = 0  # one process, or rank 0 not seen yet: the run's tree is rank 0's
+    return sorted(((rank, p) for p, rank in procs.items()), key=lambda rp: rp[0])
+
+
 def sample(daemon: Daemon, now: float | None = None) -> int:
     """Record one sample for every running run that is due; return how many."""
     if daemon.stop.is_set():
@@ -123,10 +140,10 @@ def sample(daemon: Daemon, now: float | None = None) -> int:
     events: list[tuple[str, int, str, dict[str, Any]]] = []
     live: set[int] = set()
     runs, ranks = daemon.call_writer(running)
-    others: dict[tuple[str, int], list[tuple[int, int, float | None]]] = {}
-    for r in ranks:  # ranks 1.. of distributed runs whose process lives on this node
-        if r["rank"] and r["pid"]:
-            others.setdefault((r["run_id"], r["attempt"]), []).append(
+    here: dict[tuple[str, int], list[tuple[int, int, float | None]]] = {}
+    for r in ranks:  # ranks of distributed runs whose process lives on this node
+        if r["pid"]:
+            here.setdefault((r["run_id"], r["attempt"]), []).append(
                 (r["rank"], r["pid"], r["pid_started"]))
     for run in runs:
         pid = run.get("pid")
@@ -137,19 +154,15 @@ def sample(daemon: Daemon, now: float | None = None) -> int:
             continue
         _last[run["id"]] = now
         seq = time.time_ns() // 1000
-        # rank 0 is the run's own process; each other rank is sampled as itself,
-        # its rows carrying its rank (``ckptd metrics --key sys/... --rank N|all``)
-        procs = [(0, pid)] + [(rank, p) for rank, p, started in
-                              sorted(others.get((run["id"], run["attempt"]), []))
-                              if process_alive(p, started)]
-        for rank, p in procs:
+        procs = _rank_procs(run, here.get((run["id"], run["attempt"]), []))
+        for i, (rank, p) in enumerate(procs):
             live.add(p)
             try:
                 values, pids = tree_sample(p)
             except psutil.Error:
                 continue
             values.update(gpu_sample(pids))  # per GPU this rank's processes use
-            if rank == 0:
+            if i == 0:  # once per node: its lowest rank
                 try:
                     values["sys/disk_free_bytes"] = psutil.disk_usage(
                         os.fspath(daemon.home)).free

@@ -12,7 +12,8 @@ The order, and the crash window each step closes:
    CUDA is there); the RNG states are captured and serialized.
    The handle is returned; the loop goes on.
 2. (background) rank 0 creates ``step-<N>.dcp.ckptd-tmp/`` (a staging name:
-   never read, removed at the daemon's next start); the ranks agree on it.
+   never read, removed at the daemon's next start unless its writer, rank 0
+   named in :data:`OWNER_FILE`, still runs); the ranks agree on it.
 3. ``dcp.save`` of the snapshot through DCP's ``FileSystemWriter(sync_files=True)``,
    whose file system hashes (sha256) every shard as it is written: every rank
    writes and fsyncs its ``__<rank>_0.distcp``; rank 0 writes ``.metadata``.
@@ -79,6 +80,30 @@ RNG_PREFIX = "ckptd-rng-"
 METADATA = ".metadata"
 #: Staging directory of a DCP step (ends in the sweepable staging suffix).
 DCP_STAGING = ".dcp" + fmt.STAGING_SUFFIX
+#: In a DCP staging directory: which process (rank 0) writes it. The ranks,
+#: not the daemon, write a DCP step, and they outlive a daemon: a daemon that
+#: (re)starts meanwhile (auto-started by this very commit) keeps a staging
+#: directory whose writer lives. The daemon removes it when it takes the step
+#: over (``dcp_commit``), before publishing.
+OWNER_FILE = "ckptd-writer.json"
+
+
+def write_owner(staging: Path) -> None:
+    """Name this process as the writer of ``staging`` (see :data:`OWNER_FILE`)."""
+    from .identity import boot_id, process_start_time
+
+    (staging / OWNER_FILE).write_text(json.dumps({
+        "pid": os.getpid(), "started": process_start_time(), "boot": boot_id(),
+        "host": socket.gethostname()}))
+
+
+def read_owner(staging: Path) -> dict[str, Any] | None:
+    """The writer :func:`write_owner` named, or None (none, or unreadable)."""
+    try:
+        owner = json.loads((staging / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
 
 
 def in_process_group() -> bool:
@@ -334,6 +359,10 @@ class DcpSaver:
                 shutil.rmtree(staging, ignore_errors=True)  # an earlier failed try of this step
                 root.mkdir(parents=True, exist_ok=True, mode=0o700)
                 staging.mkdir(mode=0o700)
+                # CRASH WINDOW (a daemon starting between these two lines): it
+                # sees a staging directory without a writer and removes it; the
+                # ranks' writes then fail and so does this step, cleanly.
+                write_owner(staging)
             except CkptdError as exc:
                 error = f"checkpoint step {step}: {exc}"
             except OSError as exc:

@@ -48,6 +48,14 @@ def process_start_time(pid: int | None = None) -> float | None:
         return None
 
 
+def boot_seconds() -> float:
+    """Seconds since boot (``CLOCK_BOOTTIME``, counting suspend): the clock of
+    :func:`process_start_time`, for a grace period that a step of the wall
+    clock must not stretch or cut short (an NTP step back would stretch a
+    ``time.time()`` one by the size of the step)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 def boot_id() -> str:
     override = os.environ.get("CKPTD_TEST_BOOT_ID")
     if override:

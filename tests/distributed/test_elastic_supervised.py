@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,9 +39,9 @@ def rank_pids(agent: int) -> list[int]:
             if any(a.endswith("train_ddp.py") for a in p.cmdline()[:3])]
 
 
-def supervised(home: Path, *extra: str, max_restarts: int = 2, steps: int = 30
-               ) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-m", "ckptd", "--home", os.fspath(home), "run", "--",
+def supervised(home: Path, *extra: str, max_restarts: int = 2, steps: int = 30,
+               run_args: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "ckptd", "--home", os.fspath(home), "run", *run_args, "--",
             sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc-per-node", "2", "--max-restarts", str(max_restarts),
             os.fspath(EXAMPLE), "--steps", str(steps), "--ckpt-every", "5",
@@ -113,3 +114,47 @@ def test_elastic_restarts_used_up_under_ckptd_run_ends_failed(home: Path, daemon
                              "ORDER BY attempt", (run_id,))
     assert attempts[0][1] in ("failed", "interrupted") and attempts[1] == (2, "failed"), \
         attempts
+
+
+def test_sigterm_to_ckptd_run_during_an_elastic_restart_is_a_persons_stop(home: Path,
+                                                                         daemon) -> None:
+    """SIGTERM to ``ckptd run --auto-resume`` while attempt 2 (a TorchElastic
+    restart) runs: the run ends ``interrupted`` with auto-resume off, attempt 2
+    (not attempt 1) gets that end, and no rank process is left."""
+    import psutil
+
+    sup = supervised(home, max_restarts=2, steps=200, run_args=("--auto-resume",))
+    run_id = kill_rank_at(home, sup, 4, rank=1)
+    wait_for(lambda: db_rows(home, "SELECT attempt FROM runs WHERE id = ?", (run_id,))[0][0]
+             == 2, timeout=90, what="attempt 2")
+    wait_for(lambda: (db_rows(home, "SELECT MAX(step) FROM metrics WHERE run_id = ? AND"
+                                    " attempt = 2", (run_id,))[0][0] or 0) >= 7,
+             timeout=90, what="attempt 2 at step 7")
+    procs = [psutil.Process(p) for p in wait_for(
+        lambda: len(rank_pids(sup.pid)) == 2 and rank_pids(sup.pid), timeout=30,
+        what="two ranks")]
+    procs += psutil.Process(sup.pid).children(recursive=True)  # torchrun's agent too
+    sup.send_signal(signal.SIGTERM)
+    _out, err = finish(sup)
+    assert sup.returncode != 0, err[-3000:]
+    run = db_rows(home, "SELECT status, attempt, auto_resume, reason FROM runs WHERE id = ?",
+                  (run_id,))[0]
+    assert run[:3] == ("interrupted", 2, 0), run
+    assert "SIGTERM" in run[3], run
+    attempts = db_rows(home, "SELECT attempt, status FROM attempts WHERE run_id = ? "
+                             "ORDER BY attempt", (run_id,))
+    assert attempts[0][1] in ("failed", "interrupted") and attempts[1:] == \
+        [(2, "interrupted")], attempts
+
+    def gone(p: psutil.Process) -> bool:
+        try:
+            return p.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    left = [p for p in procs if not gone(p)]
+    assert not left, [(p.pid, p.cmdline()) for p in left]
+    # a person's stop sticks: auto-resume does not bring it back
+    time.sleep(4)
+    assert db_rows(home, "SELECT status, attempt FROM runs WHERE id = ?", (run_id,)) == \
+        [("interrupted", 2)]
