@@ -21,7 +21,6 @@ writer keeps transactions small (byte-bounded batches, see the daemon) and
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import json
 import logging
@@ -557,10 +556,12 @@ class Store:
         inserted) that are new and below their series' highest stored ``seq``:
         ``tail -f`` has moved past those seqs and finds them only here.
 
-        One index seek per series of the batch; only a late batch (a spool
-        ingested after live sends) reads more, the stored seqs within its own
-        range. A range holds no point stored before it, so a follower fetching
-        it shows only what this batch added (replayed points are left out).
+        One index seek per series of the batch; a late batch (a spool ingested
+        after live sends) one more per stored point met among its seqs, never a
+        scan of what lies between them (a spool filled while the socket was
+        full now and then spans a week of live points). A range holds no point
+        stored before it, so a follower fetching it shows only what this batch
+        added (a replayed point is left out: it was shown when it was stored).
         """
         by_sid: dict[int, set[int]] = {}
         for p in points:
@@ -571,22 +572,17 @@ class Store:
                                     (sid,)).fetchone()[0]
             if top is None or min(seqs) > top:
                 continue  # in order: a follower reads these after its cursor
-            late = sorted(s for s in seqs if s < top)
-            if not late:
-                continue  # only ``top`` itself again: a replay
-            stored = [r[0] for r in self.conn.execute(
-                "SELECT seq FROM metric_points WHERE sid = ? AND seq BETWEEN ? AND ?"
-                " ORDER BY seq", (sid, late[0], late[-1]))]
-            have = set(stored)
-            lo = prev = None
-            for seq in late:
-                if seq in have:
-                    continue  # a replay: stored (and shown) before
-                # a stored point between the previous new seq and this one ends the range
-                if prev is not None and bisect.bisect_right(stored, prev) != \
-                        bisect.bisect_left(stored, seq):
-                    ranges.append((sid, lo, prev))
+            lo = prev = stored = None  # stored: the lowest stored seq >= the one at hand
+            for seq in sorted(s for s in seqs if s < top):
+                if lo is not None and stored is not None and stored < seq:
+                    ranges.append((sid, lo, prev))  # a stored point lies in between
                     lo = None
+                if stored is None or stored < seq:
+                    stored = self.conn.execute(
+                        "SELECT MIN(seq) FROM metric_points WHERE sid = ? AND seq >= ?",
+                        (sid, seq)).fetchone()[0]
+                if stored == seq:
+                    continue  # a replay: stored (and shown) before
                 lo = seq if lo is None else lo
                 prev = seq
             if lo is not None:

@@ -129,7 +129,7 @@ def test_a_metric_point_costs_at_most_60_bytes(big: Path) -> None:
     try:
         names = [r[0] for r in conn.execute(
             "SELECT name FROM sqlite_master WHERE type IN ('table', 'index') AND tbl_name IN"
-            " ('metrics', 'metric_points', 'metric_series')")]
+            " ('metrics', 'metric_points', 'metric_series', 'metric_backfill')")]
         size = conn.execute(f"SELECT SUM(pgsize) FROM dbstat WHERE name IN"
                             f" ({','.join('?' * len(names))})", names).fetchone()[0]
         points = conn.execute("SELECT COUNT(*) FROM metrics").fetchone()[0]
