@@ -344,8 +344,8 @@ class Reader:
         ``after`` continues from an earlier call (``tail -f``): event rowids
         only grow; metric points come after each series' last ``seq``, plus
         those recorded in ``metric_backfill`` (ingested late, below it), so
-        nothing is shown twice or skipped. ``last``: only (at least) the newest ``last`` lines,
-        read backwards from the end of each index; the cursor returned then
+        nothing is shown twice or skipped. ``last``: only (at least) the newest
+        ``last`` lines, read backwards from the end of each index; the cursor returned then
         still covers everything committed, so a follower starts after it.
         """
         cursor = after or Cursor()
@@ -432,8 +432,8 @@ class Reader:
         The rows of every run are read by id and filtered here: they are
         one per series per spool batch, so a look reads a handful.
         """
-        if self.version < 9:  # recorded since schema version 9
-            return {}, after
+        if self.version < 9 and not self._backfill_table():
+            return {}, after  # recorded since schema version 9
         if fresh:
             top = self.conn.execute("SELECT MAX(id) FROM metric_backfill").fetchone()[0]
             return {}, max(after, top or 0)
@@ -446,6 +446,17 @@ class Reader:
             if sid in sids:
                 late.setdefault(sid, []).append((lo, hi))
         return late, after
+
+    def _backfill_table(self) -> bool:
+        """Whether an older store opened by this reader has ``metric_backfill``
+        by now: a daemon of this version that started meanwhile migrated it,
+        and a ``tail -f`` begun before must not miss what it records next.
+        A store below schema 7 is read through temporary views whose series
+        ids are not the real ones: it goes without."""
+        if self.version < 7:
+            return False
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND"
+                                 " name = 'metric_backfill'").fetchone() is not None
 
     def tail(self, run_id: str, n: int, *, with_metrics: bool, all_attempts: bool,
              rank: int | None = 0,

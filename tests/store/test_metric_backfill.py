@@ -95,8 +95,9 @@ def test_rm_removes_the_records_and_their_ids_are_never_reused(tmp_path: Path) -
         store.close()
 
 
-def test_a_reader_follows_a_schema_8_store(tmp_path: Path) -> None:
-    """No daemon migrated it yet: no ``metric_backfill``; following still works."""
+def test_a_reader_follows_a_schema_8_store_and_its_migration(tmp_path: Path) -> None:
+    """No daemon migrated it yet: no ``metric_backfill``, following still works;
+    a daemon that migrates it meanwhile records late points the follower shows."""
     conn = sqlite3.connect(tmp_path / "ckptd.db", isolation_level=None)
     db = sqlite_utils.Database(conn)
     for version in range(1, 9):
@@ -112,5 +113,15 @@ def test_a_reader_follows_a_schema_8_store(tmp_path: Path) -> None:
         _, cursor = reader.tail("r", 1, with_metrics=True, all_attempts=False)
         conn.executemany("INSERT INTO metric_points VALUES (?,?,?,?,?)",
                          [(sid, 3, 3, 0.5, 1.7e9 + 3) for sid in (1, 2)])
-        assert _follow(reader, cursor)[0] == [3]
-    conn.close()
+        steps, cursor = _follow(reader, cursor)
+        assert steps == [3]
+        conn.close()
+        store = Store(tmp_path / "ckptd.db")  # the daemon starts: schema 9
+        try:
+            _apply(store, [5, 6])
+            steps, cursor = _follow(reader, cursor)
+            assert steps == [5, 6]
+            _apply(store, [4])
+            assert _follow(reader, cursor)[0] == [4]
+        finally:
+            store.close()

@@ -18,7 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-from helpers import DaemonProc, env_for, spawn_script, wait_for
+from helpers import DaemonProc, ckptd, env_for, spawn_script, wait_for
 
 #: The training script. Steps 0-9 live, 10-19 into the spool (daemon down),
 #: then live again while the spool stays held, then the spool is let go.
@@ -81,10 +81,12 @@ def test_tail_f_shows_spooled_points_ingested_after_live_ones_exactly_once(
          "--metrics", run_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=env_for(home), stdin=subprocess.DEVNULL)
     seen: list[int] = []
+    printed: list[str] = []
 
     def read() -> None:
         assert tail.stdout is not None
         for line in tail.stdout:
+            printed.append(line)
             m = POINT.search(line)
             if m:
                 assert float(m.group(2)) == float(m.group(1)), line
@@ -108,7 +110,12 @@ def test_tail_f_shows_spooled_points_ingested_after_live_ones_exactly_once(
         assert proc.returncode == 0, err
         last = int(out.split()[-1])
         # the run finished: tail -f prints what is left and exits
-        tail.wait(timeout=30)
+        try:
+            tail.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            print("".join(printed))
+            print(ckptd(home, "ls").stdout)
+            raise
         reader.join(timeout=10)
     finally:
         (sync / "daemon-stopped").touch()
