@@ -80,7 +80,8 @@ def metric_bytes(db: Path) -> tuple[int, int, int]:
     try:
         names = [r[0] for r in conn.execute(
             "SELECT name FROM sqlite_master WHERE tbl_name IN"
-            " ('metrics', 'metric_points', 'metric_series') AND type IN ('table', 'index')")]
+            " ('metrics', 'metric_points', 'metric_series', 'metric_backfill')"
+            " AND type IN ('table', 'index')")]
         size = sum(conn.execute(f"SELECT COALESCE(SUM(pgsize), 0) FROM dbstat WHERE name IN"
                                 f" ({','.join('?' * len(names))})", names).fetchone())
         points = conn.execute("SELECT COUNT(*) FROM metrics").fetchone()[0]

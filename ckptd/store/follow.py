@@ -58,6 +58,10 @@ def follow(reader: Reader, run_id: str, cursor: Cursor, *, with_metrics: bool,
             lines, cursor = reader.lines(run_id, with_metrics=with_metrics,
                                          all_attempts=all_attempts, after=cursor, rank=rank)
             yield from lines
-            if not going and not lines:
-                return
+            if not going:
+                if not lines:
+                    return
+                # ended: look again at once, not only after the next commit
+                # (after the run's last one there may be none: it never exited)
+                seen = None
         stop.wait(1.0 / LOOKS_PER_SECOND)

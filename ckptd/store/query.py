@@ -342,21 +342,24 @@ class Reader:
         """Events, console output and (optionally) metrics, merged by time.
 
         ``after`` continues from an earlier call (``tail -f``): event rowids
-        only grow and each metric series' ``seq`` does, so nothing is shown
-        twice or skipped. ``last``: only (at least) the newest ``last`` lines,
-        read backwards from the end of each index; the cursor returned then
+        only grow; metric points come after each series' last ``seq``, plus
+        those recorded in ``metric_backfill`` (ingested late, below it), so
+        nothing is shown twice or skipped. ``last``: only (at least) the newest
+        ``last`` lines, read backwards from the end of each index; the cursor returned then
         still covers everything committed, so a follower starts after it.
         """
         cursor = after or Cursor()
         # one read transaction: the cursor and the lines are of one snapshot
         self.conn.execute("BEGIN")
         try:
-            return self._lines(run_id, with_metrics, all_attempts, cursor, rank, last)
+            return self._lines(run_id, with_metrics, all_attempts, cursor, rank, last,
+                               fresh=after is None or last is not None)
         finally:
             self.conn.execute("COMMIT")
 
     def _lines(self, run_id: str, with_metrics: bool, all_attempts: bool, cursor: Cursor,
-               rank: int | None, last: int | None) -> tuple[list[Line], Cursor]:
+               rank: int | None, last: int | None,
+               fresh: bool) -> tuple[list[Line], Cursor]:
         sup = f" AND rank = {int(rank)}" if rank is not None else ""  # int: no quoting
         ev_sup = sup + ("" if all_attempts else f" AND {effective('events')}")
         cols = "rowid AS rid, attempt, time, kind, level, step, message, fields, rank"
@@ -377,10 +380,13 @@ class Reader:
                     f"[rank {r['rank']}] {r['message']}" if rank is None and r["rank"]
                     else r["message"], _loads(r["fields"])) for r in ev]
         seqs = dict(cursor.metric)
+        backfill = cursor.backfill
         if with_metrics:
             cutoffs = {} if all_attempts else self.cutoffs(run_id)
             grouped: dict[tuple[int, str, int], Line] = {}
-            for s in self.series(run_id, rank=rank):
+            series = self.series(run_id, rank=rank)
+            late, backfill = self._backfill(series, cursor.backfill, fresh)
+            for s in series:
                 bound = self._bound(s, cutoffs)
                 sql = "SELECT seq, step, value, time FROM metric_points WHERE sid = ?"
                 args: list[Any] = [s.sid]
@@ -390,6 +396,12 @@ class Reader:
                 if last is None:
                     rows = self.conn.execute(sql + " AND seq > ? ORDER BY seq",
                                              (*args, seqs.get(s.sid, -1))).fetchall()
+                    # points that arrived below the cursor (a spool ingested
+                    # after live sends); one fetched twice in this look (also
+                    # above the cursor) fills the same field of the same line
+                    for lo, hi in late.get(s.sid, ()):
+                        rows += self.conn.execute(sql + " AND seq BETWEEN ? AND ? ORDER BY seq",
+                                                  (*args, lo, hi)).fetchall()
                 else:
                     rows = self.conn.execute(sql + " ORDER BY seq DESC LIMIT ?",
                                              (*args, last)).fetchall()[::-1]
@@ -408,7 +420,43 @@ class Reader:
                     seqs[s.sid] = max(seq, seqs.get(s.sid, -1))
             out.extend(grouped.values())
         out.sort(key=lambda line: line.time)
-        return out, Cursor(new_event, seqs)
+        return out, Cursor(new_event, seqs, backfill)
+
+    def _backfill(self, series: list[Series], after: int,
+                  fresh: bool) -> tuple[dict[int, list[tuple[int, int]]], int]:
+        """Late seq ranges of these series recorded after ``after`` (see
+        ``metric_backfill`` in the writer), by series id, and the id to
+        continue from. ``fresh`` (a read from the end, or of everything):
+        only the id, every point committed so far is behind the cursor.
+
+        The rows of every run are read by id and filtered here: they are
+        one per series per spool batch, so a look reads a handful.
+        """
+        if self.version < 9 and not self._backfill_table():
+            return {}, after  # recorded since schema version 9
+        if fresh:
+            top = self.conn.execute("SELECT MAX(id) FROM metric_backfill").fetchone()[0]
+            return {}, max(after, top or 0)
+        sids = {s.sid for s in series}
+        late: dict[int, list[tuple[int, int]]] = {}
+        for rid, sid, lo, hi in self.conn.execute(
+                "SELECT id, sid, lo, hi FROM metric_backfill WHERE id > ? ORDER BY id",
+                (after,)).fetchall():
+            after = rid
+            if sid in sids:
+                late.setdefault(sid, []).append((lo, hi))
+        return late, after
+
+    def _backfill_table(self) -> bool:
+        """Whether an older store opened by this reader has ``metric_backfill``
+        by now: a daemon of this version that started meanwhile migrated it,
+        and a ``tail -f`` begun before must not miss what it records next.
+        A store below schema 7 is read through temporary views whose series
+        ids are not the real ones: it goes without."""
+        if self.version < 7:
+            return False
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND"
+                                 " name = 'metric_backfill'").fetchone() is not None
 
     def tail(self, run_id: str, n: int, *, with_metrics: bool, all_attempts: bool,
              rank: int | None = 0,
@@ -467,11 +515,13 @@ def _run_filter(after: int) -> str:
 
 @dataclass
 class Cursor:
-    """Where a follower is: the last event rowid, and the last ``seq`` of
-    each metric series (by ``metric_series.id``)."""
+    """Where a follower is: the last event rowid, the last ``seq`` of each
+    metric series (by ``metric_series.id``), and the last ``metric_backfill``
+    id (points that arrived below a series' last seq)."""
 
     event: int = 0
     metric: dict[int, int] = field(default_factory=dict)
+    backfill: int = 0
 
 
 @dataclass

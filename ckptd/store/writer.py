@@ -41,7 +41,7 @@ from ckptd_client.errors import CkptdError, NotFound, ResumeRefused
 if TYPE_CHECKING:
     import sqlite_utils
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 #: WAL size (bytes) past which the writer truncates it (and SQLite's own
 #: ``journal_size_limit``): the WAL holds whole transactions, so this is also
 #: about the largest batch the daemon commits, with room to spare.
@@ -350,9 +350,24 @@ def _add_nodes(db: sqlite_utils.Database) -> None:
 
 
 
+def _add_metric_backfill(db: sqlite_utils.Database) -> None:
+    """Metric points that arrive below their series' newest ``seq`` (a client's
+    spool ingested after its live sends), recorded so ``tail -f`` shows them.
+
+    A follower continues each series after the highest ``seq`` it has seen, so
+    such points were never shown. One row per late range: ``tail -f`` reads the
+    rows after its cursor (``id`` only grows: AUTOINCREMENT, so an ``rm`` of the
+    newest rows never hands their ids out again) and fetches those ranges.
+    In-order points add nothing. Safe on a store that has it already.
+    """
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS metric_backfill (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " sid INTEGER NOT NULL, lo INTEGER NOT NULL, hi INTEGER NOT NULL)")
+
+
 MIGRATIONS = {1: _create_v1, 2: _add_groups_and_sweeps, 3: _add_tags_and_notes,
               4: _add_effective_views, 5: _add_ranks, 6: _add_rank_processes,
-              7: _intern_metric_keys, 8: _add_nodes}
+              7: _intern_metric_keys, 8: _add_nodes, 9: _add_metric_backfill}
 
 
 def _dumps(value: Any) -> str | None:
@@ -498,13 +513,14 @@ class Store:
             elif kind == protocol.RESTORED:
                 self._restored(run_id, attempt, msg.get("step"))
         if metrics:
+            points = [(self._sid(r[0], r[4], r[1], r[2], r[8]), r[3], r[5], r[6], r[7])
+                      for r in metrics]
+            # the same transaction as the points: a crash commits both or neither
+            self._record_backfill(points)
             before = conn.total_changes
             conn.executemany(
                 "INSERT OR IGNORE INTO metric_points (sid, seq, step, value, time)"
-                " VALUES (?,?,?,?,?)",
-                [(self._sid(r[0], r[4], r[1], r[2], r[8]), r[3], r[5], r[6], r[7])
-                 for r in metrics],
-            )
+                " VALUES (?,?,?,?,?)", points)
             if conn.total_changes - before < len(metrics):
                 self._metric_conflicts([metrics[i] for i in firsts], conflicts)
         for (run_id, attempt, src), n in conflicts.items():
@@ -534,6 +550,46 @@ class Store:
                 self._sids.clear()
             self._sids[ident] = sid
         return sid
+
+    def _record_backfill(self, points: list[tuple[Any, ...]]) -> None:
+        """Record the ranges of ``points`` (``(sid, seq, ...)``, before they are
+        inserted) that are new and below their series' highest stored ``seq``:
+        ``tail -f`` has moved past those seqs and finds them only here.
+
+        One index seek per series of the batch; a late batch (a spool ingested
+        after live sends) one more per stored point met among its seqs, never a
+        scan of what lies between them (a spool filled while the socket was
+        full now and then spans a week of live points). A range holds no point
+        stored before it, so a follower fetching it shows only what this batch
+        added (a replayed point is left out: it was shown when it was stored).
+        """
+        by_sid: dict[int, set[int]] = {}
+        for p in points:
+            by_sid.setdefault(p[0], set()).add(p[1])
+        ranges: list[tuple[int, int, int]] = []
+        for sid, seqs in by_sid.items():
+            top = self.conn.execute("SELECT MAX(seq) FROM metric_points WHERE sid = ?",
+                                    (sid,)).fetchone()[0]
+            if top is None or min(seqs) > top:
+                continue  # in order: a follower reads these after its cursor
+            lo = prev = stored = None  # stored: the lowest stored seq >= the one at hand
+            for seq in sorted(s for s in seqs if s < top):
+                if lo is not None and stored is not None and stored < seq:
+                    ranges.append((sid, lo, prev))  # a stored point lies in between
+                    lo = None
+                if stored is None or stored < seq:
+                    stored = self.conn.execute(
+                        "SELECT MIN(seq) FROM metric_points WHERE sid = ? AND seq >= ?",
+                        (sid, seq)).fetchone()[0]
+                if stored == seq:
+                    continue  # a replay: stored (and shown) before
+                lo = seq if lo is None else lo
+                prev = seq
+            if lo is not None:
+                ranges.append((sid, lo, prev))
+        if ranges:
+            self.conn.executemany("INSERT INTO metric_backfill (sid, lo, hi) VALUES (?,?,?)",
+                                  ranges)
 
     def _metric_conflicts(self, metrics: list[tuple[Any, ...]],
                           conflicts: dict[tuple[str, int, str], int]) -> None:
@@ -953,6 +1009,8 @@ class Store:
                 counts[table] = self.conn.execute(
                     "DELETE FROM metric_points WHERE sid IN (SELECT id FROM metric_series"
                     " WHERE run_id = ?)", (run_id,)).rowcount
+                self.conn.execute("DELETE FROM metric_backfill WHERE sid IN (SELECT id FROM"
+                                  " metric_series WHERE run_id = ?)", (run_id,))
                 self.conn.execute("DELETE FROM metric_series WHERE run_id = ?", (run_id,))
                 self._sids.clear()
                 continue

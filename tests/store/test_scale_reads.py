@@ -129,7 +129,7 @@ def test_a_metric_point_costs_at_most_60_bytes(big: Path) -> None:
     try:
         names = [r[0] for r in conn.execute(
             "SELECT name FROM sqlite_master WHERE type IN ('table', 'index') AND tbl_name IN"
-            " ('metrics', 'metric_points', 'metric_series')")]
+            " ('metrics', 'metric_points', 'metric_series', 'metric_backfill')")]
         size = conn.execute(f"SELECT SUM(pgsize) FROM dbstat WHERE name IN"
                             f" ({','.join('?' * len(names))})", names).fetchone()[0]
         points = conn.execute("SELECT COUNT(*) FROM metrics").fetchone()[0]
@@ -188,7 +188,7 @@ def test_schema_5_store_migrates_and_reads_the_same(tmp_path: Path) -> None:
                        reader.key_stats("r1"))
     store = Store(db)
     try:
-        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 9
         # a replay of a migrated point is still ignored; a new one is kept
         with store.transaction():
             store.apply([("r1", 2, "c-bb", {"t": protocol.LOG, "seq": 2, "step": 3,
