@@ -123,9 +123,16 @@ def copy_step(step_dir: Path, manifest: dict[str, Any], obj: dict[str, Any],
                         size += len(chunk)
             except OSError as exc:
                 raise CheckpointError(f"export {src}: {exc.strerror or exc}") from None
-            if size != info.get("bytes") or h.hexdigest() != info.get("sha256"):
-                raise CheckpointError(f"export {src}: does not match the manifest's size "
-                                      "and sha256 (file damaged); nothing exported")
+            if isinstance(info.get("sha256"), str):  # a step written before per-chunk hashes
+                if size != info.get("bytes") or h.hexdigest() != info.get("sha256"):
+                    raise CheckpointError(f"export {src}: does not match the manifest's size "
+                                          "and sha256 (file damaged); nothing exported")
+            else:  # per-chunk entries (format.hash_file): the copy itself is checked
+                try:
+                    fmt.verify_files(tmp, {name: info})
+                except CheckpointError as exc:
+                    raise CheckpointError(f"export {src}: {exc} (file damaged); nothing "
+                                          "exported") from None
         _write_small(tmp / INFO_FILE, _info(obj))
         _publish(tmp, Path(out))
     except BaseException:
