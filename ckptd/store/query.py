@@ -152,13 +152,17 @@ class Reader:
         before (:func:`effective` as a bound: a point is superseded exactly
         when its step is above its attempt's cutoff), so a read is an index
         range per series instead of a subquery per row."""
+        rows = dict(self.conn.execute(
+            "SELECT attempt, restored_step FROM attempts WHERE run_id = ?", (run_id,)).fetchall())
         out: dict[int, int] = {}
         low: int | None = None
-        for attempt, restored in self.conn.execute(
-                "SELECT attempt, restored_step FROM attempts WHERE run_id = ?"
-                " ORDER BY attempt DESC", (run_id,)).fetchall():
+        # every attempt below the newest, also one without a row of its own (a
+        # store built by hand, an attempt whose registration never arrived):
+        # as in ``effective``, only the later attempts' restored steps count
+        for attempt in range(max(rows, default=0), 0, -1):
             if low is not None:
                 out[attempt] = low
+            restored = rows.get(attempt)
             if restored is not None:
                 low = restored if low is None else min(low, restored)
         return out
