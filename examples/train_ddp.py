@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import ckptd_client as ckptd
@@ -69,6 +70,7 @@ def main() -> None:
         if rank == 0:
             print(f"resumed after step {state['step']}", flush=True)
 
+    handle = None
     for step in range(start, args.steps):
         g = torch.Generator().manual_seed(step * 1000 + rank)  # this rank's batch
         x = torch.randn(32, 16, generator=g)
@@ -95,6 +97,15 @@ def main() -> None:
 
     if rank == 0 and args.out:
         torch.save(model.module.state_dict(), args.out)
+    if handle is not None:
+        # the newest checkpoint durable before this rank says it is done: a job whose
+        # last step could not be committed (a peer died inside it) must not exit 0
+        try:
+            handle.wait()
+        except ckptd.CheckpointError as exc:
+            print(f"rank {rank}: the last checkpoint failed: {exc}", file=sys.stderr, flush=True)
+            run.finish(status="failed", exit_code=1, reason=str(exc))
+            sys.exit(1)
     run.finish()
     dist.destroy_process_group()
 

@@ -182,7 +182,9 @@ def test_two_nodes_without_a_shared_dir_fail_the_checkpoint_clearly(nodes: list[
                                                                     tmp_path: Path) -> None:
     procs = two_nodes(nodes, None, "unshared", os.fspath(EXAMPLE), "--steps", "5",
                       "--ckpt-every", "5")
-    assert all(p.returncode == 0 for p in procs)  # a failed checkpoint never kills training
+    # training ran to its end (a failed checkpoint never kills it); the example then
+    # exits 1 because its last checkpoint could not be made durable
+    assert all(p.returncode != 0 for p in procs)
     text = "".join(p.stderr for p in procs)
     assert "the checkpoint directory must be shared by every node" in text, text[-3000:]
     owner, _, run_id = owner_and_member(nodes)
