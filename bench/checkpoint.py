@@ -11,7 +11,7 @@ the checkpoint issue targets:
   careful user does to make the same tensors durable: ``torch.save`` + fsync
   + rename + directory fsync (target <= 1.3x); also shown: ``dd`` with
   ``conv=fsync`` of the same bytes (the disk's speed, no serialization:
-  the target) and of as many zeros (this virtual disk writes zeros faster) and
+  the target) and of as many zeros (a virtual disk may write zeros faster) and
   ``torch.distributed.checkpoint.async_save`` (blocked and total; when it
   fails, its rows say why instead of disappearing);
 * restore: ``run.restore()`` (which re-hashes every byte) + ``load_state_dict``
@@ -193,11 +193,12 @@ def main() -> None:
                 record("dcp async_save blocked", b)
                 record("dcp async_save total", tot)
 
-            # --- baseline: dd with conv=fsync, of zeros and of the same bytes. The
-            # virtual disk here writes zeros faster than data (1 GiB: 0.43-0.63 s
-            # against 0.77-0.99 s for random bytes from tmpfs), so the target is
-            # the same bytes: the checkpoint's own file, just written, in the page
-            # cache (reading it costs what reading the snapshot costs the daemon).
+            # --- baseline: dd with conv=fsync, of zeros and of the same bytes. A
+            # virtual disk may write zeros faster than data (one pair of 1 GiB runs
+            # here: 0.43-0.63 s against 0.77-0.99 s for random bytes from tmpfs;
+            # another run the other way), so the target is the same bytes: the
+            # checkpoint's own file, just written, in the page cache (reading it
+            # costs what reading the snapshot costs the daemon).
             dd_target = root / "dd.bin"
             mib = -(-nbytes // 2**20)
             same = paths.checkpoints_dir(home, run.id) / f"step-{step}" / "tensors.bin"
@@ -253,7 +254,7 @@ def main() -> None:
     ratio("ckptd durable", "torch.save+fsync", 1.3)
     ratio("ckptd durable", "dd same bytes conv=fsync", 1.3)  # issue 11: the disk's speed
     ratio("ckptd daemon persist", "dd same bytes conv=fsync", 1.3)  # the daemon's share
-    ratio("ckptd durable", "dd zeros conv=fsync", 1.3)  # zeros: faster on this disk
+    ratio("ckptd durable", "dd zeros conv=fsync", 1.3)  # the row this ratio had before
     ratio("ckptd restore", "torch.load(mmap)", 1.5)
     ratio("ckptd restore into=", "torch.load(mmap)", 1.5)
     ratio("ckptd restore +1st write", "torch.load(mmap) +1st write", 1.5)
