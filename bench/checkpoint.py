@@ -9,14 +9,24 @@ the checkpoint issue targets:
   ``tensor.copy_`` into preallocated buffers (target <= 1.5x);
 * durable: ``checkpoint()`` until ``handle.wait()`` returns, against what a
   careful user does to make the same tensors durable: ``torch.save`` + fsync
-  + rename + directory fsync (target <= 1.3x); also shown: ``dd`` of as many
-  zeros with ``conv=fsync`` (the disk's raw speed, no serialization) and
+  + rename + directory fsync (target <= 1.3x); also shown: ``dd`` with
+  ``conv=fsync`` of the same bytes (the disk's speed, no serialization:
+  the target) and of as many zeros (a virtual disk may write zeros faster) and
   ``torch.distributed.checkpoint.async_save`` (blocked and total; when it
   fails, its rows say why instead of disappearing);
 * restore: ``run.restore()`` (which re-hashes every byte) + ``load_state_dict``
   + touching every byte, and ``run.restore(into=...)`` (hash fused with the
   copy into the model), against ``torch.load(mmap=True)`` + the same
-  (target <= 1.5x).
+  (target <= 1.5x). Each restore row also has a "+ first write" twin: the
+  same, then one write to every restored tensor (what the first optimizer
+  step does to the moments). ``torch.load(mmap=True)`` and plain
+  ``restore()`` hand back tensors viewing a private mapping of the file,
+  so that first write copies every page it touches (copy-on-write);
+  ``into=`` already paid that copy. The twins compare like with like.
+
+``--durable-only`` skips the restore rows (and the two extra models they
+load into), so a 4 GiB state fits a 23 GB box; ``--restore-only`` writes
+once and then times only the restore rows (a short run on a shared box).
 
 Run: ``python bench/checkpoint.py`` (``--layers 5`` for a quick run). The
 home defaults to a fresh directory under /var/tmp (a real disk, not tmpfs).
@@ -91,6 +101,10 @@ def main() -> None:
                     help="state size in MiB (sets --layers: 1024 -> 21 layers of 2048)")
     ap.add_argument("--no-dcp", action="store_true",
                     help="skip the DCP baseline (its staging copy doubles the memory)")
+    ap.add_argument("--durable-only", action="store_true",
+                    help="skip the restore rows (their two extra models do not fit at 4 GiB)")
+    ap.add_argument("--restore-only", action="store_true",
+                    help="write once (rep 0), then time only the restore rows")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dir", default=None, help="where the home and files go")
     args = ap.parse_args()
@@ -101,7 +115,7 @@ def main() -> None:
     home = root / "home"
     os.environ["CKPTD_HOME"] = str(home)
     import ckptd_client as ckptd
-    from ckptd_client import transport
+    from ckptd_client import paths, transport
 
     model, opt = make_state(args.layers, args.width)
     state = {"model": model.state_dict(), "opt": opt.state_dict()}
@@ -120,16 +134,22 @@ def main() -> None:
     buffers = [torch.empty_like(t) for t in tensors_of(state)]
     save_path = root / "torch_save.pt"
     dcp = DcpBaseline(root / "dcp", enabled=not args.no_dcp)
-    fresh_model, fresh_opt = make_state(args.layers, args.width)  # what restores load into
+    restores = not args.durable_only
+    if restores:
+        fresh_model, fresh_opt = make_state(args.layers, args.width)  # what restores load into
     # into= writes in place: its target must be ordinary memory. After the other
     # loads, fresh_opt's moments are views of their mappings (load_state_dict
     # keeps same-dtype tensors), and writing those copies every page on write:
     # into= measured 9x torch.load for that alone.
-    into_model, into_opt = make_state(args.layers, args.width)
+        into_model, into_opt = make_state(args.layers, args.width)
     step = 0
     try:
         for rep in range(args.reps + 1):  # rep 0 warms up (first shm mapping, page cache)
             keep = rep > 0
+            if args.restore_only and rep > 0:
+                measure_restores(run, save_path, fresh_model, fresh_opt, into_model, into_opt,
+                                 record)
+                continue
 
             # --- ckptd: blocked and durable
             step += 1
@@ -173,46 +193,27 @@ def main() -> None:
                 record("dcp async_save blocked", b)
                 record("dcp async_save total", tot)
 
-            # --- baseline: dd of the same bytes with conv=fsync
+            # --- baseline: dd with conv=fsync, of zeros and of the same bytes. A
+            # virtual disk may write zeros faster than data (one pair of 1 GiB runs
+            # here: 0.43-0.63 s against 0.77-0.99 s for random bytes from tmpfs;
+            # another run the other way), so the target is the same bytes: the
+            # checkpoint's own file, just written, in the page cache (reading it
+            # costs what reading the snapshot costs the daemon).
             dd_target = root / "dd.bin"
             mib = -(-nbytes // 2**20)
-            t0 = time.perf_counter()
-            subprocess.run(["dd", "if=/dev/zero", f"of={dd_target}", "bs=1M", f"count={mib}",
-                            "conv=fsync"], check=True, capture_output=True)
-            if keep:
-                record("dd conv=fsync", time.perf_counter() - t0)
-            dd_target.unlink()
+            same = paths.checkpoints_dir(home, run.id) / f"step-{step}" / "tensors.bin"
+            for row, src in (("dd zeros conv=fsync", "/dev/zero"),
+                             ("dd same bytes conv=fsync", os.fspath(same))):
+                t0 = time.perf_counter()
+                subprocess.run(["dd", f"if={src}", f"of={dd_target}", "bs=1M", f"count={mib}",
+                                "conv=fsync"], check=True, capture_output=True)
+                if keep:
+                    record(row, time.perf_counter() - t0)
+                dd_target.unlink()
 
-            # --- ckptd restore (verifies every chunk's hash) + load + touch
-            def ckptd_restore() -> None:
-                st = run.restore()
-                fresh_model.load_state_dict(st["model"])
-                fresh_opt.load_state_dict(st["opt"])
-                touch(fresh_model.state_dict())
-                touch(fresh_opt.state_dict())
-
-            record("ckptd restore", timed(ckptd_restore)) if keep else ckptd_restore()
-
-            # --- ckptd restore straight into the model (verify fused with the copy)
-            def ckptd_restore_into() -> None:
-                st = run.restore(into={"model": into_model.state_dict(),
-                                       "opt": into_opt.state_dict()})
-                into_opt.load_state_dict(st["opt"])  # hyperparameters; tensors already in
-                touch(into_model.state_dict())
-                touch(into_opt.state_dict())
-
-            record("ckptd restore into=", timed(ckptd_restore_into)) if keep \
-                else ckptd_restore_into()
-
-            # --- baseline: torch.load(mmap=True) + load + touch
-            def torch_load() -> None:
-                st = torch.load(save_path, mmap=True, weights_only=True)
-                fresh_model.load_state_dict(st["model"])
-                fresh_opt.load_state_dict(st["opt"])
-                touch(fresh_model.state_dict())
-                touch(fresh_opt.state_dict())
-
-            record("torch.load(mmap)", timed(torch_load)) if keep else torch_load()
+            if restores:
+                measure_restores(run, save_path, fresh_model, fresh_opt, into_model, into_opt,
+                                 record if keep else lambda name, value: None)
             print(f"rep {rep} done", file=sys.stderr, flush=True)
     finally:
         run.finish()
@@ -222,6 +223,12 @@ def main() -> None:
         except Exception:  # noqa: BLE001
             pass
         time.sleep(0.5)
+        # where durable went, per commit (write+hash, fsync, publish, row)
+        log_file = home / "daemon.log"
+        if log_file.exists():
+            for line in log_file.read_text(errors="replace").splitlines():
+                if "committed" in line and " in " in line and "(" in line:
+                    print("daemon:", line.split("checkpoint ", 1)[-1])
         shutil.rmtree(root, ignore_errors=True)
 
     med = {k: statistics.median(v) for k, v in results.items()}
@@ -245,13 +252,71 @@ def main() -> None:
 
     ratio("ckptd blocked", "copy_ (prealloc)", 1.5)
     ratio("ckptd durable", "torch.save+fsync", 1.3)
-    ratio("ckptd durable", "dd conv=fsync", 1.3)  # issue 11: the disk's raw speed
-    ratio("ckptd daemon persist", "dd conv=fsync", 1.3)  # the daemon's share of it
+    ratio("ckptd durable", "dd same bytes conv=fsync", 1.3)  # issue 11: the disk's speed
+    ratio("ckptd daemon persist", "dd same bytes conv=fsync", 1.3)  # the daemon's share
+    ratio("ckptd durable", "dd zeros conv=fsync", 1.3)  # the row this ratio had before
     ratio("ckptd restore", "torch.load(mmap)", 1.5)
     ratio("ckptd restore into=", "torch.load(mmap)", 1.5)
+    ratio("ckptd restore +1st write", "torch.load(mmap) +1st write", 1.5)
+    ratio("ckptd restore into= +1st write", "torch.load(mmap) +1st write", 1.5)
+    for a in ("ckptd restore", "ckptd restore into="):
+        for tail in ("", " +1st write"):
+            ratio(f"cpu {a}{tail}", f"cpu torch.load(mmap){tail}", 1.5)
     print(f"load average at the end: {os.getloadavg()}")
     ratio("ckptd blocked", "dcp async_save blocked", 1.0)
     ratio("ckptd durable", "dcp async_save total", 1.0)
+
+
+def first_write(*states: Any) -> None:
+    """One write to every tensor, as the first optimizer step writes the moments
+    (in a private file mapping, that copies each page: copy-on-write)."""
+    with torch.no_grad():
+        for st in states:
+            for t in tensors_of(st):
+                t.mul_(1)
+
+
+def measure_restores(run: Any, save_path: Path, fresh_model: torch.nn.Module,
+                     fresh_opt: torch.optim.Optimizer, into_model: torch.nn.Module,
+                     into_opt: torch.optim.Optimizer,
+                     record: Callable[[str, float | None], None]) -> None:
+    """The three restores, each load + touch, then its first write timed on top."""
+
+    def ckptd_restore() -> None:  # verifies every chunk's hash, then load + touch
+        st = run.restore()
+        fresh_model.load_state_dict(st["model"])
+        fresh_opt.load_state_dict(st["opt"])
+        touch(fresh_model.state_dict())
+        touch(fresh_opt.state_dict())
+
+    def ckptd_restore_into() -> None:  # verify fused with the copy into the model
+        st = run.restore(into={"model": into_model.state_dict(),
+                               "opt": into_opt.state_dict()})
+        into_opt.load_state_dict(st["opt"])  # hyperparameters; tensors already in
+        touch(into_model.state_dict())
+        touch(into_opt.state_dict())
+
+    def torch_load() -> None:  # the baseline
+        st = torch.load(save_path, mmap=True, weights_only=True)
+        fresh_model.load_state_dict(st["model"])
+        fresh_opt.load_state_dict(st["opt"])
+        touch(fresh_model.state_dict())
+        touch(fresh_opt.state_dict())
+
+    for name, fn, model, opt in (("ckptd restore", ckptd_restore, fresh_model, fresh_opt),
+                                 ("ckptd restore into=", ckptd_restore_into, into_model,
+                                  into_opt),
+                                 ("torch.load(mmap)", torch_load, fresh_model, fresh_opt)):
+        c0 = time.process_time()
+        t = timed(fn)
+        c1 = time.process_time()
+        w = timed(lambda m=model, o=opt: first_write(m.state_dict(), o.state_dict()))
+        record(name, t)
+        record(f"{name} +1st write", t + w)
+        # CPU seconds of all this process's threads: on a shared 2-core box
+        # the wall time is mostly the scheduler, the work is not
+        record(f"cpu {name}", c1 - c0)
+        record(f"cpu {name} +1st write", time.process_time() - c0)
 
 
 class DcpBaseline:
