@@ -49,8 +49,10 @@ dist.destroy_process_group()
 """.replace("STEPS", str(STEPS))
 
 
-@pytest.mark.parametrize("point", ["ckpt.before_rename", "ckpt.after_rename",
-                                   "ckpt.before_row", "ckpt.after_row"])
+@pytest.mark.parametrize("point", [  # the two that failed before the fix; the rest --long
+    "ckpt.before_rename", "ckpt.after_rename",
+    pytest.param("ckpt.before_row", marks=pytest.mark.slow),
+    pytest.param("ckpt.after_row", marks=pytest.mark.slow)])
 def test_daemon_kill9_inside_an_async_dcp_commit(home: Path, tmp_path: Path,
                                                  point: str) -> None:
     script = tmp_path / "train.py"

@@ -166,8 +166,10 @@ def _rank_pids(parent: int) -> list[int]:
         return []
 
 
-@pytest.mark.parametrize("when", ["inside_checkpoint",
-                                  pytest.param("at_random", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("when", [  # CI kills inside the checkpoint at 4 ranks:
+    # tests/distributed/test_ddp_four_ranks.py
+    pytest.param("inside_checkpoint", marks=pytest.mark.slow),
+    pytest.param("at_random", marks=pytest.mark.slow)])
 def test_kill9_one_rank_elastic_restart_is_bit_identical(home: Path, daemon, tmp_path: Path,
                                                          when: str) -> None:
     """kill -9 of rank 1 inside the collective checkpoint of step 14 (after its

@@ -116,6 +116,7 @@ def test_elastic_restarts_used_up_under_ckptd_run_ends_failed(home: Path, daemon
         attempts
 
 
+@pytest.mark.slow  # a guard (it passed before the routing fix): --long
 def test_sigterm_to_ckptd_run_during_an_elastic_restart_is_a_persons_stop(home: Path,
                                                                          daemon) -> None:
     """SIGTERM to ``ckptd run --auto-resume`` while attempt 2 (a TorchElastic

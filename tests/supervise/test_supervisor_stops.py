@@ -181,7 +181,9 @@ def test_a_name_the_daemon_would_refuse_is_refused_before_launching(
     assert json.loads(ckptd(home, "ls", "--json", check=True).stdout) == []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow),
+                                 pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+                                 signal.SIGKILL])
 def test_stopping_an_orphaned_trainer_sticks(home: Path, sig: signal.Signals) -> None:
     """``kill -9`` of ``ckptd run``, then the person kills the trainer too: auto-resume
     must not relaunch what they are trying to stop."""
