@@ -269,3 +269,22 @@ run.finish()
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0x01]))
     return run_id
+
+
+def damage_file(path: Path, how: str) -> None:
+    """The damage a crash or a disk does to a checkpoint's data file: ``flip`` one
+    bit in its second 64 MiB chunk, ``torn`` a 4 KiB page that never reached the
+    disk, ``truncated`` the last byte gone."""
+    with open(path, "r+b") as f:
+        if how == "flip":
+            f.seek(70 << 20)
+            b = f.read(1)
+            f.seek(70 << 20)
+            f.write(bytes([b[0] ^ 0x01]))
+        elif how == "torn":
+            f.seek(4096 * 7)
+            f.write(bytes(4096))
+        elif how == "truncated":
+            f.truncate(os.path.getsize(path) - 1)
+        else:
+            raise ValueError(how)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 import xxhash
 from ckptd_client.checkpoint import format as fmt
 from ckptd_client.errors import CheckpointError
-from helpers import DaemonProc, env_for, run_script
+from helpers import DaemonProc, damage_file, env_for, run_script
 
 N = 20 * 1024 * 1024  # 80 MiB of float32: two chunks
 
@@ -39,17 +38,7 @@ def _make(home: Path) -> tuple[str, Path]:
 
 
 def _damage(d: Path, how: str) -> None:
-    with open(d / fmt.DATA_FILE, "r+b") as f:
-        if how == "flip":  # one bit, in the second chunk
-            f.seek(70 << 20)
-            b = f.read(1)
-            f.seek(70 << 20)
-            f.write(bytes([b[0] ^ 0x01]))
-        elif how == "torn":  # a 4 KiB page that never reached the disk
-            f.seek(4096 * 7)
-            f.write(bytes(4096))
-        elif how == "truncated":
-            f.truncate(os.path.getsize(d / fmt.DATA_FILE) - 1)
+    damage_file(d / fmt.DATA_FILE, how)
 
 
 def _rewrite_manifest(d: Path, change: dict) -> str:

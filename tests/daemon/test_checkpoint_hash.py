@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from ckptd_client.checkpoint import format as fmt
 from ckptd_client.errors import CheckpointError
-from helpers import DaemonProc, env_for, run_script
+from helpers import DaemonProc, damage_file, env_for, run_script
 
 #: 80 MiB of float32: two 64 MiB chunks, so chunk boundaries are exercised.
 MAKE = """
@@ -40,18 +40,7 @@ def _make(home: Path) -> tuple[str, Path]:
 def _damaged(src: Path, tmp: Path, how: str) -> Path:
     d = tmp / how
     shutil.copytree(src, d)
-    data = d / fmt.DATA_FILE
-    with open(data, "r+b") as f:
-        if how == "flip":  # one bit, in the second chunk
-            f.seek(70 << 20)
-            b = f.read(1)
-            f.seek(70 << 20)
-            f.write(bytes([b[0] ^ 0x01]))
-        elif how == "torn":  # a 4 KiB page that never reached the disk
-            f.seek(4096 * 7)
-            f.write(bytes(4096))
-        elif how == "truncated":
-            f.truncate(os.path.getsize(data) - 1)
+    damage_file(d / fmt.DATA_FILE, how)
     return d
 
 
