@@ -87,6 +87,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def settle(seconds: float) -> None:
+    """Start each disk measurement from the same state: the previous one's
+    writeback finished and the virtual disk quiet. Without it this box's disk
+    alternates between two speeds (1 GiB `dd conv=fsync`: 0.56 s or 1.1 s,
+    whichever the previous write left), and the ratios of medians followed
+    the order of the rows rather than the code (issue 11)."""
+    os.sync()
+    time.sleep(seconds)
+
+
 def timed(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -106,6 +116,8 @@ def main() -> None:
     ap.add_argument("--restore-only", action="store_true",
                     help="write once (rep 0), then time only the restore rows")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--settle", type=float, default=2.0,
+                    help="seconds of quiet (after a sync) before each disk measurement")
     ap.add_argument("--dir", default=None, help="where the home and files go")
     args = ap.parse_args()
     if args.mib:  # a layer + its two Adam moments: 3 x (w^2 + w) float32
@@ -148,11 +160,12 @@ def main() -> None:
             keep = rep > 0
             if args.restore_only and rep > 0:
                 measure_restores(run, save_path, fresh_model, fresh_opt, into_model, into_opt,
-                                 record)
+                                 record, args.settle)
                 continue
 
             # --- ckptd: blocked and durable
             step += 1
+            settle(args.settle)
             t0 = time.perf_counter()
             h = run.checkpoint(state, step=step)
             blocked = time.perf_counter() - t0
@@ -183,11 +196,13 @@ def main() -> None:
                 os.rename(tmp, save_path)
                 fsync_dir(root)
 
+            settle(args.settle)
             d = timed(torch_save)
             if keep:
                 record("torch.save+fsync", d)
 
             # --- baseline: DCP async_save
+            settle(args.settle)
             b, tot = dcp.measure(state, rep)
             if keep:
                 record("dcp async_save blocked", b)
@@ -204,6 +219,7 @@ def main() -> None:
             same = paths.checkpoints_dir(home, run.id) / f"step-{step}" / "tensors.bin"
             for row, src in (("dd zeros conv=fsync", "/dev/zero"),
                              ("dd same bytes conv=fsync", os.fspath(same))):
+                settle(args.settle)
                 t0 = time.perf_counter()
                 subprocess.run(["dd", f"if={src}", f"of={dd_target}", "bs=1M", f"count={mib}",
                                 "conv=fsync"], check=True, capture_output=True)
@@ -213,7 +229,7 @@ def main() -> None:
 
             if restores:
                 measure_restores(run, save_path, fresh_model, fresh_opt, into_model, into_opt,
-                                 record if keep else lambda name, value: None)
+                                 record if keep else lambda name, value: None, args.settle)
             print(f"rep {rep} done", file=sys.stderr, flush=True)
     finally:
         run.finish()
@@ -279,8 +295,10 @@ def first_write(*states: Any) -> None:
 def measure_restores(run: Any, save_path: Path, fresh_model: torch.nn.Module,
                      fresh_opt: torch.optim.Optimizer, into_model: torch.nn.Module,
                      into_opt: torch.optim.Optimizer,
-                     record: Callable[[str, float | None], None]) -> None:
-    """The three restores, each load + touch, then its first write timed on top."""
+                     record: Callable[[str, float | None], None], quiet: float) -> None:
+    """The three restores, each load + touch, then its first write timed on top;
+    each from a quiet box (see settle: right after the dd rows, the first
+    restore measured 3x the others while the kernel freed and wrote back)."""
 
     def ckptd_restore() -> None:  # verifies every chunk's hash, then load + touch
         st = run.restore()
@@ -307,6 +325,7 @@ def measure_restores(run: Any, save_path: Path, fresh_model: torch.nn.Module,
                                  ("ckptd restore into=", ckptd_restore_into, into_model,
                                   into_opt),
                                  ("torch.load(mmap)", torch_load, fresh_model, fresh_opt)):
+        settle(quiet)
         c0 = time.process_time()
         t = timed(fn)
         c1 = time.process_time()

@@ -1,5 +1,5 @@
-"""Restore maps each chunk's pages in the thread that checks it (no up-front
-populate of the whole file): every chunk is still checked before restore
+"""Restore lets the thread that checks a chunk fault its pages in (no
+populate at all): every chunk is still checked before restore
 returns, including the first and last byte of each chunk and a last chunk
 that ends mid-page, on the plain path (tensors view the mapping), with
 ``into=`` (check fused with the copy) and in ``ckpt verify`` (read-only

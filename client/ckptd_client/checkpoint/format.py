@@ -107,8 +107,6 @@ CKPT_DONE = "ckpt_done"
 BUFFER_NAME = "ckptd-snapshot"
 #: Longest a checkpoint request may wait for room in the daemon's socket.
 SEND_TIMEOUT_S = 30
-#: Linux 5.14+: prefault a mapping's pages for reading (not in Python's mmap module).
-MADV_POPULATE_READ = 22
 
 #: dtype name -> element size. The daemon checks layouts against this
 #: without importing torch.
@@ -202,30 +200,10 @@ def pick_check(info: dict[str, Any], prefer: tuple[str, ...]) -> str:
                           "that this process can compute")
 
 
-def _digest(algo: str, view: memoryview, mm: Any = None, off: int = 0) -> str:
-    if mm is not None:
-        populate(mm, off, len(view))
+def _digest(algo: str, view: memoryview) -> str:
     h = CHECKS[algo]()
     h.update(view)
     return h.hexdigest()
-
-
-def populate(mm: Any, off: int, n: int) -> None:
-    """Map ``mm[off:off+n]``'s pages (already in the page cache) in one call
-    instead of one fault per 64 KiB as a reader touches them.
-
-    Called per chunk by the thread about to read that chunk, so the mapping
-    work runs in parallel and overlaps the other threads' hashing; populating
-    the whole file up front first was a serial ~0.045 s/GiB before any check
-    began. MADV_POPULATE_READ maps pages read-only even in a writable private
-    mapping (copy-on-write only where later written), unlike MAP_POPULATE.
-    """
-    if not isinstance(mm, mmap.mmap) or n <= 0:
-        return
-    try:
-        mm.madvise(MADV_POPULATE_READ, off, n)
-    except (OSError, ValueError):
-        pass  # kernel < 5.14: pages fault in as the reader touches them
 
 
 class ChunkHasher:
@@ -293,8 +271,7 @@ def submit_chunk_hashes(buf: Any, size: int, algo: str = HASH_ALGO,
     """Start checking ``buf[:size]`` in CHUNK pieces; the futures give hex digests in order."""
     view = memoryview(buf).cast("B")
     pool = pool or hash_pool()
-    mm = buf if isinstance(buf, mmap.mmap) else None
-    return [pool.submit(_digest, algo, view[off:min(off + CHUNK, size)], mm, off)
+    return [pool.submit(_digest, algo, view[off:min(off + CHUNK, size)])
             for off in range(0, size, CHUNK)]
 
 
@@ -588,9 +565,11 @@ def open_data(ckpt_dir: Path, manifest: dict[str, Any], *,
         if size == 0:
             mm = None
         else:
-            # No MAP_POPULATE: on a writable private mapping it would copy
-            # every page. Each check thread populates the chunk it reads
-            # (see populate()); pages nobody checks fault in when touched.
+            # No MAP_POPULATE nor MADV_POPULATE_READ: the first copies every
+            # page of a writable private mapping, and the second measured
+            # 0.04 s/GiB slower than letting the checking threads fault the
+            # pages in (each fault maps a whole folio of the page cache):
+            # verify 0.084 -> 0.041 s/GiB (/work/scripts/rprof.py, issue 11).
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=prot)
     finally:
@@ -773,7 +752,6 @@ def _copy_verified(path: Path, mm: Any, info: dict[str, Any], algo: str | None,
     def chunk(k: int) -> None:
         c0, c1 = k * CHUNK, min(size, (k + 1) * CHUNK)
         mine = [sp for sp in spans if sp[0] < c1 and sp[1] > c0]
-        populate(mm, c0, c1 - c0)
         h = CHECKS[algo]() if algo else None
         first = 0
         for off in range(c0, c1, PIECE):
