@@ -93,12 +93,26 @@ def worker(args: argparse.Namespace) -> None:
         t = dd(tmp / "dd.bin", args.mib) if rank == 0 else 0.0
         return t, t
 
+    same = tmp / "same.bin"  # random bytes, in the page cache: what the ranks write
+    if rank == 0:
+        with open(same, "wb") as f:
+            for _ in range(args.mib):
+                f.write(os.urandom(1 << 20))
+
+    def dd_same(i: int) -> tuple[float, float]:
+        t = dd(tmp / "dd.bin", args.mib, os.fspath(same)) if rank == 0 else 0.0
+        return t, t
+
     cases = {"ckptd": ckptd_checkpoint, "dcp.async_save": async_save,
              "async_save+stager": lambda i: async_save(i, async_stager=stager),
-             "dcp.save+fsync": save_fsync, "dd conv=fsync": dd_fsync}
+             "dcp.save+fsync": save_fsync, "dd conv=fsync": dd_fsync,
+             "dd same bytes": dd_same}
     names = list(cases)
     for i in range(args.repeat):
         for name in names[i % len(names):] + names[:i % len(names)]:  # rotated each round
+            if rank == 0:
+                os.sync()  # each case from a quiet disk (see bench/checkpoint.py settle)
+            time.sleep(args.settle)
             dist.barrier()
             rows.setdefault(name, []).append(cases[name](i))
             dist.barrier()
@@ -116,9 +130,9 @@ def worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def dd(path: Path, mib: int) -> float:
+def dd(path: Path, mib: int, src: str = "/dev/zero") -> float:
     t0 = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={mib}", "conv=fsync"],
+    subprocess.run(["dd", f"if={src}", f"of={path}", "bs=1M", f"count={mib}", "conv=fsync"],
                    check=True, capture_output=True)
     t = time.perf_counter() - t0
     path.unlink()
@@ -130,6 +144,8 @@ def main() -> None:
     p.add_argument("--mib", type=int, default=1024, help="total state over all ranks")
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--settle", type=float, default=2.0,
+                   help="seconds of quiet (after a sync) before each case")
     p.add_argument("--dir", default="/var/tmp")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--files", help=argparse.SUPPRESS)
@@ -150,7 +166,8 @@ def main() -> None:
             proc = subprocess.run(
                 [sys.executable, "-m", "torch.distributed.run", "--standalone",
                  f"--nproc-per-node={world}", __file__, "--worker", "--mib", str(args.mib),
-                 "--repeat", str(args.repeat), "--files", os.fspath(files)],
+                 "--repeat", str(args.repeat), "--settle", str(args.settle),
+                 "--files", os.fspath(files)],
                 env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(TAG)), None)
             if proc.returncode != 0 or line is None:
@@ -176,7 +193,8 @@ def main() -> None:
               f"{r['ckptd'][0] / r['dcp.async_save'][0]:.2f} (target <= 1.2), "
               f"/ async_save+stager {r['ckptd'][0] / r['async_save+stager'][0]:.2f}; "
               f"ckptd durable / dd = {r['ckptd'][1] / r['dd conv=fsync'][1]:.2f} "
-              f"(target <= 1.3); ckptd durable / dcp.save+fsync = "
+              f"(target <= 1.3), / dd same bytes "
+              f"{r['ckptd'][1] / r['dd same bytes'][1]:.2f}; ckptd durable / dcp.save+fsync = "
               f"{r['ckptd'][1] / r['dcp.save+fsync'][1]:.2f}")
     print(f"load average at the end: {os.getloadavg()}")
 
