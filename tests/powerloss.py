@@ -123,14 +123,16 @@ def loop_mounted(image: Path, mountpoint: Path, options: str) -> Iterator[None]:
 def _sigterm_raises() -> Iterator[None]:
     """SIGTERM raises ``KeyboardInterrupt`` here (pytest then stops after running
     the ``finally`` blocks and teardowns) instead of ending the process on the
-    spot with the mount still held; a second one, during that cleanup, is
-    ignored. Only the main thread can set a handler: elsewhere, nothing."""
+    spot with the mount still held. Once the body is left the old handler is
+    back: a SIGTERM during :func:`release` ends the process, and the next
+    mount releases what is left (:func:`release_stale`). Only the main thread
+    can set a handler: elsewhere, nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupt(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the unwinding is not cut short
         raise KeyboardInterrupt(f"signal {signum} while a power-loss mount was held")
 
     previous = signal.signal(signal.SIGTERM, interrupt)
@@ -150,8 +152,7 @@ def release(image: Path, mountpoint: Path) -> None:
     may be deleted by now: found by name in ``losetup --list``).
     """
     kill_processes_under(mountpoint)
-    if _run("mountpoint", "-q", os.fspath(mountpoint), check=False).returncode == 0 and \
-            _run("umount", os.fspath(mountpoint), check=False).returncode != 0:
+    if mounted(mountpoint) and _run("umount", os.fspath(mountpoint), check=False).returncode:
         _run("umount", "-l", os.fspath(mountpoint), check=False)
     for dev in loop_devices(image):
         _run("losetup", "-d", dev, check=False)
