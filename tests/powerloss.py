@@ -19,21 +19,28 @@ The model (see docs/reliability.md):
 
 Everything here needs root and ``/dev/loop-control``; :func:`unavailable`
 says why a machine cannot run it. All mounts, loop devices and sysctl changes
-are undone in ``finally`` blocks, also when a test fails.
+are undone in ``finally`` blocks, also when a test fails; a SIGTERM (a CI
+timeout) while a mount is held is raised as ``KeyboardInterrupt`` so those
+blocks run, and a mount whose test process died without them (SIGKILL) is
+released by the next mount this module makes (:func:`release_stale`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from helpers import kill_processes_under
 
 T = TypeVar("T")
 
@@ -41,6 +48,9 @@ WRITEBACK = Path("/proc/sys/vm/dirty_writeback_centisecs")
 EXPIRE = Path("/proc/sys/vm/dirty_expire_centisecs")
 #: Serializes power-loss tests across processes (the sysctls are global).
 LOCK = Path("/tmp/ckptd-powerloss.lock")
+#: One record per mount held (owner pid and start time, image, mount point):
+#: how a later test run finds the mounts of one that was killed.
+MOUNTS = Path("/tmp/ckptd-powerloss-mounts")
 IMAGE_MB = 64
 
 
@@ -87,22 +97,107 @@ def writeback_held() -> Iterator[None]:
         os.close(lock_fd)
 
 
-def _mount_loop(image: Path, mountpoint: Path, options: str) -> None:
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    _run("mount", "-t", "ext4", "-o", f"loop,{options}", os.fspath(image), os.fspath(mountpoint))
+@contextlib.contextmanager
+def loop_mounted(image: Path, mountpoint: Path, options: str) -> Iterator[None]:
+    """``image`` mounted at ``mountpoint`` through a loop device for the
+    duration, released on every way out (:func:`release`): an exception in
+    the body, a SIGTERM (raised as ``KeyboardInterrupt``), and, through the
+    owner record, a SIGKILL of this process (the next call releases it)."""
+    release_stale()
+    MOUNTS.mkdir(mode=0o700, exist_ok=True)
+    record = MOUNTS / f"{os.getpid()}-{time.monotonic_ns()}.json"
+    record.write_text(json.dumps({"pid": os.getpid(), "started": _started(os.getpid()),
+                                  "image": os.fspath(image), "mnt": os.fspath(mountpoint)}))
+    try:
+        with _sigterm_raises():
+            mountpoint.mkdir(parents=True, exist_ok=True)
+            _run("mount", "-t", "ext4", "-o", f"loop,{options}", os.fspath(image),
+                 os.fspath(mountpoint))
+            yield
+    finally:
+        release(image, mountpoint)
+        record.unlink(missing_ok=True)
 
 
-def unmount(mountpoint: Path) -> None:
-    """Unmount (lazily if busy); ``mount -o loop`` detaches its loop device itself."""
-    if _run("mountpoint", "-q", os.fspath(mountpoint), check=False).returncode != 0:
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises ``KeyboardInterrupt`` here (pytest then stops after running
+    the ``finally`` blocks and teardowns) instead of ending the process on the
+    spot with the mount still held. Once the body is left the old handler is
+    back: a SIGTERM during :func:`release` ends the process, and the next
+    mount releases what is left (:func:`release_stale`). Only the main thread
+    can set a handler: elsewhere, nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    if _run("umount", os.fspath(mountpoint), check=False).returncode != 0:
+
+    def interrupt(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the unwinding is not cut short
+        raise KeyboardInterrupt(f"signal {signum} while a power-loss mount was held")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def release(image: Path, mountpoint: Path) -> None:
+    """Unmount and detach the loop device, whatever state it was left in.
+
+    Processes still working below the mount point (a daemon or trainer of a
+    killed test run) are killed first, or the unmount could only be lazy; a
+    busy one is unmounted lazily. ``mount -o loop`` detaches its loop device
+    on unmount; ``losetup -d`` detaches one that is still there (the image
+    may be deleted by now: found by name in ``losetup --list``).
+    """
+    kill_processes_under(mountpoint)
+    if mounted(mountpoint) and _run("umount", os.fspath(mountpoint), check=False).returncode:
         _run("umount", "-l", os.fspath(mountpoint), check=False)
+    for dev in loop_devices(image):
+        _run("losetup", "-d", dev, check=False)
 
 
-def _loop_device(image: Path) -> str | None:
-    out = _run("losetup", "-j", os.fspath(image), check=False).stdout
-    return out.split(":", 1)[0].strip() or None
+def loop_devices(image: Path) -> list[str]:
+    """The loop devices backed by ``image`` (also once it was deleted)."""
+    out = _run("losetup", "--list", "--json", "--output", "NAME,BACK-FILE", check=False).stdout
+    want = os.fspath(image)
+    return [d["name"] for d in (json.loads(out)["loopdevices"] if out.strip() else [])
+            if (d.get("back-file") or "").removesuffix(" (deleted)") == want]
+
+
+def mounted(mountpoint: Path) -> bool:
+    return _run("mountpoint", "-q", os.fspath(mountpoint), check=False).returncode == 0
+
+
+def _started(pid: int) -> str | None:
+    """A process's start time (field 22 of its stat): tells it from a recycled pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def _records() -> list[dict[str, Any]]:
+    out = []
+    for path in MOUNTS.glob("*.json") if MOUNTS.is_dir() else ():
+        with contextlib.suppress(OSError, ValueError):
+            out.append(dict(json.loads(path.read_text()), path=path))
+    return out
+
+
+def release_stale() -> list[Path]:
+    """Release the mounts of test processes that died holding them (SIGKILL,
+    a CI runner killed): their records name a process that is gone. Mounts
+    of live processes (another test run in parallel) are left alone."""
+    released = []
+    for rec in _records():
+        if rec["started"] is not None and _started(rec["pid"]) == rec["started"]:
+            continue
+        release(Path(rec["image"]), Path(rec["mnt"]))
+        rec["path"].unlink(missing_ok=True)
+        released.append(Path(rec["mnt"]))
+    return released
 
 
 class LoopHome:
@@ -120,18 +215,19 @@ class LoopHome:
         with open(self.image, "wb") as f:
             f.truncate(self.size_mb << 20)
         _run("mkfs.ext4", "-q", "-F", os.fspath(self.image))
-        _mount_loop(self.image, self.mnt, "commit=300,noauto_da_alloc")
+        self._mount = loop_mounted(self.image, self.mnt, "commit=300,noauto_da_alloc")
+        self._mount.__enter__()
         try:
             self.home.mkdir(mode=0o700)
-            dev = _loop_device(self.image)
+            dev = next(iter(loop_devices(self.image)), None)
             self.inflight = Path(f"/sys/block/{Path(dev).name}/inflight") if dev else None
-        except BaseException:
-            unmount(self.mnt)
+        except BaseException as exc:
+            self._mount.__exit__(type(exc), exc, exc.__traceback__)
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        unmount(self.mnt)
+    def __exit__(self, *exc: Any) -> None:
+        self._mount.__exit__(*exc)
 
     def _quiet(self, timeout: float = 10.0) -> None:
         """Wait until the loop device has no request in flight, twice in a row."""
@@ -222,8 +318,5 @@ def mounted_cut(image: Path, mountpoint: Path) -> Iterator[Path]:
     if fsck.returncode >= 4:
         raise AssertionError(f"e2fsck could not repair {image} ({fsck.returncode}):\n"
                              f"{fsck.stdout}\n{fsck.stderr}")
-    _mount_loop(image, mountpoint, "noauto_da_alloc")
-    try:
+    with loop_mounted(image, mountpoint, "noauto_da_alloc"):
         yield mountpoint
-    finally:
-        unmount(mountpoint)

@@ -8,7 +8,7 @@ What lives here:
 * :mod:`.compare` -- gathers the sides of ``ckptd compare`` from the store
   (read-only, :class:`ckptd.query.Reader`) and judges them with :mod:`.stats`.
 * :mod:`.reproduce` -- reruns a finished run from its recorded provenance in
-  a clean git worktree and compares the curves value by value.
+  a clean checkout of its own and compares the curves value by value.
 * :mod:`.sweep` -- expands a sweep into its items, and the daemon side that
   launches them through ``ckptd run`` (the queue itself is in the store).
 

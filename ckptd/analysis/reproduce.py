@@ -1,7 +1,7 @@
 """``ckptd reproduce RUN``: rerun a finished run from what was recorded, and say
 whether it came out the same.
 
-The rerun happens in a clean git worktree at the recorded commit with the
+The rerun happens in a clean checkout of the recorded commit with the
 recorded diff applied (never in the directory as it is today, which has moved
 on), with the recorded command and environment (seeds and thread settings are
 in them), launched through ``ckptd run`` so it is a supervised run like any
@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from ckptd_client.identity import new_run_id
 
 from ckptd.store.query import Reader
 
-#: Where the clean worktrees go, under the home (kept: the new run's cwd is there).
+#: Where the clean checkouts go, under the home (kept: the new run's cwd is there).
 WORKTREES = "reproduce"
 #: Provenance facts that differ on every run and explain nothing.
 IGNORED = {"git_diff", "boot_id", "seed_source"}
@@ -59,7 +60,16 @@ def _git(cwd: str | Path, *args: str, data: str | None = None) -> str:
 def prepare_worktree(home: Path, run: dict[str, Any], prov: dict[str, Any]) -> tuple[Path, Path]:
     """A clean checkout of the recorded commit plus the recorded diff.
 
-    Returns ``(worktree root, directory to run in)``.
+    A repository of its own (``git init`` + a shallow fetch of just that
+    commit from the run's repository), not a ``git worktree add``: that
+    registered the checkout in the user's repository, which listed it (then
+    "prunable") long after the reproduce directory was deleted. The user's
+    repository is only read: no worktree entry, ref, config or object is
+    added to it. The fetch asks for the commit by id, so one that no branch
+    holds any more (an amended or rebased one, a detached HEAD) is found
+    as long as the object exists.
+
+    Returns ``(checkout root, directory to run in)``.
     """
     cwd = run.get("cwd")
     commit = prov.get("git_commit")
@@ -79,14 +89,21 @@ def prepare_worktree(home: Path, run: dict[str, Any], prov: dict[str, Any]) -> t
     rel = os.path.relpath(os.path.realpath(cwd), os.path.realpath(top))
     dest = home / WORKTREES / f"{run['id']}-{time.strftime('%Y%m%d-%H%M%S')}"
     dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _git(top, "worktree", "add", "--detach", os.fspath(dest), commit)
-    if diff:
-        _git(dest, "apply", "--whitespace=nowarn", "-", data=diff)
+    dest.mkdir(mode=0o700)
+    try:
+        _git(dest, "init", "-q")
+        _git(dest, "fetch", "-q", "--depth", "1", "--no-tags", os.fspath(top), commit)
+        _git(dest, "-c", "advice.detachedHead=false", "checkout", "-q", "--detach", commit)
+        if diff:
+            _git(dest, "apply", "--whitespace=nowarn", "-", data=diff)
+    except ReproduceError:
+        shutil.rmtree(dest, ignore_errors=True)  # half a checkout reruns nothing
+        raise
     return dest, (dest / rel if rel != "." else dest)
 
 
 def relocate(command: list[str], top: Path, dest: Path) -> list[str]:
-    """The recorded command with paths inside the original checkout moved into the worktree."""
+    """The recorded command with paths inside the original checkout moved into the copy."""
     out = []
     real_top = os.path.realpath(top)
     for arg in command:

@@ -41,7 +41,7 @@ from ckptd_client.errors import CkptdError, NotFound, ResumeRefused
 if TYPE_CHECKING:
     import sqlite_utils
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 #: WAL size (bytes) past which the writer truncates it (and SQLite's own
 #: ``journal_size_limit``): the WAL holds whole transactions, so this is also
 #: about the largest batch the daemon commits, with room to spare.
@@ -365,9 +365,47 @@ def _add_metric_backfill(db: sqlite_utils.Database) -> None:
         " sid INTEGER NOT NULL, lo INTEGER NOT NULL, hi INTEGER NOT NULL)")
 
 
+#: Columns of ``events`` besides its id, in their order since schema 5.
+EVENT_COLUMNS = ("run_id", "attempt", "src", "seq", "time", "kind", "level", "step", "message",
+                 "fields", "superseded", "rank")
+
+
+def _event_ids(db: sqlite_utils.Database) -> None:
+    """Event ids that are never handed out twice: ``id INTEGER PRIMARY KEY
+    AUTOINCREMENT`` (an alias of ``rowid``) instead of the plain rowid.
+
+    ``tail -f`` continues after the newest event id it has seen, any run's. A
+    plain rowid is ``max(rowid) + 1``: after ``ckptd rm`` of the run holding
+    the newest rows, the next events (of the run being followed) took their
+    ids again, at or below the follower's cursor, and were never shown.
+    SQLite cannot add AUTOINCREMENT to a table, so the rows are copied once
+    (ids kept: a follower's cursor stays valid across the upgrade), in the
+    one transaction of the migration; ``sqlite_sequence`` starts at the
+    highest id copied. The key ``(run_id, attempt, src, seq)`` stays, as a
+    UNIQUE constraint (the same index: ``INSERT OR IGNORE`` still dedupes).
+    """
+    conn = db.conn
+    cols = ", ".join(EVENT_COLUMNS)
+    # the view names the table: dropped and made again around the rename
+    conn.execute("DROP VIEW IF EXISTS effective_events")
+    conn.execute(
+        "CREATE TABLE events_v10 (run_id TEXT, attempt INTEGER, src TEXT, seq INTEGER,"
+        " time REAL, kind TEXT, level TEXT, step INTEGER, message TEXT, fields TEXT,"
+        " superseded INTEGER DEFAULT 0, rank INTEGER NOT NULL DEFAULT 0,"
+        " id INTEGER PRIMARY KEY AUTOINCREMENT, UNIQUE (run_id, attempt, src, seq))")
+    conn.execute(f"INSERT INTO events_v10 ({cols}, id) SELECT {cols}, rowid FROM events"
+                 " ORDER BY rowid")
+    conn.execute("DROP TABLE events")
+    conn.execute("ALTER TABLE events_v10 RENAME TO events")
+    conn.execute("CREATE INDEX idx_events_run_id_time ON events (run_id, time)")
+    conn.execute("CREATE VIEW effective_events AS SELECT * FROM events"
+                 f" WHERE {effective('events')}")
+
+
 MIGRATIONS = {1: _create_v1, 2: _add_groups_and_sweeps, 3: _add_tags_and_notes,
               4: _add_effective_views, 5: _add_ranks, 6: _add_rank_processes,
-              7: _intern_metric_keys, 8: _add_nodes, 9: _add_metric_backfill}
+              7: _intern_metric_keys, 8: _add_nodes, 9: _add_metric_backfill,
+              10: _event_ids}
 
 
 def _dumps(value: Any) -> str | None:

@@ -52,5 +52,9 @@ def test_readme_seed_section_commands_work(home: Path) -> None:
         proc = ckptd([*reproduce[1:-1], runs[0]["id"], "--json"])
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert json.loads(proc.stdout)["identical"] is True
+        # ... and leaves no worktree entry in this checkout (the developer's own)
+        worktrees = subprocess.run(["git", "worktree", "list"], cwd=REPO, capture_output=True,
+                                   text=True, check=True).stdout
+        assert os.fspath(home) not in worktrees, worktrees
     finally:
         d.stop()

@@ -188,7 +188,7 @@ def test_schema_5_store_migrates_and_reads_the_same(tmp_path: Path) -> None:
                        reader.key_stats("r1"))
     store = Store(db)
     try:
-        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 9
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 10
         # a replay of a migrated point is still ignored; a new one is kept
         with store.transaction():
             store.apply([("r1", 2, "c-bb", {"t": protocol.LOG, "seq": 2, "step": 3,
