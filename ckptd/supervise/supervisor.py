@@ -46,7 +46,7 @@ from typing import Any
 from ckptd_client import Run
 from ckptd_client.distributed import LINE_PREFIX, LINE_PREFIX_ENV, line_rank
 from ckptd_client.errors import CkptdError
-from ckptd_client.identity import boot_id, new_run_id, process_start_time
+from ckptd_client.identity import boot_id, new_run_id, process_start_time, system_stopping
 from ckptd_client.provenance import collect
 
 #: A line longer than this without a newline is stored in pieces (bounded memory).
@@ -172,21 +172,6 @@ def exit_status(returncode: int, stopped_by: int | None,
                 "reason": f"stopped: {_signame(stopped_by)} to `ckptd run`"}
     return {"status": "failed", "exit_code": returncode,
             "reason": f"exited with status {returncode}"}
-
-
-def system_stopping() -> bool:
-    """True while systemd is shutting the machine down (``systemctl reboot``,
-    ``poweroff``, a kernel update): the SIGTERM a run gets then is not a
-    person's stop, so auto-resume must stay on. Without systemd, False."""
-    systemctl = shutil.which("systemctl")
-    if systemctl is None:
-        return False
-    try:
-        out = subprocess.run([systemctl, "is-system-running"], capture_output=True,
-                             text=True, timeout=3, stdin=subprocess.DEVNULL).stdout
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return out.strip() == "stopping"
 
 
 def stop_grace_default() -> float:

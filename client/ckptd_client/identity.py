@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 import time
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -65,3 +67,34 @@ def boot_id() -> str:
             return f.read().strip()
     except OSError:
         return "unknown"
+
+
+#: Seen once, kept: a machine that began shutting down never stops doing so,
+#: and late in the shutdown ``systemctl`` may no longer get an answer (a
+#: non-root user's reaches PID 1 through D-Bus, which stops before the end).
+_stopping = False
+
+
+def system_stopping() -> bool:
+    """True while systemd is shutting the machine down (``systemctl reboot``,
+    ``poweroff``, a kernel update). Without systemd as init, False.
+
+    Two callers: the supervisor (the SIGTERM a run gets then is not a
+    person's stop, so auto-resume stays on) and autostart (a daemon started
+    then is started after systemd's one SIGTERM to the unit or scope it lands
+    in, so nothing ever asks it to stop: systemd waits out
+    ``DefaultTimeoutStopSec`` (90 s) for it and the reboot hangs; tests/boot).
+    """
+    global _stopping
+    if _stopping:
+        return True
+    systemctl = shutil.which("systemctl")
+    if systemctl is None or not os.path.isdir("/run/systemd/system"):  # sd_booted()
+        return False
+    try:
+        out = subprocess.run([systemctl, "is-system-running"], capture_output=True,
+                             text=True, timeout=3, stdin=subprocess.DEVNULL).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    _stopping = out.strip() == "stopping"
+    return _stopping

@@ -17,6 +17,7 @@ from typing import Any
 
 from . import paths, protocol
 from .errors import CkptdError, DaemonUnavailable, error_for
+from .identity import system_stopping
 
 
 def connect(sock_path: Path, timeout: float = 2.0) -> socket.socket:
@@ -88,6 +89,13 @@ def connect_or_start(home: Path, autostart: bool = True, wait: float = 15.0) -> 
     except DaemonUnavailable:
         if not (autostart and autostart_enabled()):
             raise
+        if system_stopping():
+            # The unit's daemon stopped for a reboot and we (a supervisor, a
+            # trainer finishing after its SIGTERM) lost it. A daemon started
+            # now would never be sent SIGTERM and would hold the shutdown 90 s;
+            # our events go to the spool, which the daemon ingests at boot.
+            raise DaemonUnavailable(f"not starting a daemon for {home}: the system is "
+                                    "shutting down") from None
     proc = start_daemon(home)
     deadline = time.monotonic() + wait
     delay = 0.02

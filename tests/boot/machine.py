@@ -217,17 +217,22 @@ class Machine:
                    time.monotonic() + 10, f"the machine to be {'frozen' if on else 'thawed'}")
         return True
 
-    def shutdown(self, timeout: float = 90) -> None:
-        """A clean power-off: SIGTERM to nspawn asks the container's systemd to shut down."""
+    def shutdown(self, timeout: float = 90) -> float:
+        """A clean power-off: SIGTERM to nspawn asks the container's systemd to shut
+        down. Returns the seconds until nspawn exited (``timeout`` if it never did,
+        and the power was cut)."""
         if self.nspawn is None:
-            return
+            return 0.0
+        t0 = time.monotonic()
         self.nspawn.terminate()
         try:
             self.nspawn.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.power_cut()
-            return
+            return timeout
+        took = time.monotonic() - t0
         self._ended()
+        return took
 
     def close(self) -> None:
         """Power off if on, remove the boot's cgroups, unmount the overlay. Idempotent."""

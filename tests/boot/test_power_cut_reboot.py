@@ -37,6 +37,8 @@ STEPS = 40
 #: Where the machine's user keeps things (its home is on the machine's own disk).
 CKPTD_HOME = "/root/.local/share/ckptd"
 WORK = "/root/work"
+#: A clean poweroff of the machine takes ~1 s; systemd's stop timeout is 90 s.
+SHUTDOWN_MAX_S = 30
 #: The user's login environment: this Python first on PATH, and the checkout
 #: under test imported (the editable install in the bound Python points elsewhere).
 USER_ENV = {"XDG_RUNTIME_DIR": "/run/user/0", "PYTHONPATH": f"{REPO}:{REPO}/client",
@@ -154,9 +156,15 @@ def install(m: Machine, tl: Timeline) -> User:
     return user
 
 
-def start_run(user: User, name: str, sleep: float, model: list[str]) -> str:
-    cmd = ["ckptd", "run", "--name", name, "--auto-resume", "--", "python",
-           *train_args(name, f"{WORK}/{name}.hash", sleep, model)]
+def start_run(user: User, name: str, sleep: float, model: list[str],
+              term_s: float = 0) -> str:
+    """``term_s``: the command takes that long to exit after SIGTERM (a trainer
+    saving its state and closing files), and so does its supervisor."""
+    train = ["python", *train_args(name, f"{WORK}/{name}.hash", sleep, model)]
+    if term_s:
+        train = ["sh", "-c", f"trap 'sleep {term_s:g}; exit 143' TERM; \"$@\" & wait $!",
+                 "sh", *train]
+    cmd = ["ckptd", "run", "--name", name, "--auto-resume", "--", *train]
     # as from an SSH session (a scope in user-0.slice, what logind makes for a
     # login) that the user then leaves: detached, output to a file
     line = f"cd {WORK} && setsid nohup {shlex.join(cmd)} > {name}.log 2>&1 < /dev/null &"
@@ -327,12 +335,26 @@ def test_clean_reboot_resumes_by_itself(machine: Machine, home: Path,
     ref_hash, ref_curve = reference(home, [])
     tl = Timeline()
     user = install(machine, tl)
-    run_id = start_run(user, "reboot", 0.1, [])
+    # the supervisor outlives the unit's daemon (stopped in ~0.2 s): it reports
+    # to no daemon, as it does whenever its trainer is slower to exit than that
+    run_id = start_run(user, "reboot", 0.1, [], term_s=2)
     wait_for(lambda: user.peak(run_id, 1) >= rng.randrange(4, STEPS - 8), timeout=120,
              interval=0.01, what="progress")
     tl.mark("clean shutdown (SIGTERM to nspawn: poweroff)")
-    machine.shutdown()
+    took = machine.shutdown()
+    tl.mark(f"powered off ({took:.1f} s)")
+    # Only autostart writes daemon.log (the unit's daemon logs to the journal).
+    # A daemon autostarted during the shutdown never gets a SIGTERM: its scope
+    # held the reboot DefaultTimeoutStopSec (90 s), or, unmounted under it,
+    # it failed to start; which one was a race.
+    log = user.home / "daemon.log"
+    assert not log.exists(), f"a daemon was autostarted while the machine shut down " \
+        f"(shutdown {took:.0f} s):\n{log.read_text()[-2000:]}\n{machine.console()}"
+    assert took < SHUTDOWN_MAX_S, f"clean shutdown took {took:.0f} s:\n{machine.console()}"
     newest = wait_resumed(machine, user, "reboot", 2, tl, cut=False)
     check_finished(user, "reboot", [newest], ref_hash, ref_curve, tl, seed)
-    machine.shutdown()
+    took = machine.shutdown()
+    tl.mark(f"powered off ({took:.1f} s)")
     print(f"timeline (seed {seed}):\n{tl.text()}")
+    assert not log.exists(), f"a daemon was autostarted:\n{log.read_text()[-2000:]}"
+    assert took < SHUTDOWN_MAX_S, f"final shutdown took {took:.0f} s:\n{machine.console()}"
