@@ -156,6 +156,7 @@ def main() -> None:
     # into= measured 9x torch.load for that alone.
         into_model, into_opt = make_state(args.layers, args.width)
     step = 0
+    same = root / "same.bin"
     try:
         for rep in range(args.reps + 1):  # rep 0 warms up (first shm mapping, page cache)
             keep = rep > 0
@@ -164,31 +165,26 @@ def main() -> None:
                                  record, args.settle)
                 continue
 
-            # --- ckptd: blocked and durable
-            step += 1
-            settle(args.settle)
-            t0 = time.perf_counter()
-            h = run.checkpoint(state, step=step)
-            blocked = time.perf_counter() - t0
-            facts = h.wait()
-            durable = time.perf_counter() - t0
-            if keep:
-                record("ckptd blocked", blocked)
-                record("ckptd durable", durable)
-                # the daemon's part (copy to disk + both hashes + fsync + commit):
-                # durable = blocked (snapshot copy) + this + hand-over
-                record("ckptd daemon persist", facts.get("persist_s"))
+            # The disk rows run in an order rotated every rep, each from a
+            # synced quiet disk (settle): this disk has two speeds, and a
+            # fixed order gave one row the slow one more often than another.
+            def ckptd_checkpoint(keep: bool = keep) -> None:
+                nonlocal step
+                step += 1
+                t0 = time.perf_counter()
+                h = run.checkpoint(state, step=step)
+                blocked = time.perf_counter() - t0
+                facts = h.wait()
+                durable = time.perf_counter() - t0
+                if keep:
+                    record("ckptd blocked", blocked)
+                    record("ckptd durable", durable)
+                    # the daemon's part (copy to disk + both hashes + fsync + commit):
+                    # durable = blocked (snapshot copy) + this + hand-over
+                    record("ckptd daemon persist", facts.get("persist_s"))
 
-            # --- baseline: copy_ into preallocated buffers
-            def copy_all() -> None:
-                with torch.no_grad():
-                    for b, t in zip(buffers, tensors_of(state), strict=True):
-                        b.copy_(t)
-
-            record("copy_ (prealloc)", timed(copy_all)) if keep else copy_all()
-
-            # --- baseline: torch.save + fsync + rename + dir fsync
-            def torch_save() -> None:
+            def torch_save(keep: bool = keep) -> None:  # torch.save + fsync + rename + dir fsync
+                t0 = time.perf_counter()
                 tmp = save_path.with_suffix(".tmp")
                 with open(tmp, "wb") as f:
                     torch.save(state, f)
@@ -196,37 +192,50 @@ def main() -> None:
                     os.fsync(f.fileno())
                 os.rename(tmp, save_path)
                 fsync_dir(root)
-
-            settle(args.settle)
-            d = timed(torch_save)
-            if keep:
-                record("torch.save+fsync", d)
-
-            # --- baseline: DCP async_save
-            settle(args.settle)
-            b, tot = dcp.measure(state, rep)
-            if keep:
-                record("dcp async_save blocked", b)
-                record("dcp async_save total", tot)
-
-            # --- baseline: dd with conv=fsync, of zeros and of the same bytes. A
-            # virtual disk may write zeros faster than data (one pair of 1 GiB runs
-            # here: 0.43-0.63 s against 0.77-0.99 s for random bytes from tmpfs;
-            # another run the other way), so the target is the same bytes: the
-            # checkpoint's own file, just written, in the page cache (reading it
-            # costs what reading the snapshot costs the daemon).
-            dd_target = root / "dd.bin"
-            mib = -(-nbytes // 2**20)
-            same = paths.checkpoints_dir(home, run.id) / f"step-{step}" / "tensors.bin"
-            for row, src in (("dd zeros conv=fsync", "/dev/zero"),
-                             ("dd same bytes conv=fsync", os.fspath(same))):
-                settle(args.settle)
-                t0 = time.perf_counter()
-                subprocess.run(["dd", f"if={src}", f"of={dd_target}", "bs=1M", f"count={mib}",
-                                "conv=fsync"], check=True, capture_output=True)
                 if keep:
-                    record(row, time.perf_counter() - t0)
-                dd_target.unlink()
+                    record("torch.save+fsync", time.perf_counter() - t0)
+
+            def dcp_save(keep: bool = keep, rep: int = rep) -> None:
+                b, tot = dcp.measure(state, rep)
+                if keep:
+                    record("dcp async_save blocked", b)
+                    record("dcp async_save total", tot)
+
+            # dd with conv=fsync, of zeros and of the same bytes. A virtual disk
+            # may write zeros faster than data (one pair of 1 GiB runs here:
+            # 0.43-0.63 s against 0.77-0.99 s for random bytes from tmpfs; another
+            # run the other way), so the target is the same bytes: a copy of the
+            # first checkpoint's file, in the page cache (reading it costs what
+            # reading the snapshot costs the daemon).
+            def dd(row: str, src: Path, keep: bool = keep) -> Callable[[], None]:
+                def go() -> None:
+                    t0 = time.perf_counter()
+                    subprocess.run(["dd", f"if={src}", f"of={root / 'dd.bin'}", "bs=1M",
+                                    f"count={-(-nbytes // 2**20)}", "conv=fsync"],
+                                   check=True, capture_output=True)
+                    if keep:
+                        record(row, time.perf_counter() - t0)
+                    (root / "dd.bin").unlink()
+                return go
+
+            cases = [ckptd_checkpoint, torch_save, dcp_save,
+                     dd("dd zeros conv=fsync", Path("/dev/zero")),
+                     dd("dd same bytes conv=fsync", same)]
+            if rep == 0:
+                ckptd_checkpoint()  # the bytes the dd row writes
+                shutil.copyfile(paths.checkpoints_dir(home, run.id) / f"step-{step}" /
+                                "tensors.bin", same)
+            for case in cases[rep % len(cases):] + cases[:rep % len(cases)]:
+                settle(args.settle)
+                case()
+
+            # --- baseline: copy_ into preallocated buffers (memory only)
+            def copy_all() -> None:
+                with torch.no_grad():
+                    for b, t in zip(buffers, tensors_of(state), strict=True):
+                        b.copy_(t)
+
+            record("copy_ (prealloc)", timed(copy_all)) if keep else copy_all()
 
             if restores:
                 measure_restores(run, save_path, fresh_model, fresh_opt, into_model, into_opt,
@@ -262,7 +271,10 @@ def main() -> None:
         if a in med and b in med:
             r = med[a] / med[b]
             verdict = "ok" if r <= target else "MISSED"
-            print(f"  {a} / {b} = {r:.2f}  [<= {target}] {verdict}")
+            # the same rep's pair shares the disk's mood (see settle)
+            pairs = [x / y for x, y in zip(results[a], results[b], strict=False)]
+            per_rep = f"; per rep: median {statistics.median(pairs):.2f}" if pairs else ""
+            print(f"  {a} / {b} = {r:.2f}  [<= {target}] {verdict}{per_rep}")
         else:
             why = dcp.reason if "dcp" in a + b and dcp.reason else "not measured"
             print(f"  {a} / {b}: no ratio, baseline FAILED: {why}")
