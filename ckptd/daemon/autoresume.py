@@ -10,7 +10,10 @@ daemon looks at runs with auto-resume on whose last attempt ended
 ``interrupted`` or ``failed``, and relaunches those whose backoff has
 passed. A relaunch is a detached ``ckptd run --attach-run`` supervisor in
 its own session with no pipe to the daemon: restarting the daemon does not
-touch it. A run stops being relaunched, with the reason recorded, when
+touch it. Under systemd it also gets a transient scope of its own, so a
+clean shutdown stops it with SIGTERM like a run started from a login
+(:mod:`ckptd.supervise.scope`). A run stops being relaunched, with the
+reason recorded, when
 
 * it used up ``--max-restarts``, or
 * its last ``SAME_STEP_LIMIT`` attempts all ended at the same step (no
@@ -232,7 +235,7 @@ def scan(daemon: Daemon, now: float | None = None) -> list[str]:
 
         try:
             proc, _ = spawn_supervisor(daemon.home, run["id"], after_attempt=run["attempt"],
-                                       report=False)
+                                       report=False, scope=True)
         except OSError as exc:
             log.error("run %s: cannot start a supervisor: %s", run["id"], exc)
             continue

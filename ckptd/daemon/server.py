@@ -217,17 +217,34 @@ class Daemon:
         paths.secure_home(self.home)
         fd = os.open(self.home / paths.LOCK_NAME,
                      os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        asked: set[int] = set()
+        deadline = time.monotonic() + TAKEOVER_S
+        while True:
             try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
                 other = os.pread(fd, 32, 0).decode().strip() or "?"
-            finally:
+            pid = int(other) if other.isdigit() else None
+            if pid is None or not _systemds() or not _autostarted(pid) \
+                    or time.monotonic() > deadline:
                 os.close(fd)
-            raise DaemonAlreadyRunning(
-                f"another ckptd daemon (pid {other}) is already running for {self.home}; "
-                "use `ckptd status` or `ckptd stop`"
-            ) from None
+                raise DaemonAlreadyRunning(
+                    f"another ckptd daemon (pid {other}) is already running for {self.home}; "
+                    "use `ckptd status` or `ckptd stop`"
+                ) from None
+            # `systemctl restart ckptd` with runs active: in the gap a client
+            # autostarted a daemon that took the lock, and the unit's would
+            # exit, fail and leave the home to a daemon nothing stops at
+            # shutdown. The unit's wins: the other drains and exits (one
+            # SIGTERM each: a second makes a daemon exit at once).
+            if pid not in asked:
+                asked.add(pid)
+                log.warning("taking the home over from daemon pid %d, which a client "
+                            "autostarted while this unit's daemon was (re)starting", pid)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGTERM)
+            time.sleep(0.02)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
@@ -858,6 +875,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-concurrent-resumes", type=int, default=None)
     args = parser.parse_args(argv)
     return run_foreground(paths.home_dir(args.home), args.max_concurrent_resumes)
+
+
+#: How long the unit's daemon waits for an autostarted one to hand the home over.
+TAKEOVER_S = 60.0
+
+
+def _systemds() -> bool:
+    """Whether this daemon is the one systemd's unit started (not an autostart)."""
+    return bool(os.environ.get("NOTIFY_SOCKET")) and not os.environ.get("CKPTD_AUTOSTARTED")
+
+
+def _autostarted(pid: int) -> bool:
+    """Whether process ``pid`` is a daemon a client autostarted (its environment says)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return b"CKPTD_AUTOSTARTED=1" in f.read().split(b"\0")
+    except OSError:
+        return False
 
 
 #: The umask the daemon was started with; what it gives the runs it relaunches.

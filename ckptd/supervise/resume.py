@@ -22,6 +22,7 @@ How a resume works, end to end:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import subprocess
@@ -35,6 +36,9 @@ from ckptd_client import paths, transport
 from ckptd_client.errors import CkptdError, error_for
 
 from ckptd.store import query
+from ckptd.supervise import scope as scopes
+
+_log = logging.getLogger("ckptd.supervise")
 
 #: Output of a detached supervisor (and its command) also goes here.
 SUPERVISOR_LOG = "supervisor.log"
@@ -64,14 +68,20 @@ def supervisor_log(home: Path, run_id: str) -> Path:
 
 def spawn_supervisor(home: Path, run_id: str, *, force: bool = False,
                      after_attempt: int | None = None, report: bool = True,
-                     env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes],
-                                                                 dict[str, Any] | None]:
+                     env: dict[str, str] | None = None,
+                     scope: bool = False) -> tuple[subprocess.Popen[bytes],
+                                                   dict[str, Any] | None]:
     """Start a detached ``ckptd run --attach-run RUN`` supervisor.
 
     Detached means: its own session (no terminal signal reaches it), no
     pipe to us (our exit, or the daemon's, cannot break its output), output
     appended to ``runs/<id>/supervisor.log``. With ``report`` we wait until
     it has begun the attempt and return what the daemon answered it.
+
+    ``scope`` (the daemon's relaunches): where this process is a systemd
+    service's, the supervisor gets a transient scope of its own, so a clean
+    shutdown stops it with SIGTERM instead of SIGKILLing it as a leftover of
+    a ``KillMode=process`` unit (:mod:`ckptd.supervise.scope`).
     """
     log_path = supervisor_log(home, run_id)
     log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -87,15 +97,43 @@ def spawn_supervisor(home: Path, run_id: str, *, force: bool = False,
         cmd += ["--report-fd", str(write_fd)]
     from ckptd.daemon.server import USER_UMASK
 
+    manager = scopes.manager() if scope else None
     # the run's output: as private as the store
     with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600),
               "ab") as log:
-        try:
-            proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/",
+
+        def start(argv: list[str]) -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/",
                 start_new_session=True, close_fds=True,
                 pass_fds=(write_fd,) if report else (), env=env,
                 umask=USER_UMASK)  # a relaunch by the daemon: not the daemon's 077
+
+        try:
+            proc = None
+            if manager is not None:
+                from ckptd.supervise.supervisor import stop_grace_default
+
+                attempt = (after_attempt or 0) + 1
+                unit = scopes.unit_name(run_id, attempt)
+                grace = stop_grace_default(env)
+                try:
+                    proc = start(scopes.command(cmd, unit, manager,
+                                                grace + scopes.STOP_MARGIN_S))
+                    why = scopes.wait_entered(proc, unit)
+                except OSError as exc:
+                    why = str(exc)
+                if why is None:
+                    _log.info("run %s: supervisor pid %d in its own %s scope %s", run_id,
+                              proc.pid, manager, unit)
+                else:
+                    proc = None
+                    _log.warning(
+                        "run %s: cannot give the supervisor a systemd scope (%s; see %s); "
+                        "starting it in the daemon's cgroup instead, where a clean shutdown "
+                        "SIGKILLs it without a grace period", run_id, why, log_path)
+            if proc is None:
+                proc = start(cmd)
         finally:
             if report:
                 os.close(write_fd)

@@ -15,7 +15,10 @@ Unit choices (see :func:`render_unit`):
 * ``KillMode=process``: stopping or restarting the service ends the daemon
   only. Runs relaunched by auto-resume were started by the daemon, so they
   live in its cgroup; the default (``control-group``) would kill the very
-  training runs ckptd exists to protect.
+  training runs ckptd exists to protect. (Under systemd the daemon puts
+  each relaunch in a transient scope of its own, :mod:`ckptd.supervise.scope`,
+  so a shutdown stops it with SIGTERM; only a relaunch whose scope could
+  not be made stays in the unit's cgroup.)
 """
 
 from __future__ import annotations

@@ -174,9 +174,10 @@ def exit_status(returncode: int, stopped_by: int | None,
             "reason": f"exited with status {returncode}"}
 
 
-def stop_grace_default() -> float:
+def stop_grace_default(environ: Mapping[str, str] | None = None) -> float:
     try:
-        return max(0.0, float(os.environ.get(STOP_GRACE_ENV, DEFAULT_STOP_GRACE)))
+        env = os.environ if environ is None else environ
+        return max(0.0, float(env.get(STOP_GRACE_ENV, DEFAULT_STOP_GRACE)))
     except ValueError:
         return DEFAULT_STOP_GRACE
 

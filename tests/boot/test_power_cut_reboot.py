@@ -135,13 +135,16 @@ def reference(home: Path, model: list[str]) -> tuple[str, list[tuple[int, str, f
                              for r in map(json.loads, curve.splitlines())]
 
 
-def install(m: Machine, tl: Timeline) -> User:
-    """First boot: the user logs in, installs the service, starts a run, leaves."""
+def install(m: Machine, tl: Timeline, daemon_env: dict[str, str] | None = None) -> User:
+    """First boot: the user logs in, installs the service, starts a run, leaves.
+    ``daemon_env``: more of the user manager's environment (and so the unit's)."""
     # The bound checkout is what "installed" means here: the user manager
     # (and so the unit's daemon) imports it too, at every boot.
     envd = m.path("/root/.config/environment.d")
     envd.mkdir(parents=True)
-    (envd / "50-ckptd-under-test.conf").write_text(f"PYTHONPATH={USER_ENV['PYTHONPATH']}\n")
+    env = {"PYTHONPATH": USER_ENV["PYTHONPATH"], **(daemon_env or {})}
+    (envd / "50-ckptd-under-test.conf").write_text(
+        "".join(f"{k}={v}\n" for k, v in env.items()))
     m.path(WORK).mkdir(parents=True)
     m.boot()
     tl.mark("boot 1: system running")
@@ -159,10 +162,12 @@ def install(m: Machine, tl: Timeline) -> User:
 def start_run(user: User, name: str, sleep: float, model: list[str],
               term_s: float = 0) -> str:
     """``term_s``: the command takes that long to exit after SIGTERM (a trainer
-    saving its state and closing files), and so does its supervisor."""
+    saving its state and closing files), and so does its supervisor; each
+    attempt that got a SIGTERM appends its number to ``{WORK}/{name}.term``."""
     train = ["python", *train_args(name, f"{WORK}/{name}.hash", sleep, model)]
     if term_s:
-        train = ["sh", "-c", f"trap 'sleep {term_s:g}; exit 143' TERM; \"$@\" & wait $!",
+        on_term = f'echo "$CKPTD_ATTEMPT" >> {WORK}/{name}.term; sleep {term_s:g}; exit 143'
+        train = ["sh", "-c", f"trap {shlex.quote(on_term)} TERM; \"$@\" & wait $!",
                  "sh", *train]
     cmd = ["ckptd", "run", "--name", name, "--auto-resume", "--", *train]
     # as from an SSH session (a scope in user-0.slice, what logind makes for a
@@ -328,33 +333,84 @@ def test_two_cuts_one_during_a_checkpoint_commit(machine: Machine, home: Path,
     print(f"timeline (seed {seed}):\n{tl.text()}")
 
 
-def test_clean_reboot_resumes_by_itself(machine: Machine, home: Path,
-                                        daemon: DaemonProc) -> None:
-    """`systemctl reboot` (a kernel update) must not end a week-long run either."""
-    seed, rng = seed_rng()
-    ref_hash, ref_curve = reference(home, [])
-    tl = Timeline()
-    user = install(machine, tl)
-    # the supervisor outlives the unit's daemon (stopped in ~0.2 s): it reports
-    # to no daemon, as it does whenever its trainer is slower to exit than that
-    run_id = start_run(user, "reboot", 0.1, [], term_s=2)
-    wait_for(lambda: user.peak(run_id, 1) >= rng.randrange(4, STEPS - 8), timeout=120,
-             interval=0.01, what="progress")
-    tl.mark("clean shutdown (SIGTERM to nspawn: poweroff)")
-    took = machine.shutdown()
-    tl.mark(f"powered off ({took:.1f} s)")
+def clean_reboot(m: Machine, user: User, tl: Timeline) -> None:
     # Only autostart writes daemon.log (the unit's daemon logs to the journal).
     # A daemon autostarted during the shutdown never gets a SIGTERM: its scope
     # held the reboot DefaultTimeoutStopSec (90 s), or, unmounted under it,
     # it failed to start; which one was a race.
     log = user.home / "daemon.log"
-    assert not log.exists(), f"a daemon was autostarted while the machine shut down " \
-        f"(shutdown {took:.0f} s):\n{log.read_text()[-2000:]}\n{machine.console()}"
-    assert took < SHUTDOWN_MAX_S, f"clean shutdown took {took:.0f} s:\n{machine.console()}"
-    newest = wait_resumed(machine, user, "reboot", 2, tl, cut=False)
-    check_finished(user, "reboot", [newest], ref_hash, ref_curve, tl, seed)
-    took = machine.shutdown()
+    before = log.read_text() if log.exists() else ""
+    tl.mark("clean shutdown (SIGTERM to nspawn: poweroff)")
+    took = m.shutdown()
     tl.mark(f"powered off ({took:.1f} s)")
+    during = log.read_text()[len(before):] if log.exists() else ""
+    assert not during, f"a daemon was autostarted while the machine shut down " \
+        f"(shutdown {took:.0f} s):\n{during[-2000:]}\n{m.console()}"
+    assert took < SHUTDOWN_MAX_S, f"clean shutdown took {took:.0f} s:\n{m.console()}"
+
+
+def restart_daemon_keeps(user: User, run_id: str, attempt: int, tl: Timeline) -> str:
+    """``systemctl --user restart ckptd`` (an upgrade) with the daemon's own
+    relaunch running: the run goes on, logging to the new daemon. Returns
+    the supervisor's cgroup. (A client that finds no socket in the restart's
+    gap autostarts a daemon, which loses the lock to the unit's and says so
+    in daemon.log.)"""
+    (sup,), = user.rows("SELECT supervisor_pid FROM runs WHERE id = ?", (run_id,))
+    before = user.unit()["MainPID"]
+    user.sh("systemctl --user restart ckptd.service")
+    tl.mark(f"boot {user.m.boots}: daemon restarted (systemctl --user restart ckptd)")
+    assert user.unit()["MainPID"] != before, user.unit()
+    peak = user.peak(run_id, attempt)
+    wait_for(lambda: user.peak(run_id, attempt) >= peak + 2, timeout=30, interval=0.05,
+             what=f"attempt {attempt} to log on to the restarted daemon")
+    assert user.sh(f"kill -0 {sup}", check=False).returncode == 0, \
+        f"the daemon's restart ended the supervisor of attempt {attempt}"
+    return user.sh(f"cat /proc/{sup}/cgroup", check=False).stdout
+
+
+def test_clean_reboot_resumes_by_itself(machine: Machine, home: Path,
+                                        daemon: DaemonProc) -> None:
+    """`systemctl reboot` (a kernel update) must not end a week-long run
+    either: not the run a person started, nor the attempt auto-resume
+    relaunched after it. Each gets SIGTERM and its grace period (as in a
+    login session's scope; the daemon's unit has ``KillMode=process``, so a
+    relaunch left in its cgroup was SIGKILLed like at a power cut) and
+    comes back by itself at the next boot."""
+    seed, rng = seed_rng()
+    ref_hash, ref_curve = reference(home, [])
+    tl = Timeline()
+    # a backoff of 2 s, not 10 (then 20): the relaunches come sooner
+    user = install(machine, tl, {"CKPTD_RESTART_BACKOFF": "2"})
+    # the supervisor outlives the unit's daemon (stopped in ~0.2 s): it reports
+    # to no daemon, as it does whenever its trainer is slower to exit than that
+    run_id = start_run(user, "reboot", 0.25, [], term_s=2)
+    wait_for(lambda: user.peak(run_id, 1) >= rng.randrange(4, 12), timeout=120,
+             interval=0.01, what="progress")
+    clean_reboot(machine, user, tl)
+    first = wait_resumed(machine, user, "reboot", 2, tl, cut=False)
+
+    # attempt 2 is the daemon's relaunch; a daemon restart leaves it alone
+    wait_for(lambda: user.peak(run_id, 2) > (first if first is not None else -1),
+             timeout=60, interval=0.05, what="attempt 2 to log a step")
+    cgroup = restart_daemon_keeps(user, run_id, 2, tl)
+    assert user.run("reboot")["status"] == "running", "attempt 2 ended before the reboot"
+    clean_reboot(machine, user, tl)
+    second = wait_resumed(machine, user, "reboot", 3, tl, cut=False)
+
+    # attempt 2 was stopped by the shutdown, not SIGKILLed at its end
+    term = machine.path(f"{WORK}/reboot.term")
+    # (each SIGTERM runs the trap: systemd's to the scope, the supervisor's forward)
+    got = sorted(set(term.read_text().split())) if term.exists() else []
+    (code,), = user.rows("SELECT exit_code FROM attempts WHERE run_id = ? AND attempt = 2",
+                         (run_id,))
+    why = [m for m, in user.rows("SELECT message FROM events WHERE run_id = ? AND"
+                                 " attempt = 2 AND kind = 'status'", (run_id,))]
+    assert got == ["1", "2"] and code == 143, (
+        f"attempts whose trainer got SIGTERM: {got}, attempt 2 exit code {code}, "
+        f"status events {why}; its supervisor's cgroup: {cgroup}\n{user.journal()}")
+    assert any("system shutting down" in m for m in why), why
+    assert "/ckptd-run-" in cgroup, cgroup  # a scope of its own, not ckptd.service's
+
+    check_finished(user, "reboot", [first, second], ref_hash, ref_curve, tl, seed)
+    clean_reboot(machine, user, tl)
     print(f"timeline (seed {seed}):\n{tl.text()}")
-    assert not log.exists(), f"a daemon was autostarted:\n{log.read_text()[-2000:]}"
-    assert took < SHUTDOWN_MAX_S, f"final shutdown took {took:.0f} s:\n{machine.console()}"
