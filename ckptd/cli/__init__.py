@@ -17,6 +17,7 @@ except ``ckptd daemon``, which runs it in the foreground.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import itertools
@@ -24,7 +25,10 @@ import math
 import os
 import re
 import shlex
+import signal
+import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -419,17 +423,67 @@ def tail(
         sys.stdout.flush()
         if not follow_:
             return
-        try:
-            for line in follow(reader, info["id"], cursor, with_metrics=metrics,
-                               all_attempts=all_attempts, until_done=True,
-                               out_fd=sys.stdout.fileno(), rank=rank):
-                text = format_line(line)
-                if pattern and not pattern.search(text):
-                    continue
-                echo(text)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            return
+        with ctrl_c_stops(reader) as stop:
+            try:
+                for line in follow(reader, info["id"], cursor, with_metrics=metrics,
+                                   all_attempts=all_attempts, until_done=True, stop=stop,
+                                   out_fd=sys.stdout.fileno(), rank=rank):
+                    text = format_line(line)
+                    if pattern and not pattern.search(text):
+                        continue
+                    echo(text)
+                    sys.stdout.flush()
+            except sqlite3.OperationalError:
+                if not stop.is_set():
+                    raise  # not our interrupt
+
+
+@contextlib.contextmanager
+def ctrl_c_stops(reader: query.Reader) -> Iterator[threading.Event]:
+    """Make Ctrl-C end ``tail -f`` at once, with status 0.
+
+    Ctrl-C only sets ``stop`` (the follow loop ends at its next look), so
+    no KeyboardInterrupt lands at an arbitrary point of the loop, the store
+    reader or the output. And since Python runs a SIGINT handler only
+    between bytecodes, a Ctrl-C that lands while SQLite waits inside C (its
+    busy handler may wait up to the reader's 30 s busy_timeout) is answered
+    by a thread woken through the signal wake-up pipe, which interrupts the
+    query (SQLite allows that from any thread). Why: a CI run saw `tail -f`
+    ignore SIGINT for 15 s; where it waited was not captured, and these are
+    the two places a Python process can sit out a SIGINT.
+    """
+    stop = threading.Event()
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+
+    def watch() -> None:
+        while True:
+            try:
+                data = os.read(r, 64)
+            except OSError:
+                return
+            if not data or stop.is_set():
+                return
+            if signal.SIGINT in data:
+                stop.set()
+                reader.conn.interrupt()
+                return
+
+    old_handler = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=watch, name="ckptd-ctrl-c", daemon=True)
+    watcher.start()
+    try:
+        yield stop
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        signal.signal(signal.SIGINT, old_handler)
+        if not stop.is_set():
+            stop.set()
+            os.write(w, b"\0")  # wakes the watcher, which sees stop and returns
+        watcher.join(timeout=1.0)
+        os.close(w)
+        os.close(r)
 
 
 def parse_rank(text: str) -> int | None:
