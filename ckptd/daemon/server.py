@@ -226,7 +226,11 @@ class Daemon:
             except OSError:
                 other = os.pread(fd, 32, 0).decode().strip() or "?"
             pid = int(other) if other.isdigit() else None
-            if pid is None or not _systemds() or not _autostarted(pid) \
+            # No pid, or a dead one: the holder took the lock and has not yet
+            # written its pid over its predecessor's (clients autostart one
+            # daemon after another during the gap): look again.
+            live = pid is not None and _pid_alive(pid)
+            if not _systemds() or (live and not _autostarted(pid)) \
                     or time.monotonic() > deadline:
                 os.close(fd)
                 raise DaemonAlreadyRunning(
@@ -238,7 +242,7 @@ class Daemon:
             # exit, fail and leave the home to a daemon nothing stops at
             # shutdown. The unit's wins: the other drains and exits (one
             # SIGTERM each: a second makes a daemon exit at once).
-            if pid not in asked:
+            if live and pid not in asked:
                 asked.add(pid)
                 log.warning("taking the home over from daemon pid %d, which a client "
                             "autostarted while this unit's daemon was (re)starting", pid)
@@ -884,6 +888,16 @@ TAKEOVER_S = 60.0
 def _systemds() -> bool:
     """Whether this daemon is the one systemd's unit started (not an autostart)."""
     return bool(os.environ.get("NOTIFY_SOCKET")) and not os.environ.get("CKPTD_AUTOSTARTED")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _autostarted(pid: int) -> bool:
