@@ -23,11 +23,12 @@ the supervisor as before and logs why.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 import time
+
+from ckptd_client.identity import systemd_booted
 
 #: How long to wait for ``systemd-run`` to create the scope (it asks the
 #: manager over D-Bus and waits for the job).
@@ -64,7 +65,7 @@ def manager_of(cgroup: str | None) -> str | None:
 def manager() -> str | None:
     """The systemd manager running this process as a service, where systemd
     is init and ``systemd-run`` is installed; None otherwise."""
-    if not os.path.isdir("/run/systemd/system") or shutil.which("systemd-run") is None:
+    if not systemd_booted() or shutil.which("systemd-run") is None:
         return None
     try:
         with open("/proc/self/cgroup") as f:

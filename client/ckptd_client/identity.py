@@ -75,6 +75,11 @@ def boot_id() -> str:
 _stopping = False
 
 
+def systemd_booted() -> bool:
+    """Whether systemd is init here (``sd_booted()``: it creates this directory)."""
+    return os.path.isdir("/run/systemd/system")
+
+
 def system_stopping() -> bool:
     """True while systemd is shutting the machine down (``systemctl reboot``,
     ``poweroff``, a kernel update). Without systemd as init, False.
@@ -89,7 +94,7 @@ def system_stopping() -> bool:
     if _stopping:
         return True
     systemctl = shutil.which("systemctl")
-    if systemctl is None or not os.path.isdir("/run/systemd/system"):  # sd_booted()
+    if systemctl is None or not systemd_booted():
         return False
     try:
         out = subprocess.run([systemctl, "is-system-running"], capture_output=True,
